@@ -1,0 +1,1 @@
+"""The Python SDK (client side). Must not import `mlrun.server`."""

@@ -1,0 +1,1 @@
+"""Real backend servers for the test session (PostgreSQL, ClickHouse, S3), one module each."""
