@@ -144,7 +144,9 @@ class BackendError(MlrunError):
 
     default_code = "backend_error"
 
-    def __init__(self, message: str, *, backend: str, detail: str = "", backend_code: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, backend: str, detail: str = "", backend_code: int | None = None
+    ) -> None:
         super().__init__(message)
         self.backend = backend
         self.detail = detail

@@ -1,0 +1,159 @@
+"""The `mlrun` command line: `mlrun serve` (and `python -m mlrun serve`).
+
+This is the only module that imports trio or hypercorn's backend modules: it picks the event
+loop (`--backend trio`, the default, or `asyncio`), hands the matching hypercorn `serve` to the
+supervisor, and owns process concerns: configuration errors (exit 2, one line), signals, and
+the shutdown deadline.
+
+Signals: the first SIGINT/SIGTERM asks for a graceful stop (listeners stop accepting, accepted
+work drains) bounded by `MLRUN_SHUTDOWN_TIMEOUT_S`; a second one, or the deadline, cancels
+what is left. A signal during start-up stops at once: nothing was accepted yet.
+
+Exit codes: 0 after a requested stop, 1 when start-up fails or the shutdown deadline is hit,
+2 for a configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, Literal
+
+import anyio
+
+logger = logging.getLogger("mlrun")
+
+Backend = Literal["trio", "asyncio"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlrun", description="MLRun experiment tracking")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="run the tracking server (HTTP and gRPC)",
+        description="Run the tracking server. Configuration comes from the environment; "
+        "see the README for the variables. Unset backends use the embedded default.",
+    )
+    serve.add_argument(
+        "--backend",
+        choices=("trio", "asyncio"),
+        default="trio",
+        help="event loop to run on (default: trio)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve_command(args.backend)
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+def _serve_command(backend: Backend) -> int:
+    from mlrun.server.config import load_config
+    from mlrun.server.errors import ConfigError
+    from mlrun.server.logs import configure_logging
+
+    try:
+        config = load_config()
+    except ConfigError as exc:
+        print(f"mlrun: configuration error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_level, config.log_format)
+    serve_http = _hypercorn_serve(backend)
+    try:
+        return anyio.run(_run_server, config, serve_http, backend=backend)
+    except KeyboardInterrupt:  # a SIGINT that arrived before the signal receiver was installed
+        return 0
+
+
+def _hypercorn_serve(backend: Backend) -> Callable[..., Coroutine[Any, Any, None]]:
+    if backend == "trio":
+        from hypercorn.trio import serve as trio_serve
+
+        async def serve_http_trio(
+            app: Any, config: Any, trigger: Callable[[], Awaitable[None]]
+        ) -> None:
+            await trio_serve(app, config, shutdown_trigger=trigger)
+
+        return serve_http_trio
+
+    from hypercorn.asyncio import serve as asyncio_serve
+
+    async def serve_http_asyncio(
+        app: Any, config: Any, trigger: Callable[[], Awaitable[None]]
+    ) -> None:
+        await asyncio_serve(app, config, shutdown_trigger=trigger)
+
+    return serve_http_asyncio
+
+
+async def _run_server(config: object, serve_http: Callable[..., Coroutine[Any, Any, None]]) -> int:
+    from mlrun.server.config import Config
+    from mlrun.server.supervisor import StartupError, serve
+
+    assert isinstance(config, Config)
+    shutdown_requested = anyio.Event()
+    started = False
+    deadline_hit = False
+
+    async with anyio.create_task_group() as tg:
+
+        async def watch_signals() -> None:
+            nonlocal deadline_hit
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    if not started:
+                        logger.info("%s during start-up: stopping", name)
+                        tg.cancel_scope.cancel()
+                        return
+                    if shutdown_requested.is_set():
+                        logger.warning("second %s: stopping now", name)
+                        deadline_hit = True
+                        tg.cancel_scope.cancel()
+                        return
+                    logger.info("%s: graceful shutdown (deadline %.0fs)", name,
+                                config.shutdown_timeout_s)
+                    shutdown_requested.set()
+                    tg.cancel_scope.deadline = anyio.current_time() + config.shutdown_timeout_s
+
+        async def run_serve(*, task_status: anyio.abc.TaskStatus[object]) -> None:
+            try:
+                await serve(
+                    config,
+                    serve_http=serve_http,
+                    shutdown_requested=shutdown_requested,
+                    task_status=task_status,
+                )
+            finally:
+                tg.cancel_scope.cancel()  # serve ended (normally or not): stop the watcher
+
+        tg.start_soon(watch_signals)
+        try:
+            await tg.start(run_serve)
+        except StartupError as exc:
+            logger.error("start-up failed: %s", exc)
+            tg.cancel_scope.cancel()
+            return 1
+        started = True
+
+    if tg.cancel_scope.cancelled_caught and shutdown_requested.is_set() and _deadline_passed(tg):
+        deadline_hit = True
+    if deadline_hit:
+        logger.error("shutdown did not finish in time; stopped what was left")
+        return 1
+    return 0
+
+
+def _deadline_passed(tg: anyio.abc.TaskGroup) -> bool:
+    return anyio.current_time() >= tg.cancel_scope.deadline
+
+
+if __name__ == "__main__":
+    sys.exit(main())

