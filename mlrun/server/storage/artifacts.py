@@ -1,0 +1,1031 @@
+"""Artifact storage: the `ArtifactStore` protocol, its S3 implementation over httpx, and the
+embedded default, a local directory served by the MLRun server through signed, expiring URLs.
+
+Owns:
+- `open_s3_store` -> `S3ArtifactStore`: path-style S3 requests signed with SigV4
+  (`mlrun.server.protocols.s3`), presigned PUT/GET/part URLs, multipart create/complete/abort,
+  HEAD, streamed SHA-256, DELETE. Bytes of artifacts never pass through this process except when
+  `sha256_of` reads an object to verify it (streamed, bounded chunks).
+- `open_local_store` -> `LocalArtifactStore`: objects are files under `root/objects/`; uploads
+  are written to `root/tmp/` and renamed into place (atomic); multipart parts live under
+  `root/uploads/<upload_id>/` until completed. Its URLs point at the server itself
+  (`public_base_url` + `LOCAL_ROUTE_PREFIX` + key) and carry `expires` and an HMAC-SHA256
+  `signature`; the HTTP edge checks them with the pure `verify_local_signature` and then calls
+  `write_object_from` / `write_part_from` / `open_object_reader`.
+
+Must not import: the HTTP or gRPC edges, trio or asyncio (anyio only), psycopg, chdb.
+
+Invariants:
+- Every key goes through `protocols.s3.validate_artifact_key` first (both stores), so no key can
+  traverse paths; the local store also resolves every path and refuses one outside its root.
+- Every network call runs under `anyio.fail_after` and the client's own timeouts; httpx errors
+  become `BackendUnavailable`/`BackendTimeout(backend="artifacts")`; an S3 5xx answer becomes
+  `BackendUnavailable` (transient by AWS's guidance), any other S3 error `BackendError`. S3's
+  own text goes only to `.detail` / the chained `S3StatusError`, never into the message.
+- Blocking file I/O and hashing run in worker threads behind a bounded `CapacityLimiter`.
+- A local object is either absent or complete: readers never see a partial write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import shutil
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import BinaryIO, Protocol
+from urllib.parse import urlencode
+
+import anyio
+import httpx
+
+from mlrun.server import errors
+from mlrun.server.protocols import s3 as s3proto
+
+BACKEND = "artifacts"
+
+DEFAULT_TIMEOUT_S = 10.0
+# Completing a multipart upload of many GB can take S3 a while; it is still bounded.
+DEFAULT_COMPLETE_TIMEOUT_S = 120.0
+# Hashing reads the whole object: give it long, but not forever (10 GB at ~20 MB/s).
+DEFAULT_HASH_TIMEOUT_S = 600.0
+CONNECT_TIMEOUT_S = 5.0
+# Below the idle timeout of common S3 servers, so a pooled connection is not reused as it dies.
+KEEPALIVE_EXPIRY_S = 4.0
+# Bodies we read into memory (XML answers, error documents) are small; refuse anything bigger.
+MAX_RESPONSE_BYTES = 1 << 20
+# Hashing and file copies work in chunks of this size: memory stays bounded per operation.
+CHUNK_BYTES = 1 << 20
+# S3 (AWS, MinIO) refuse non-final parts below 5 MiB (EntityTooSmall). rclone does not check;
+# the local store does, so that code written against the embedded default works on S3.
+MIN_PART_BYTES = 5 * 1024 * 1024
+MAX_THREADS = 4
+MIN_SIGNING_SECRET_BYTES = 32
+LOCAL_ROUTE_PREFIX = "/artifacts/local/"
+# Temp files older than this at open were left by a crash (no writer lives that long).
+STALE_TMP_AGE_S = 24 * 3600
+CLEANUP_TIMEOUT_S = 5.0
+
+_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
+_HEX_SIGNATURE = re.compile(r"^[0-9a-f]{64}$")
+_DIGITS = re.compile(r"^[0-9]{1,12}$")
+
+
+@dataclass(frozen=True, slots=True)
+class PresignedRequest:
+    """A request a client may make without credentials until `expires_at`.
+
+    `headers` must be sent exactly as given (they are part of the signature); often empty.
+    """
+
+    url: str
+    method: str
+    expires_at: datetime
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    size_bytes: int
+    etag: str
+
+
+class ArtifactStore(Protocol):
+    """What the artifact use-cases need from a store; both implementations provide it."""
+
+    @property
+    def backend_name(self) -> str: ...
+
+    async def ping(self, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None: ...
+
+    async def ensure_bucket(self, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None: ...
+
+    def presign_put(self, key: str, *, expires_s: int) -> PresignedRequest: ...
+
+    def presign_get(self, key: str, *, expires_s: int) -> PresignedRequest: ...
+
+    async def create_multipart(self, key: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> str: ...
+
+    def presign_upload_part(
+        self, key: str, upload_id: str, part_number: int, *, expires_s: int
+    ) -> PresignedRequest: ...
+
+    async def complete_multipart(
+        self,
+        key: str,
+        upload_id: str,
+        parts: Sequence[tuple[int, str]],
+        *,
+        timeout_s: float = DEFAULT_COMPLETE_TIMEOUT_S,
+    ) -> None: ...
+
+    async def abort_multipart(
+        self, key: str, upload_id: str, *, timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> None: ...
+
+    async def head_object(
+        self, key: str, *, timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> ObjectInfo | None: ...
+
+    async def sha256_of(self, key: str, *, timeout_s: float = DEFAULT_HASH_TIMEOUT_S) -> str: ...
+
+    async def delete_object(self, key: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None: ...
+
+
+# --- S3 -----------------------------------------------------------------------------------------
+
+
+class S3StatusError(Exception):
+    """An S3 answer we refused; chained as the cause of the `MlrunError` for the server log."""
+
+
+@contextlib.contextmanager
+def _backend_errors(action: str, timeout_s: float) -> Iterator[None]:
+    """Run a block under a deadline, translating transport failures into the error tree."""
+    try:
+        with anyio.fail_after(timeout_s):
+            yield
+    except TimeoutError as exc:
+        raise errors.BackendTimeout(
+            f"the artifact store did not answer {action} within {timeout_s:g} s", backend=BACKEND
+        ) from exc
+    except httpx.TimeoutException as exc:
+        raise errors.BackendTimeout(
+            f"the artifact store timed out during {action}", backend=BACKEND
+        ) from exc
+    except httpx.TransportError as exc:
+        raise errors.BackendUnavailable(
+            f"the artifact store cannot be reached for {action}", backend=BACKEND
+        ) from exc
+    except s3proto.MalformedS3Response as exc:
+        raise errors.BackendError(
+            f"the artifact store gave an unreadable answer to {action}",
+            backend=BACKEND,
+            detail=str(exc),
+        ) from exc
+
+
+async def _read_bounded(response: httpx.Response, max_bytes: int) -> bytes:
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > max_bytes:
+            raise s3proto.MalformedS3Response(f"answer body larger than {max_bytes} bytes")
+    return bytes(body)
+
+
+def _raise_for_status(action: str, response: httpx.Response, body: bytes) -> None:
+    status = response.status_code
+    if 200 <= status < 300:
+        return
+    try:
+        info = s3proto.parse_error(body)
+    except s3proto.MalformedS3Response:
+        info = None
+    if info is not None:
+        detail = f"HTTP {status} {info.code}: {info.message}"
+    else:
+        detail = f"HTTP {status}: {body[:200]!r}"
+    if status >= 500:
+        # 500/503 from S3 (InternalError, SlowDown) are transient by AWS's own guidance.
+        raise errors.BackendUnavailable(
+            f"the artifact store failed {action}", backend=BACKEND
+        ) from S3StatusError(detail)
+    raise errors.BackendError(
+        f"the artifact store refused {action}", backend=BACKEND, detail=detail, backend_code=status
+    ) from S3StatusError(detail)
+
+
+def _normalize_endpoint(endpoint: str) -> str:
+    # MINIO_ENDPOINT is often given MinIO-style as `host:port`; that means plain http.
+    url = endpoint if "://" in endpoint else f"http://{endpoint}"
+    parsed = httpx.URL(url)
+    if parsed.scheme not in ("http", "https") or not parsed.host or parsed.query:
+        raise ValueError(f"artifact store endpoint must be an http(s) URL, got {endpoint!r}")
+    return url.rstrip("/")
+
+
+class S3ArtifactStore:
+    """Artifacts in one S3 bucket, path-style. Build it with `open_s3_store`."""
+
+    backend_name = BACKEND
+
+    def __init__(
+        self,
+        *,
+        client: httpx.AsyncClient,
+        endpoint: str,
+        credentials: s3proto.Credentials,
+        bucket: str,
+        hash_limiter: anyio.CapacityLimiter,
+    ) -> None:
+        self._client = client
+        self._endpoint = endpoint
+        self._credentials = credentials
+        self._bucket = bucket
+        self._hash_limiter = hash_limiter
+
+    @property
+    def bucket(self) -> str:
+        return self._bucket
+
+    def _url(self, key: str = "", query: Sequence[tuple[str, str]] = ()) -> str:
+        return s3proto.object_url(self._endpoint, self._bucket, key, query)
+
+    def _signed_headers(self, method: str, url: str, body: bytes) -> dict[str, str]:
+        return s3proto.sign_request(
+            method=method,
+            url=url,
+            headers={},
+            payload_sha256=hashlib.sha256(body).hexdigest(),
+            credentials=self._credentials,
+            now=datetime.now(UTC),
+        )
+
+    async def _send(
+        self, method: str, url: str, *, body: bytes = b"", action: str
+    ) -> tuple[httpx.Response, bytes]:
+        """One signed request; the caller holds the deadline (see `_backend_errors`)."""
+        headers = self._signed_headers(method, url, body)
+        async with self._client.stream(method, url, headers=headers, content=body) as response:
+            data = b"" if method == "HEAD" else await _read_bounded(response, MAX_RESPONSE_BYTES)
+        return response, data
+
+    def _presign(
+        self, method: str, key: str, query: Sequence[tuple[str, str]], expires_s: int
+    ) -> PresignedRequest:
+        now = datetime.now(UTC).replace(microsecond=0)
+        url = s3proto.presign_url(
+            method=method,
+            url=self._url(key, query),
+            credentials=self._credentials,
+            now=now,
+            expires_s=expires_s,
+        )
+        return PresignedRequest(
+            url=url, method=method, expires_at=now + timedelta(seconds=expires_s)
+        )
+
+    async def ping(self, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        """A cheap authenticated request (HEAD bucket): credentials, bucket and server all work."""
+        with _backend_errors("a bucket check", timeout_s):
+            response, body = await self._send("HEAD", self._url(), action="a bucket check")
+        _raise_for_status("a bucket check", response, body)
+
+    async def ensure_bucket(self, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        """Create the bucket if it is missing; a no-op when it exists (also under a race)."""
+        action = "bucket creation"
+        with _backend_errors(action, timeout_s):
+            response, body = await self._send("HEAD", self._url(), action=action)
+            if response.status_code != 404:
+                _raise_for_status(action, response, body)
+                return
+            create = b""
+            if self._credentials.region != "us-east-1":
+                create = (
+                    f'<CreateBucketConfiguration xmlns="{s3proto.S3_XML_NAMESPACE}">'
+                    f"<LocationConstraint>{self._credentials.region}</LocationConstraint>"
+                    f"</CreateBucketConfiguration>"
+                ).encode()
+            response, body = await self._send("PUT", self._url(), body=create, action=action)
+            if response.status_code == 409:
+                # Another server created it between our HEAD and PUT (rclone says
+                # BucketAlreadyExists, AWS BucketAlreadyOwnedByYou): check we can use it.
+                response, body = await self._send("HEAD", self._url(), action=action)
+        _raise_for_status(action, response, body)
+
+    def presign_put(self, key: str, *, expires_s: int) -> PresignedRequest:
+        return self._presign("PUT", s3proto.validate_artifact_key(key), (), expires_s)
+
+    def presign_get(self, key: str, *, expires_s: int) -> PresignedRequest:
+        return self._presign("GET", s3proto.validate_artifact_key(key), (), expires_s)
+
+    async def create_multipart(self, key: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> str:
+        url = self._url(s3proto.validate_artifact_key(key), [("uploads", "")])
+        action = "multipart creation"
+        with _backend_errors(action, timeout_s):
+            response, body = await self._send("POST", url, action=action)
+            _raise_for_status(action, response, body)
+            return s3proto.parse_initiate_multipart(body)
+
+    def presign_upload_part(
+        self, key: str, upload_id: str, part_number: int, *, expires_s: int
+    ) -> PresignedRequest:
+        if not 1 <= part_number <= s3proto.MAX_PART_NUMBER:
+            raise errors.InvalidInput(
+                f"part numbers must be within 1..{s3proto.MAX_PART_NUMBER}", field="part_number"
+            )
+        if not upload_id:
+            raise errors.InvalidInput("an upload id is required", field="upload_id")
+        query = [("partNumber", str(part_number)), ("uploadId", upload_id)]
+        return self._presign("PUT", s3proto.validate_artifact_key(key), query, expires_s)
+
+    async def complete_multipart(
+        self,
+        key: str,
+        upload_id: str,
+        parts: Sequence[tuple[int, str]],
+        *,
+        timeout_s: float = DEFAULT_COMPLETE_TIMEOUT_S,
+    ) -> None:
+        url = self._url(s3proto.validate_artifact_key(key), [("uploadId", upload_id)])
+        payload = s3proto.build_complete_multipart(parts)
+        action = "multipart completion"
+        with _backend_errors(action, timeout_s):
+            response, body = await self._send("POST", url, body=payload, action=action)
+            _raise_for_status(action, response, body)
+            # S3 may answer 200 and report the failure in the body.
+            failure = s3proto.parse_error(body)
+            if failure is not None:
+                detail = f"HTTP 200 {failure.code}: {failure.message}"
+                raise errors.BackendError(
+                    f"the artifact store refused {action}", backend=BACKEND, detail=detail
+                ) from S3StatusError(detail)
+            s3proto.parse_complete_multipart(body)
+
+    async def abort_multipart(
+        self, key: str, upload_id: str, *, timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> None:
+        """Drop an upload and its parts; an unknown upload counts as already aborted."""
+        url = self._url(s3proto.validate_artifact_key(key), [("uploadId", upload_id)])
+        action = "multipart abort"
+        with _backend_errors(action, timeout_s):
+            response, body = await self._send("DELETE", url, action=action)
+        if response.status_code == 404:
+            return
+        _raise_for_status(action, response, body)
+
+    async def head_object(
+        self, key: str, *, timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> ObjectInfo | None:
+        url = self._url(s3proto.validate_artifact_key(key))
+        action = "an object lookup"
+        with _backend_errors(action, timeout_s):
+            response, body = await self._send("HEAD", url, action=action)
+        if response.status_code == 404:
+            return None
+        _raise_for_status(action, response, body)
+        try:
+            size_bytes = int(response.headers["content-length"])
+        except (KeyError, ValueError) as exc:
+            raise errors.BackendError(
+                f"the artifact store gave no size for {action}", backend=BACKEND
+            ) from exc
+        return ObjectInfo(size_bytes=size_bytes, etag=response.headers.get("etag", ""))
+
+    async def sha256_of(self, key: str, *, timeout_s: float = DEFAULT_HASH_TIMEOUT_S) -> str:
+        """SHA-256 (hex) of the stored bytes, streamed: memory use stays ~CHUNK_BYTES."""
+        url = self._url(s3proto.validate_artifact_key(key))
+        action = "an object read"
+        hasher = hashlib.sha256()
+        with _backend_errors(action, timeout_s):
+            headers = self._signed_headers("GET", url, b"")
+            async with self._client.stream("GET", url, headers=headers) as response:
+                if response.status_code == 404:
+                    raise errors.NotFound("the artifact object does not exist")
+                if not 200 <= response.status_code < 300:
+                    body = await _read_bounded(response, MAX_RESPONSE_BYTES)
+                    _raise_for_status(action, response, body)
+                buffer = bytearray()
+                # Raw bytes: a stored Content-Encoding must not be undone before hashing.
+                async for chunk in response.aiter_raw():
+                    buffer += chunk
+                    if len(buffer) >= CHUNK_BYTES:
+                        # hashlib releases the GIL: a worker thread keeps the loop responsive.
+                        await anyio.to_thread.run_sync(
+                            hasher.update, buffer, limiter=self._hash_limiter
+                        )
+                        buffer.clear()
+                if buffer:
+                    await anyio.to_thread.run_sync(
+                        hasher.update, buffer, limiter=self._hash_limiter
+                    )
+        return hasher.hexdigest()
+
+    async def delete_object(self, key: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        url = self._url(s3proto.validate_artifact_key(key))
+        action = "an object deletion"
+        with _backend_errors(action, timeout_s):
+            response, body = await self._send("DELETE", url, action=action)
+        if response.status_code == 404:
+            return
+        _raise_for_status(action, response, body)
+
+
+@asynccontextmanager
+async def open_s3_store(
+    *,
+    endpoint: str,
+    access_key: str,
+    secret_key: str,
+    bucket: str,
+    region: str = "us-east-1",
+    max_connections: int = 32,
+) -> AsyncIterator[S3ArtifactStore]:
+    """Yield an S3 store on a pooled httpx client; the client closes when the block exits.
+
+    Does no I/O on entry: call `ensure_bucket` at start-up and `ping` for readiness.
+    """
+    if not _BUCKET_NAME.match(bucket):
+        raise ValueError(f"not a valid S3 bucket name: {bucket!r}")
+    if not access_key or not secret_key:
+        raise ValueError("the artifact store needs an access key and a secret key")
+    base = _normalize_endpoint(endpoint)
+    client = httpx.AsyncClient(
+        timeout=httpx.Timeout(DEFAULT_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
+        limits=httpx.Limits(
+            max_connections=max_connections,
+            max_keepalive_connections=max_connections,
+            keepalive_expiry=KEEPALIVE_EXPIRY_S,
+        ),
+        follow_redirects=False,
+    )
+    async with client:
+        yield S3ArtifactStore(
+            client=client,
+            endpoint=base,
+            credentials=s3proto.Credentials(access_key, secret_key, region),
+            bucket=bucket,
+            hash_limiter=anyio.CapacityLimiter(MAX_THREADS),
+        )
+
+
+# --- local directory: signed URLs (pure) --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LocalGrant:
+    """What a verified local URL allows: one method on one key (or one part of an upload)."""
+
+    method: str
+    key: str
+    expires_at_s: int
+    upload_id: str | None = None
+    part_number: int | None = None
+
+
+def _local_message(
+    method: str, key: str, expires_at_s: int, upload_id: str | None, part_number: int | None
+) -> bytes:
+    # NUL-separated: keys refuse control characters and upload ids are hex, so no two field
+    # tuples can produce the same message.
+    fields = (
+        "mlrun-local-artifact-v1",
+        method.upper(),
+        key,
+        str(expires_at_s),
+        upload_id or "",
+        str(part_number) if part_number is not None else "",
+    )
+    return "\0".join(fields).encode("utf-8")
+
+
+def sign_local(
+    *,
+    signing_secret: bytes,
+    method: str,
+    key: str,
+    expires_at_s: int,
+    upload_id: str | None = None,
+    part_number: int | None = None,
+) -> str:
+    """Hex HMAC-SHA256 of (method, key, expires[, upload id, part number])."""
+    message = _local_message(method, key, expires_at_s, upload_id, part_number)
+    return hmac.new(signing_secret, message, hashlib.sha256).hexdigest()
+
+
+def verify_local_signature(
+    *, signing_secret: bytes, method: str, key: str, query: Mapping[str, str], now_s: float
+) -> LocalGrant | None:
+    """Check a request on a local artifact URL. Pure; the HTTP edge answers 403 on None.
+
+    `key` is the decoded path after `LOCAL_ROUTE_PREFIX`; `query` the decoded query parameters
+    (`expires`, `signature`, and for a part `upload_id` and `part_number`). None when anything
+    is malformed, tampered with or expired; the signature is compared in constant time.
+    """
+    try:
+        s3proto.validate_artifact_key(key)
+    except errors.InvalidInput:
+        return None
+    expires = query.get("expires", "")
+    given = query.get("signature", "")
+    if not _DIGITS.match(expires) or not _HEX_SIGNATURE.match(given):
+        return None
+    expires_at_s = int(expires)
+    upload_id = query.get("upload_id")
+    part = query.get("part_number")
+    part_number: int | None = None
+    if upload_id is not None or part is not None:
+        if upload_id is None or part is None or method.upper() != "PUT":
+            return None
+        if not _UPLOAD_ID.match(upload_id) or not _DIGITS.match(part):
+            return None
+        part_number = int(part)
+        if not 1 <= part_number <= s3proto.MAX_PART_NUMBER:
+            return None
+    expected = sign_local(
+        signing_secret=signing_secret,
+        method=method,
+        key=key,
+        expires_at_s=expires_at_s,
+        upload_id=upload_id,
+        part_number=part_number,
+    )
+    # Compare before looking at the clock, so timing says nothing about which check failed.
+    if not hmac.compare_digest(expected, given):
+        return None
+    if now_s > expires_at_s:
+        return None
+    return LocalGrant(method.upper(), key, expires_at_s, upload_id, part_number)
+
+
+# --- local directory: the store -----------------------------------------------------------------
+
+
+class ObjectReader:
+    """An open local object: `size_bytes`, and `chunks()` to stream it. Use via
+    `LocalArtifactStore.open_object_reader`; the file stays open until that block exits, so a
+    concurrent overwrite does not change what this reader returns."""
+
+    def __init__(self, file: BinaryIO, size_bytes: int, limiter: anyio.CapacityLimiter) -> None:
+        self._file = file
+        self.size_bytes = size_bytes
+        self._limiter = limiter
+
+    async def chunks(self, chunk_bytes: int = CHUNK_BYTES) -> AsyncIterator[bytes]:
+        while True:
+            chunk = await anyio.to_thread.run_sync(
+                self._file.read, chunk_bytes, limiter=self._limiter
+            )
+            if not chunk:
+                return
+            yield chunk
+
+
+def _unlink_quietly(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _fsync_and_close(file: BinaryIO) -> None:
+    try:
+        file.flush()
+        os.fsync(file.fileno())
+    finally:
+        file.close()
+
+
+class LocalArtifactStore:
+    """Artifacts as files under a root directory. Build it with `open_local_store`."""
+
+    backend_name = BACKEND
+
+    def __init__(
+        self,
+        *,
+        root: Path,
+        public_base_url: str,
+        signing_secret: bytes,
+        limiter: anyio.CapacityLimiter,
+    ) -> None:
+        self.root = root
+        self._objects = root / "objects"
+        self._tmp = root / "tmp"
+        self._uploads = root / "uploads"
+        self.public_base_url = public_base_url.rstrip("/")
+        self._secret = signing_secret
+        self._limiter = limiter
+
+    # paths (called in worker threads: `resolve` touches the file system)
+
+    def _object_path(self, key: str) -> Path:
+        s3proto.validate_artifact_key(key)
+        base = self._objects.resolve()
+        path = (base / key).resolve()
+        if not path.is_relative_to(base) or path == base:
+            # Only a symlink planted inside the root could get here: refuse, never follow.
+            raise errors.InvalidInput(
+                "invalid artifact name: it resolves outside the store", field="name"
+            )
+        return path
+
+    def _upload_dir(self, key: str, upload_id: str) -> Path:
+        if not _UPLOAD_ID.match(upload_id):
+            raise errors.NotFound("no such multipart upload")
+        path = self._uploads / upload_id
+        try:
+            owner = (path / "key").read_text(encoding="utf-8")
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise errors.NotFound("no such multipart upload") from exc
+        if owner != key:
+            raise errors.NotFound("no such multipart upload")
+        return path
+
+    def _new_tmp(self) -> Path:
+        return self._tmp / f"{secrets.token_hex(16)}.tmp"
+
+    # blocking work, run in threads
+
+    def _install(self, tmp: Path, target: Path) -> None:
+        """Rename a finished temp file into place (atomic on one file system)."""
+        for _ in range(3):
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp, target)
+                return
+            except FileNotFoundError:
+                # A concurrent delete pruned the empty parent between mkdir and rename.
+                if not tmp.exists():
+                    raise
+                continue
+            except (NotADirectoryError, IsADirectoryError, FileExistsError) as exc:
+                raise errors.Conflict(
+                    "an artifact name collides with an existing artifact path", code="name_conflict"
+                ) from exc
+        raise errors.Conflict("the artifact path kept changing during the upload")
+
+    def _remove_empty_parents(self, path: Path) -> None:
+        base = self._objects.resolve()
+        parent = path.parent
+        while parent != base and parent.is_relative_to(base):
+            try:
+                parent.rmdir()
+            except OSError:
+                return
+            parent = parent.parent
+
+    async def _write_tmp(
+        self, chunks: AsyncIterable[bytes], max_bytes: int
+    ) -> tuple[Path, int, str]:
+        """Stream chunks into a new temp file; return (path, size, sha256 hex). On any failure
+        or cancellation the temp file is removed."""
+        tmp = self._new_tmp()
+        file = await anyio.to_thread.run_sync(_open_exclusive, tmp, limiter=self._limiter)
+        hasher = hashlib.sha256()
+        size = 0
+        buffer = bytearray()
+        try:
+            try:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise errors.PayloadTooLarge(
+                            f"the artifact is larger than the allowed {max_bytes} bytes",
+                            field="body",
+                        )
+                    buffer += chunk
+                    if len(buffer) >= CHUNK_BYTES:
+                        await anyio.to_thread.run_sync(
+                            _write_and_hash, file, hasher.update, buffer, limiter=self._limiter
+                        )
+                        buffer.clear()
+                if buffer:
+                    await anyio.to_thread.run_sync(
+                        _write_and_hash, file, hasher.update, buffer, limiter=self._limiter
+                    )
+            finally:
+                # Shielded but not deadline-bounded: a worker thread cannot be interrupted, and
+                # the descriptor must be closed whatever happens; fsync of one file is short.
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(_fsync_and_close, file, limiter=self._limiter)
+        except BaseException:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
+                await anyio.to_thread.run_sync(_unlink_quietly, tmp, limiter=self._limiter)
+            raise
+        return tmp, size, hasher.hexdigest()
+
+    # the public surface
+
+    async def ensure_bucket(self, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        """Create the store's directories (idempotent); the local twin of bucket creation."""
+
+        def make() -> None:
+            for path in (self._objects, self._tmp, self._uploads):
+                path.mkdir(parents=True, exist_ok=True)
+
+        try:
+            await anyio.to_thread.run_sync(make, limiter=self._limiter)
+        except OSError as exc:
+            raise errors.BackendUnavailable(
+                "the artifact directory cannot be created", backend=BACKEND
+            ) from exc
+
+    async def ping(self, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        def check() -> bool:
+            return all(
+                path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+                for path in (self._objects, self._tmp, self._uploads)
+            )
+
+        if not await anyio.to_thread.run_sync(check, limiter=self._limiter):
+            raise errors.BackendUnavailable(
+                "the artifact directory is missing or not writable", backend=BACKEND
+            )
+
+    def _presign(
+        self,
+        method: str,
+        key: str,
+        expires_s: int,
+        upload_id: str | None = None,
+        part_number: int | None = None,
+    ) -> PresignedRequest:
+        s3proto.validate_artifact_key(key)
+        if not 1 <= expires_s <= s3proto.MAX_PRESIGN_EXPIRES_S:
+            raise ValueError(
+                f"expires_s must be within 1..{s3proto.MAX_PRESIGN_EXPIRES_S}, got {expires_s}"
+            )
+        expires_at_s = int(time.time()) + expires_s
+        params: dict[str, str] = {"expires": str(expires_at_s)}
+        if upload_id is not None and part_number is not None:
+            params["upload_id"] = upload_id
+            params["part_number"] = str(part_number)
+        params["signature"] = sign_local(
+            signing_secret=self._secret,
+            method=method,
+            key=key,
+            expires_at_s=expires_at_s,
+            upload_id=upload_id,
+            part_number=part_number,
+        )
+        url = (
+            f"{self.public_base_url}{LOCAL_ROUTE_PREFIX}"
+            f"{s3proto.uri_encode(key, encode_slash=False)}?{urlencode(params)}"
+        )
+        return PresignedRequest(
+            url=url, method=method, expires_at=datetime.fromtimestamp(expires_at_s, UTC)
+        )
+
+    def presign_put(self, key: str, *, expires_s: int) -> PresignedRequest:
+        return self._presign("PUT", key, expires_s)
+
+    def presign_get(self, key: str, *, expires_s: int) -> PresignedRequest:
+        return self._presign("GET", key, expires_s)
+
+    def presign_upload_part(
+        self, key: str, upload_id: str, part_number: int, *, expires_s: int
+    ) -> PresignedRequest:
+        if not _UPLOAD_ID.match(upload_id):
+            raise errors.InvalidInput("not a valid upload id", field="upload_id")
+        if not 1 <= part_number <= s3proto.MAX_PART_NUMBER:
+            raise errors.InvalidInput(
+                f"part numbers must be within 1..{s3proto.MAX_PART_NUMBER}", field="part_number"
+            )
+        return self._presign("PUT", key, expires_s, upload_id, part_number)
+
+    async def write_object_from(
+        self, key: str, chunks: AsyncIterable[bytes], *, max_bytes: int
+    ) -> ObjectInfo:
+        """Store the streamed bytes under `key` atomically (overwrites, as S3 PUT does)."""
+        s3proto.validate_artifact_key(key)
+        tmp, size, digest = await self._write_tmp(chunks, max_bytes)
+
+        def install() -> None:
+            try:
+                self._install(tmp, self._object_path(key))
+            except BaseException:
+                _unlink_quietly(tmp)
+                raise
+
+        await anyio.to_thread.run_sync(install, limiter=self._limiter)
+        return ObjectInfo(size_bytes=size, etag=f'"{digest}"')
+
+    async def write_part_from(
+        self,
+        key: str,
+        upload_id: str,
+        part_number: int,
+        chunks: AsyncIterable[bytes],
+        *,
+        max_bytes: int,
+    ) -> str:
+        """Store one part of a multipart upload; return its ETag (quoted SHA-256 hex).
+
+        A part uploaded twice keeps the last copy, as on S3.
+        """
+        s3proto.validate_artifact_key(key)
+        if not 1 <= part_number <= s3proto.MAX_PART_NUMBER:
+            raise errors.InvalidInput("part number out of range", field="part_number")
+        await anyio.to_thread.run_sync(self._upload_dir, key, upload_id, limiter=self._limiter)
+        tmp, _size, digest = await self._write_tmp(chunks, max_bytes)
+
+        def install() -> None:
+            try:
+                upload = self._upload_dir(key, upload_id)
+                # The ETag is in the file name, so a (part, ETag) pair names exactly one file
+                # even when the same part is uploaded twice concurrently.
+                target = upload / f"{part_number:05d}-{digest}.part"
+                os.replace(tmp, target)
+                for stale in upload.glob(f"{part_number:05d}-*.part"):
+                    if stale != target:
+                        _unlink_quietly(stale)
+            except FileNotFoundError as exc:
+                _unlink_quietly(tmp)
+                raise errors.NotFound("no such multipart upload") from exc
+            except BaseException:
+                _unlink_quietly(tmp)
+                raise
+
+        await anyio.to_thread.run_sync(install, limiter=self._limiter)
+        return f'"{digest}"'
+
+    async def create_multipart(self, key: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> str:
+        s3proto.validate_artifact_key(key)
+        upload_id = secrets.token_hex(16)
+
+        def create() -> None:
+            path = self._uploads / upload_id
+            path.mkdir(parents=True)
+            (path / "key").write_text(key, encoding="utf-8")
+
+        await anyio.to_thread.run_sync(create, limiter=self._limiter)
+        return upload_id
+
+    async def complete_multipart(
+        self,
+        key: str,
+        upload_id: str,
+        parts: Sequence[tuple[int, str]],
+        *,
+        timeout_s: float = DEFAULT_COMPLETE_TIMEOUT_S,
+    ) -> None:
+        """Concatenate the listed parts, in order, into the object (atomically)."""
+        s3proto.validate_artifact_key(key)
+        ordered = s3proto.normalize_parts(parts)
+
+        def complete() -> None:
+            upload = self._upload_dir(key, upload_id)
+            files: list[Path] = []
+            for index, (number, etag) in enumerate(ordered):
+                digest = etag.strip('"')
+                path = upload / f"{number:05d}-{digest}.part"
+                if not re.fullmatch(r"[0-9a-f]{64}", digest) or not path.is_file():
+                    raise errors.InvalidInput(
+                        f"part {number} was not uploaded or its ETag does not match",
+                        field="parts",
+                    )
+                if index < len(ordered) - 1 and path.stat().st_size < MIN_PART_BYTES:
+                    raise errors.InvalidInput(
+                        f"part {number} is smaller than {MIN_PART_BYTES} bytes and not the last",
+                        field="parts",
+                    )
+                files.append(path)
+            tmp = self._new_tmp()
+            try:
+                with open(tmp, "xb") as out:
+                    for path in files:
+                        with open(path, "rb") as part:
+                            shutil.copyfileobj(part, out, CHUNK_BYTES)
+                    out.flush()
+                    os.fsync(out.fileno())
+                self._install(tmp, self._object_path(key))
+            except BaseException:
+                _unlink_quietly(tmp)
+                raise
+            shutil.rmtree(upload, ignore_errors=True)
+
+        await anyio.to_thread.run_sync(complete, limiter=self._limiter)
+
+    async def abort_multipart(
+        self, key: str, upload_id: str, *, timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> None:
+        """Drop an upload and its parts; an unknown upload counts as already aborted."""
+        s3proto.validate_artifact_key(key)
+
+        def abort() -> None:
+            try:
+                upload = self._upload_dir(key, upload_id)
+            except errors.NotFound:
+                return
+            shutil.rmtree(upload, ignore_errors=True)
+
+        await anyio.to_thread.run_sync(abort, limiter=self._limiter)
+
+    async def head_object(
+        self, key: str, *, timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> ObjectInfo | None:
+        def stat() -> ObjectInfo | None:
+            path = self._object_path(key)
+            try:
+                info = path.stat()
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            if not path.is_file():
+                return None
+            # Opaque, cheap and changes with every rewrite; not a content hash.
+            token = f"{info.st_size}-{info.st_mtime_ns}-{info.st_ino}".encode()
+            return ObjectInfo(info.st_size, f'"{hashlib.sha256(token).hexdigest()[:32]}"')
+
+        result: ObjectInfo | None = await anyio.to_thread.run_sync(stat, limiter=self._limiter)
+        return result
+
+    @asynccontextmanager
+    async def open_object_reader(self, key: str) -> AsyncIterator[ObjectReader]:
+        """Open `key` for streaming; NotFound when it does not exist."""
+
+        def open_file() -> tuple[BinaryIO, int]:
+            path = self._object_path(key)
+            try:
+                file = open(path, "rb")  # noqa: SIM115 - closed by the caller's block
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+                raise errors.NotFound("the artifact object does not exist") from exc
+            return file, os.fstat(file.fileno()).st_size
+
+        file, size = await anyio.to_thread.run_sync(open_file, limiter=self._limiter)
+        try:
+            yield ObjectReader(file, size, self._limiter)
+        finally:
+            file.close()  # closing a read-only descriptor does not block
+
+    async def sha256_of(self, key: str, *, timeout_s: float = DEFAULT_HASH_TIMEOUT_S) -> str:
+        def digest() -> str:
+            path = self._object_path(key)
+            hasher = hashlib.sha256()
+            try:
+                with open(path, "rb") as file:
+                    while chunk := file.read(CHUNK_BYTES):
+                        hasher.update(chunk)
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+                raise errors.NotFound("the artifact object does not exist") from exc
+            return hasher.hexdigest()
+
+        result: str = await anyio.to_thread.run_sync(digest, limiter=self._limiter)
+        return result
+
+    async def delete_object(self, key: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        def delete() -> None:
+            path = self._object_path(key)
+            try:
+                path.unlink()
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                return
+            # S3 has no directories: leave none behind to collide with a later key.
+            self._remove_empty_parents(path)
+
+        await anyio.to_thread.run_sync(delete, limiter=self._limiter)
+
+    def _remove_stale_tmp(self) -> None:
+        cutoff = time.time() - STALE_TMP_AGE_S
+        for path in self._tmp.glob("*.tmp"):
+            with contextlib.suppress(OSError):
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+
+
+def _write_and_hash(file: BinaryIO, update: Callable[[bytearray], object], data: bytearray) -> None:
+    file.write(data)
+    update(data)
+
+
+def _open_exclusive(path: Path) -> BinaryIO:
+    return open(path, "xb")
+
+
+@asynccontextmanager
+async def open_local_store(
+    *, root: Path, public_base_url: str, signing_secret: bytes
+) -> AsyncIterator[LocalArtifactStore]:
+    """Yield a local store under `root` (its directories are created on entry).
+
+    `public_base_url` is where clients reach this server's HTTP listener (for example
+    `http://127.0.0.1:3001`); when the listener binds port 0 it can be set later through the
+    store's `public_base_url` attribute. `signing_secret` (at least 32 bytes) signs its URLs;
+    keep it stable across restarts or URLs already handed out stop working.
+    """
+    if len(signing_secret) < MIN_SIGNING_SECRET_BYTES:
+        raise ValueError(f"the signing secret needs at least {MIN_SIGNING_SECRET_BYTES} bytes")
+    store = LocalArtifactStore(
+        root=root,
+        public_base_url=public_base_url,
+        signing_secret=signing_secret,
+        limiter=anyio.CapacityLimiter(MAX_THREADS),
+    )
+    await store.ensure_bucket()
+    await anyio.to_thread.run_sync(store._remove_stale_tmp)
+    yield store
+
+
+__all__ = [
+    "BACKEND",
+    "LOCAL_ROUTE_PREFIX",
+    "ArtifactStore",
+    "LocalArtifactStore",
+    "LocalGrant",
+    "ObjectInfo",
+    "ObjectReader",
+    "PresignedRequest",
+    "S3ArtifactStore",
+    "open_local_store",
+    "open_s3_store",
+    "sign_local",
+    "verify_local_signature",
+]
