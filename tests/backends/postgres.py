@@ -1,0 +1,195 @@
+"""Test backends for PostgreSQL: a throwaway Debian PostgreSQL 15 cluster and the embedded pgserver.
+
+Owns: creating, starting and stopping (by PID) a private cluster on a free loopback port for the
+whole test session, a fresh empty database per test, and one embedded pgserver (PostgreSQL 16
+from the wheel) under a reachable temp dir.
+Must not import the server's storage internals beyond `open_embedded_postgres` (the thing the
+embedded fixture exists to exercise). Never mocks PostgreSQL.
+Invariants: every process started here is stopped here, by its PID, with a deadline; a missing
+Debian binary fails the session with a message saying what to install (never a skip).
+
+Why the directories look the way they do: as root, Debian's tools must run as the `postgres`
+user, so the cluster's base dir is chowned to it; pgserver runs postgres as its own `pgserver`
+user, so its temp dir is made mode 755 (mkdtemp's 700 would be unreachable for that user).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio.from_thread
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+from mlrun.server.storage.embedded_postgres import open_embedded_postgres
+
+PG_BIN_DIR = Path("/usr/lib/postgresql/15/bin")
+_START_TIMEOUT_S = 30
+_STOP_TIMEOUT_S = 30.0
+_CONNECT_TIMEOUT_S = 10
+
+
+def _free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for_exit(pid: int, timeout_s: float) -> bool:
+    """Wait for a process that is not our child (the postmaster daemonises) to exit.
+
+    A pidfd becomes readable when the process exits, so this waits on an event, not a poll.
+    An exited process counts even while it is an unreaped zombie (PID 1 of some containers
+    never reaps the daemonised postmaster)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        readable, _, _ = select.select([pidfd], [], [], timeout_s)
+        return bool(readable)
+    finally:
+        os.close(pidfd)
+
+
+@dataclass
+class PostgresCluster:
+    """A private PostgreSQL 15 cluster: data under `base_dir/data`, TCP on 127.0.0.1:`port`."""
+
+    base_dir: Path
+    port: int
+    host: str = "127.0.0.1"
+    pid: int | None = field(default=None)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.base_dir / "data"
+
+    def dsn(self, dbname: str = "postgres") -> str:
+        return f"postgresql://postgres@{self.host}:{self.port}/{dbname}"
+
+    def _as_postgres(self, *args: str, timeout_s: float) -> None:
+        command = ["runuser", "-u", "postgres", "--", *args]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+        if result.returncode != 0:
+            log = self.base_dir / "postgres.log"
+            tail = log.read_text()[-2000:] if log.exists() else ""
+            raise RuntimeError(f"{' '.join(args[:1])} failed: {result.stderr.strip()}\n{tail}")
+
+    def initdb(self) -> None:
+        self._as_postgres(
+            str(PG_BIN_DIR / "initdb"), "-D", str(self.data_dir), "-U", "postgres",
+            "--auth=trust", "-E", "UTF8", "--no-sync", timeout_s=60,
+        )
+
+    def start(self) -> None:
+        # fsync off: a test cluster trades crash safety for speed; a clean stop still writes all.
+        options = (
+            f"-c listen_addresses={self.host} -p {self.port} -k {self.base_dir}"
+            " -c fsync=off -c full_page_writes=off -c synchronous_commit=off"
+        )
+        self._as_postgres(
+            str(PG_BIN_DIR / "pg_ctl"), "-D", str(self.data_dir),
+            "-l", str(self.base_dir / "postgres.log"), "-w", "-t", str(_START_TIMEOUT_S),
+            "-o", options, "start", timeout_s=_START_TIMEOUT_S + 10,
+        )
+        pid_line = (self.data_dir / "postmaster.pid").read_text().splitlines()[0]
+        self.pid = int(pid_line)
+
+    def stop(self) -> None:
+        """Fast shutdown by PID (SIGINT), escalating to immediate (SIGQUIT), then SIGKILL."""
+        pid, self.pid = self.pid, None
+        if pid is None:
+            return
+        for sig, timeout_s in (
+            (signal.SIGINT, _STOP_TIMEOUT_S),
+            (signal.SIGQUIT, 10.0),
+            (signal.SIGKILL, 10.0),
+        ):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                return
+            if wait_for_exit(pid, timeout_s):
+                return
+        raise RuntimeError(f"postmaster {pid} did not exit")
+
+
+@contextlib.contextmanager
+def fresh_database(admin_dsn: str) -> Iterator[str]:
+    """Create an empty database on the server of `admin_dsn`, yield its DSN, drop it after."""
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin_dsn, autocommit=True, connect_timeout=_CONNECT_TIMEOUT_S) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield make_conninfo(admin_dsn, dbname=name)
+    finally:
+        with psycopg.connect(
+            admin_dsn, autocommit=True, connect_timeout=_CONNECT_TIMEOUT_S
+        ) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresCluster]:
+    needed = ("initdb", "pg_ctl", "postgres")
+    missing = [name for name in needed if not (PG_BIN_DIR / name).exists()]
+    if missing:
+        pytest.fail(
+            f"Debian PostgreSQL 15 binaries missing in {PG_BIN_DIR} ({', '.join(missing)}): "
+            "run `apt-get install -y postgresql`",
+            pytrace=False,
+        )
+    postgres_user = pwd.getpwnam("postgres")
+    base_dir = Path(tempfile.mkdtemp(prefix="mlrun-test-pg-"))
+    os.chown(base_dir, postgres_user.pw_uid, postgres_user.pw_gid)
+    cluster = PostgresCluster(base_dir=base_dir, port=_free_loopback_port())
+    try:
+        cluster.initdb()
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(base_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: PostgresCluster) -> Iterator[str]:
+    """A fresh, empty database on the Debian cluster."""
+    with fresh_database(postgres_server.dsn()) as dsn:
+        yield dsn
+
+
+@pytest.fixture(scope="session")
+def embedded_postgres_dsn() -> Iterator[str]:
+    """The embedded default (pgserver) run through `open_embedded_postgres` for the session.
+
+    Session fixtures cannot be async under pytest-trio, so the async context manager runs in a
+    blocking portal: a trio loop on its own thread for the whole session."""
+    base_dir = Path(tempfile.mkdtemp(prefix="mlrun-test-embedded-pg-"))
+    base_dir.chmod(0o755)
+    try:
+        with (
+            anyio.from_thread.start_blocking_portal(backend="trio") as portal,
+            portal.wrap_async_context_manager(open_embedded_postgres(base_dir)) as dsn,
+        ):
+            yield dsn
+    finally:
+        shutil.rmtree(base_dir, ignore_errors=True)
