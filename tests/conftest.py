@@ -1,4 +1,5 @@
-"""Session-wide test wiring: real backends started on free loopback ports (see tests/backends/).
+"""Session-wide test wiring: real backends started on free loopback ports (see tests/backends/),
+and the environment for an `mlrun serve` child process on fresh databases of those backends.
 
 Each backend module starts its server under a temp dir on a free port and stops it by PID at
 session end. Never mock a database here; fakes belong only where a fault is injected on cue.
@@ -6,8 +7,66 @@ session end. Never mock a database here; fakes belong only where a fault is inje
 
 from __future__ import annotations
 
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from readback import ClickHouseReader
+from server_process import TEST_API_KEY, ServerProcess
+
 pytest_plugins = [
     "backends.postgres",
     "backends.clickhouse",
     "backends.s3",
 ]
+
+@pytest.fixture
+def server_env(
+    postgres_dsn: str, clickhouse_server: Any, clickhouse_database: str, s3_server: Any
+) -> dict[str, str]:
+    """Environment for a server on the session's real backends, with fresh databases."""
+    return {
+        "API_HOST": "127.0.0.1",
+        "API_HTTP_PORT": "0",
+        "API_GRPC_PORT": "0",
+        "MLRUN_API_KEY": TEST_API_KEY,
+        "DATABASE_URL": postgres_dsn,
+        "CLICKHOUSE_HOST": clickhouse_server.host,
+        "CLICKHOUSE_PORT": str(clickhouse_server.port),
+        "CLICKHOUSE_USER": clickhouse_server.user,
+        "CLICKHOUSE_PASSWORD": clickhouse_server.password,
+        "CLICKHOUSE_DATABASE": clickhouse_database,
+        "MINIO_ENDPOINT": s3_server.endpoint,
+        "MINIO_ACCESS_KEY": s3_server.access_key,
+        "MINIO_SECRET_KEY": s3_server.secret_key,
+        "MINIO_BUCKET": f"test-{uuid.uuid4().hex[:12]}",
+        "MLRUN_STARTUP_TIMEOUT_S": "20",
+        "MLRUN_DATA_DIR": tempfile.mkdtemp(prefix="mlrun-test-data-"),
+    }
+
+
+@pytest.fixture
+def servers() -> Iterator[list[ServerProcess]]:
+    """Collects started servers and kills any a test left running (by PID)."""
+    started: list[ServerProcess] = []
+    yield started
+    for server in started:
+        server.kill()
+
+
+@pytest.fixture
+def reachable_tmp_dir() -> Iterator[Path]:
+    """A temp dir the embedded PostgreSQL's system user can reach (pytest's tmp_path sits
+    under a mode-700 directory when run as root)."""
+    path = Path(tempfile.mkdtemp(prefix="mlrun-test-"))
+    path.chmod(0o755)
+    yield path
+
+
+@pytest.fixture
+def clickhouse_reader(clickhouse_server: Any, clickhouse_database: str) -> ClickHouseReader:
+    return ClickHouseReader(clickhouse_server, clickhouse_database)

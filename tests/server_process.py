@@ -16,6 +16,9 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+# The bootstrap admin key every test server is started with.
+TEST_API_KEY = "mlrun_test-bootstrap-key-0123456789abcdef0123456789"
+
 _HTTP_LINE = re.compile(r"HTTP listening on http://(?P<host>[^\s]+):(?P<port>\d+)")
 _GRPC_LINE = re.compile(r"gRPC listening on (?P<host>[^\s]+):(?P<port>\d+)")
 

@@ -114,5 +114,12 @@ def test_queued_mode_is_refused_rather_than_silently_ignored() -> None:
         load_config({"INGEST_MODE": "queued", "REDIS_URL": "redis://x"})
 
 
+def test_database_url_accepts_uri_and_key_value_forms() -> None:
+    conninfo = "host=127.0.0.1 port=5433 dbname=mlrun password='a b'"
+    assert load_config({"DATABASE_URL": conninfo}).postgres.dsn == Secret(conninfo)
+    with pytest.raises(ConfigError, match=r"^DATABASE_URL:"):
+        load_config({"DATABASE_URL": "just-a-word"})
+
+
 def test_empty_values_count_as_unset() -> None:
     assert load_config({"DATABASE_URL": "", "API_HTTP_PORT": ""}) == Config()

@@ -11,11 +11,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import tempfile
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,47 +46,6 @@ def wait_for_ready_status(
             return body
         time.sleep(0.2)  # bounded by the deadline; readiness is probed by the server per call
     raise AssertionError(f"/ready never answered {expected}; last: {last and last.text}")
-
-
-@pytest.fixture
-def server_env(
-    postgres_dsn: str, clickhouse_server: Any, clickhouse_database: str, s3_server: Any
-) -> dict[str, str]:
-    """Environment for a server on the session's real backends, with fresh databases."""
-    return {
-        "API_HOST": "127.0.0.1",
-        "API_HTTP_PORT": "0",
-        "API_GRPC_PORT": "0",
-        "DATABASE_URL": postgres_dsn,
-        "CLICKHOUSE_HOST": clickhouse_server.host,
-        "CLICKHOUSE_PORT": str(clickhouse_server.port),
-        "CLICKHOUSE_USER": clickhouse_server.user,
-        "CLICKHOUSE_PASSWORD": clickhouse_server.password,
-        "CLICKHOUSE_DATABASE": clickhouse_database,
-        "MINIO_ENDPOINT": s3_server.endpoint,
-        "MINIO_ACCESS_KEY": s3_server.access_key,
-        "MINIO_SECRET_KEY": s3_server.secret_key,
-        "MINIO_BUCKET": f"test-{uuid.uuid4().hex[:12]}",
-        "MLRUN_STARTUP_TIMEOUT_S": "20",
-    }
-
-
-@pytest.fixture
-def reachable_tmp_dir() -> Iterator[Path]:
-    """A temp dir the embedded PostgreSQL's system user can reach (pytest's tmp_path sits
-    under a mode-700 directory when run as root)."""
-    path = Path(tempfile.mkdtemp(prefix="mlrun-test-"))
-    path.chmod(0o755)
-    yield path
-
-
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[list[ServerProcess]]:
-    """Collects started servers and kills any a test left running."""
-    started: list[ServerProcess] = []
-    yield started
-    for server in started:
-        server.kill()
 
 
 @pytest.mark.parametrize("backend", ["trio", "asyncio"])
@@ -208,7 +164,7 @@ def test_embedded_default_starts_and_reuses_its_data_dir(
     assert body["status"] == "ready"
     assert grpc_health(first.grpc_target) == health_pb2.HealthCheckResponse.SERVING
     assert "postgres=embedded" in first.log_text()
-    assert "applied: postgres [1]" in first.log_text()
+    assert "applied: postgres [1, 2], clickhouse [1]" in first.log_text()
     assert first.stop() == 0
 
     second = ServerProcess(env, tmp_path / "second.log")

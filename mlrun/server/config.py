@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal, TypeVar, cast
@@ -93,6 +94,11 @@ class ArtifactStoreConfig(msgspec.Struct, frozen=True):
 class IngestConfig(msgspec.Struct, frozen=True):
     mode: IngestMode = "direct"
     redis_url: Secret | None = None
+    # Capacity of each ingest pipeline (metrics, system metrics): what may be queued or in
+    # flight to ClickHouse before new batches get 429. Rows cost ~50 bytes each once encoded.
+    pipeline_max_rows: int = 2_000_000
+    pipeline_max_bytes: int = 128 * 1024 * 1024
+    max_body_bytes: int = 16 * 1024 * 1024
 
 
 class Config(msgspec.Struct, frozen=True):
@@ -205,7 +211,23 @@ def _text(name: str, raw: str) -> str:
     return raw
 
 
+_CONNINFO_PAIR = re.compile(r"^\s*([a-z_]+)\s*=\s*('(?:[^'\\]|\\.)*'|\S+)\s*")
+
+
 def _postgres_dsn(name: str, raw: str) -> str:
+    """A libpq connection URI (postgresql://...) or key=value string (host=... dbname=...)."""
+    if "://" not in raw:
+        rest, keys = raw.strip(), []
+        while rest:
+            pair = _CONNINFO_PAIR.match(rest)
+            if pair is None:
+                raise ConfigError(f"{name}: expected postgresql://user:password@host:port/dbname "
+                                  "or libpq key=value pairs")
+            keys.append(pair[1])
+            rest = rest[pair.end():]
+        if not keys:
+            raise ConfigError(f"{name}: empty connection string")
+        return raw
     parts = urlsplit(raw)
     if parts.scheme not in ("postgres", "postgresql") or not (parts.hostname or parts.query):
         # Only the scheme is echoed: the rest may carry a password.
@@ -306,9 +328,19 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         region=env.get("MINIO_REGION", _text, defaults.artifacts.region),
     )
     redis_url = env.optional("REDIS_URL", _text)
+    ingest_defaults = IngestConfig()
     ingest = IngestConfig(
         mode=env.get("INGEST_MODE", _ingest_mode, "direct"),
         redis_url=Secret(redis_url) if redis_url else None,
+        pipeline_max_rows=env.get(
+            "MLRUN_PIPELINE_MAX_ROWS", _positive_int, ingest_defaults.pipeline_max_rows
+        ),
+        pipeline_max_bytes=env.get(
+            "MLRUN_PIPELINE_MAX_BYTES", _positive_int, ingest_defaults.pipeline_max_bytes
+        ),
+        max_body_bytes=env.get(
+            "MLRUN_MAX_BODY_BYTES", _positive_int, ingest_defaults.max_body_bytes
+        ),
     )
     config = Config(
         listen=listen,

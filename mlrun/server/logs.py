@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import warnings
 
 import msgspec
 
@@ -43,5 +44,10 @@ def configure_logging(level: LogLevel, fmt: LogFormat) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # hypercorn logs every connection at info; keep its warnings and errors only.
-    logging.getLogger("hypercorn").setLevel(max(logging.WARNING, root.level))
+    # hypercorn logs every connection at info and pgserver every command it runs (with its
+    # whole output); keep their warnings and errors only.
+    for chatty in ("hypercorn", "pgserver"):
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))
+    # pgserver's platformdirs warns once per start that XDG_RUNTIME_DIR is unset (normal for a
+    # service) and falls back to /tmp; the message says nothing an operator can act on.
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")

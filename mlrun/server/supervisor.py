@@ -31,13 +31,18 @@ import anyio
 import anyio.abc
 from hypercorn.config import Config as HypercornConfig
 
+from mlrun.server.auth import Authenticator, load_or_create_bootstrap_key
 from mlrun.server.config import Config
 from mlrun.server.errors import BackendUnavailable, ConfigError, MlrunError
 from mlrun.server.grpc.health import HealthServicer
 from mlrun.server.grpc.listener import serve_grpc
 from mlrun.server.grpc.servicers import IngestServicer, QueryServicer
+from mlrun.server.http.api import add_write_routes
 from mlrun.server.http.app import App, Router
 from mlrun.server.http.health import add_health_routes
+from mlrun.server.ingest import Ingest, IngestTimeouts
+from mlrun.server.pipeline import Pipeline
+from mlrun.server.protocols.clickhouse import METRIC_COLUMNS
 from mlrun.server.readiness import Readiness
 from mlrun.server.storage.artifacts import ArtifactStore, open_local_store, open_s3_store
 from mlrun.server.storage.clickhouse import (
@@ -47,6 +52,7 @@ from mlrun.server.storage.clickhouse import (
     open_http_clickhouse,
 )
 from mlrun.server.storage.embedded_postgres import open_embedded_postgres
+from mlrun.server.storage.metadata import MetadataStore
 from mlrun.server.storage.postgres import Postgres, apply_postgres_migrations, open_postgres
 
 logger = logging.getLogger("mlrun.server")
@@ -112,7 +118,7 @@ async def open_storage(config: Config, *, public_base_url: str) -> AsyncIterator
     data_dir = prepare_data_dir(config.data_dir) if needs_data_dir else config.data_dir
     async with AsyncExitStack() as stack:
         if config.postgres.dsn is None:
-            dsn = await stack.enter_async_context(open_embedded_postgres(data_dir / "postgres"))
+            dsn = await stack.enter_async_context(open_embedded_postgres(data_dir))
             modes["postgres"] = "embedded"
         else:
             dsn = config.postgres.dsn.value
@@ -166,18 +172,30 @@ async def open_storage(config: Config, *, public_base_url: str) -> AsyncIterator
 
 
 async def prepare_schemas(storage: Storage, *, startup_timeout_s: float) -> None:
-    """Apply migrations and create the bucket, retrying while a backend is still coming up."""
+    """Apply migrations and create the bucket, retrying while a backend is still coming up.
+    Every attempt is bounded by what is left of `startup_timeout_s`."""
     deadline = anyio.current_time() + startup_timeout_s
     delay_s = 0.2
+    stage = "postgres"
     while True:
+        remaining_s = deadline - anyio.current_time()
         try:
-            applied_pg = await apply_postgres_migrations(storage.postgres)
-            await storage.clickhouse.ensure_database(timeout_s=10.0)
-            async with storage.postgres.advisory_lock(
-                CLICKHOUSE_MIGRATION_LOCK_KEY, timeout_s=60.0
-            ) as _:
-                applied_ch = await apply_clickhouse_migrations(storage.clickhouse)
-            await storage.artifacts.ensure_bucket(timeout_s=10.0)
+            with anyio.fail_after(max(remaining_s, 0.01)):
+                stage = "postgres"
+                applied_pg = await apply_postgres_migrations(
+                    storage.postgres, timeout_s=min(60.0, max(remaining_s, 1.0)))
+                stage = "clickhouse"
+                async with storage.postgres.advisory_lock(
+                    CLICKHOUSE_MIGRATION_LOCK_KEY, timeout_s=60.0
+                ):
+                    applied_ch = await apply_clickhouse_migrations(storage.clickhouse)
+                stage = "artifacts"
+                await storage.artifacts.ensure_bucket(timeout_s=10.0)
+        except TimeoutError:
+            raise StartupError(
+                f"{stage} did not answer within the start-up timeout "
+                f"(MLRUN_STARTUP_TIMEOUT_S={startup_timeout_s:g})"
+            ) from None
         except BackendUnavailable as exc:
             remaining_s = deadline - anyio.current_time()
             if remaining_s <= delay_s:
@@ -229,10 +247,40 @@ def hypercorn_config(sock: socket.socket, *, graceful_timeout_s: float) -> Hyper
     return config
 
 
-def build_http_app(readiness: Readiness) -> App:
+@dataclass(frozen=True, slots=True)
+class Services:
+    """What the edges call: built once per process from storage and config."""
+
+    readiness: Readiness
+    authenticator: Authenticator
+    ingest: Ingest
+    pipelines: tuple[Pipeline, ...]
+
+
+def build_http_app(services: Services, *, max_body_bytes: int) -> App:
     router = Router()
-    add_health_routes(router, readiness)
-    return App(router)
+    add_health_routes(router, services.readiness)
+    add_write_routes(router, services.ingest, services.authenticator)
+    return App(router, max_body_bytes=max_body_bytes)
+
+
+def build_authenticator(config: Config) -> Authenticator:
+    if config.auth.disabled:
+        logger.warning("MLRUN_AUTH_DISABLED: every request is the local admin (loopback only)")
+        return Authenticator(bootstrap_key=None, disabled=True)
+    if config.auth.bootstrap_api_key is not None:
+        return Authenticator(bootstrap_key=config.auth.bootstrap_api_key.value, disabled=False)
+    key, path, created = load_or_create_bootstrap_key(prepare_data_dir(config.data_dir))
+    logger.info("no MLRUN_API_KEY set: %s the bootstrap admin key in %s",
+                "generated" if created else "using", path)
+    return Authenticator(bootstrap_key=key, disabled=False)
+
+
+def metric_flush(clickhouse: ClickHouse, table: str) -> Callable[[bytes, int], Awaitable[None]]:
+    async def flush(payload: bytes, rows: int) -> None:
+        await clickhouse.insert_rowbinary(table, METRIC_COLUMNS, payload, timeout_s=5.0)
+
+    return flush
 
 
 async def serve(
@@ -276,11 +324,30 @@ async def _run_listeners(
     shutdown_requested: anyio.Event,
     task_status: anyio.abc.TaskStatus[BoundAddresses],
 ) -> None:
-    readiness = Readiness([storage.postgres, storage.clickhouse, storage.artifacts])
-    app = build_http_app(readiness)
+    pipelines = {
+        table: Pipeline(
+            table,
+            backend="clickhouse",
+            max_rows=config.ingest.pipeline_max_rows,
+            max_bytes=config.ingest.pipeline_max_bytes,
+        )
+        for table in ("metrics", "system_metrics")
+    }
+    services = Services(
+        readiness=Readiness([storage.postgres, storage.clickhouse, storage.artifacts]),
+        authenticator=build_authenticator(config),
+        ingest=Ingest(
+            MetadataStore(storage.postgres, timeout_s=IngestTimeouts().metadata_s),
+            metrics=pipelines["metrics"],
+            system_metrics=pipelines["system_metrics"],
+            cardinality=config.cardinality,
+        ),
+        pipelines=tuple(pipelines.values()),
+    )
+    app = build_http_app(services, max_body_bytes=config.ingest.max_body_bytes)
 
     async def grpc_ready() -> bool:
-        return (await readiness.check()).ready
+        return (await services.readiness.check()).ready
 
     grpc_services = [
         HealthServicer(grpc_ready).service,
@@ -292,22 +359,33 @@ async def _run_listeners(
         http_sock, graceful_timeout_s=max(1.0, config.shutdown_timeout_s / 2)
     )
     grpc_scope = anyio.CancelScope()
-    async with anyio.create_task_group() as listeners:
-        listeners.start_soon(serve_http, app, hc_config, shutdown_requested.wait)
-        grpc_port: int = await listeners.start(
-            _serve_grpc_until_cancelled,
-            config.listen.host,
-            config.listen.grpc_port,
-            grpc_services,
-            grpc_scope,
-        )
-        logger.info("HTTP listening on %s", base_url)
-        logger.info("gRPC listening on %s:%d", config.listen.host, grpc_port)
-        task_status.started(BoundAddresses(config.listen.host, http_port, grpc_port))
-        await shutdown_requested.wait()
-        logger.info("shutting down: listeners stop accepting, accepted work drains")
-        grpc_scope.cancel()
-    logger.info("listeners stopped")
+    # Writers outlive listeners: on shutdown the listeners stop first (in-flight requests
+    # finish, still served by the writers), then the pipelines close and the writers drain.
+    async with anyio.create_task_group() as writers:
+        for table, pipeline in pipelines.items():
+            await writers.start(pipeline.serve_writer, metric_flush(storage.clickhouse, table))
+        try:
+            async with anyio.create_task_group() as listeners:
+                listeners.start_soon(serve_http, app, hc_config, shutdown_requested.wait)
+                grpc_port: int = await listeners.start(
+                    _serve_grpc_until_cancelled,
+                    config.listen.host,
+                    config.listen.grpc_port,
+                    grpc_services,
+                    grpc_scope,
+                )
+                logger.info("HTTP listening on %s", base_url)
+                logger.info("gRPC listening on %s:%d", config.listen.host, grpc_port)
+                task_status.started(BoundAddresses(config.listen.host, http_port, grpc_port))
+                await shutdown_requested.wait()
+                logger.info("shutting down: listeners stop accepting, accepted work drains")
+                grpc_scope.cancel()
+            logger.info("listeners stopped")
+        finally:
+            for pipeline in pipelines.values():
+                pipeline.close()
+    logger.info("writers drained: %s", ", ".join(
+        f"{p.name} committed {p.statistics().committed_rows} rows" for p in pipelines.values()))
 
 
 async def _serve_grpc_until_cancelled(

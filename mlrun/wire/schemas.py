@@ -14,7 +14,6 @@ Must not import anything from `mlrun.server` or `mlrun.sdk`.
 
 from __future__ import annotations
 
-from functools import cache
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
@@ -22,15 +21,21 @@ from msgspec import Meta, Struct
 
 T = TypeVar("T")
 
-# Limits (documented in the README's "Limits" table).
+# Limits (documented in the README's "Limits" table). Names and values are stored in PostgreSQL
+# columns whose CHECKs count UTF-8 bytes (sql/postgres/0001_initial.sql: they stay below
+# btree's index entry limit); the character caps here are the cheap first filter and the
+# server checks bytes before anything is stored (mlrun.server.storage.metadata), answering 400
+# `value_too_long` naming the field.
 MAX_NAME_CHARS = 250
-MAX_TAG_VALUE_CHARS = 1000
-MAX_PARAM_VALUE_CHARS = 6000
+MAX_NAME_BYTES = 256
+MAX_TAG_VALUE_CHARS = 2048
+MAX_PARAM_VALUE_CHARS = 2048
+MAX_VALUE_BYTES = 2048
 MAX_POINTS_PER_BATCH = 100_000
 MAX_STEP = 2**63 - 1
 
 RunId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
-BatchId = Annotated[str, Meta(min_length=1, max_length=128)]
+BatchId = Annotated[str, Meta(min_length=1, max_length=128)]  # <= 256 bytes, checked
 ProjectName = Annotated[
     str, Meta(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 ]
@@ -174,10 +179,15 @@ class ErrorBody(Struct, frozen=True, kw_only=True):
 json_encoder = msgspec.json.Encoder()
 
 
-@cache
+_decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
+
+
 def decoder_for(kind: type[T]) -> msgspec.json.Decoder[T]:
-    """The one JSON decoder of a payload type (built once, reused)."""
-    return msgspec.json.Decoder(kind)
+    """The one JSON decoder of a payload type (built on first use, then reused)."""
+    decoder = _decoders.get(kind)
+    if decoder is None:
+        decoder = _decoders[kind] = msgspec.json.Decoder(kind)
+    return decoder
 
 
 def to_builtins(value: Any) -> Any:

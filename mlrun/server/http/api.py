@@ -1,0 +1,107 @@
+"""HTTP routes of the write API (`/api/v1/...`): decode, authenticate, call `Ingest`, encode.
+
+Only translation lives here: msgspec decoding (a malformed body is 400 `malformed_json`; a wrong
+type or value is 400 `invalid_field` naming the field, e.g. `metrics[3].step`), the API key
+from the headers, and the status code of each answer. Every rule about what is stored lives in
+`mlrun.server.ingest`, shared with the gRPC edge.
+
+Must not import storage drivers.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TypeVar
+
+import msgspec
+
+from mlrun.server.auth import Authenticator, Principal
+from mlrun.server.errors import InvalidInput
+from mlrun.server.http.app import Request, Response, Router
+from mlrun.server.ingest import Ingest
+from mlrun.wire.schemas import (
+    CreateProject,
+    FinishRun,
+    IngestBatch,
+    InitRun,
+    ProjectList,
+    RunId,
+    decoder_for,
+)
+
+T = TypeVar("T")
+
+_FIELD_PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+_run_id_decoder = msgspec.json.Decoder(RunId)
+
+
+def decode_body(body: bytes, kind: type[T]) -> T:
+    """Decode a JSON body into a schema Struct; errors name the offending field."""
+    if not body.strip():
+        raise InvalidInput("the request body is empty; a JSON object is expected",
+                           code="malformed_json", field="body")
+    try:
+        return decoder_for(kind).decode(body)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        found = _FIELD_PATH.search(message)
+        field = found["path"].lstrip(".") if found else None
+        text = _FIELD_PATH.sub("", message)
+        raise InvalidInput(
+            f"{field}: {text}" if field else text, code="invalid_field", field=field or "body"
+        ) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidInput(f"the request body is not valid JSON: {exc}", code="malformed_json",
+                           field="body") from None
+
+
+def path_run_id(request: Request) -> str:
+    raw = request.path_params["run_id"]
+    try:
+        return _run_id_decoder.decode(msgspec.json.encode(raw))
+    except msgspec.ValidationError:
+        raise InvalidInput("run_id must be 1-64 letters, digits, '_', '.' or '-'",
+                           code="invalid_field", field="run_id") from None
+
+
+def add_write_routes(router: Router, ingest: Ingest, authenticator: Authenticator) -> None:
+    def principal_of(request: Request) -> Principal:
+        return authenticator.authenticate(request.headers)
+
+    async def create_project(request: Request) -> Response:
+        principal = principal_of(request)
+        project = await ingest.create_project(principal, decode_body(request.body, CreateProject))
+        return Response.json(project, status=201)
+
+    async def list_projects(request: Request) -> Response:
+        principal = principal_of(request)
+        return Response.json(ProjectList(projects=await ingest.list_projects(principal)))
+
+    async def init_run(request: Request) -> Response:
+        principal = principal_of(request)
+        created, warnings = await ingest.init_run(principal, decode_body(request.body, InitRun))
+        body = msgspec.to_builtins(created)
+        body["warnings"] = msgspec.to_builtins(warnings)
+        return Response.json(body, status=201 if created.created else 200)
+
+    async def log_batch(request: Request) -> Response:
+        principal = principal_of(request)
+        result = await ingest.log_batch(principal, decode_body(request.body, IngestBatch))
+        return Response.json(result)
+
+    async def finish_run(request: Request) -> Response:
+        principal = principal_of(request)
+        run_id = path_run_id(request)
+        finish = decode_body(request.body, FinishRun) if request.body.strip() else FinishRun()
+        return Response.json(await ingest.finish_run(principal, run_id, finish.status))
+
+    async def heartbeat(request: Request) -> Response:
+        principal = principal_of(request)
+        return Response.json(await ingest.heartbeat(principal, path_run_id(request)))
+
+    router.add("POST", "/api/v1/projects", create_project)
+    router.add("GET", "/api/v1/projects", list_projects)
+    router.add("POST", "/api/v1/runs", init_run)
+    router.add("POST", "/api/v1/ingest/batch", log_batch)
+    router.add("POST", "/api/v1/runs/{run_id}/finish", finish_run)
+    router.add("POST", "/api/v1/runs/{run_id}/heartbeat", heartbeat)
