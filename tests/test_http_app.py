@@ -12,7 +12,7 @@ import msgspec
 import pytest
 
 from mlrun.server.errors import BackendError, Overloaded
-from mlrun.server.http.app import App, Request, Response, Router
+from mlrun.server.http.app import App, Request, Response, Router, RouteSpec
 
 
 async def call(app: App, method: str, path: str, body: bytes = b"",
@@ -53,10 +53,11 @@ def make_app(max_body_bytes: int = 10_000) -> App:
     async def backend(request: Request) -> Response:
         raise BackendError("query failed", backend="clickhouse", detail="Code: 62. Syntax error")
 
-    router.add("POST", "/runs/{run_id}/echo", echo)
-    router.add("GET", "/busy", busy)
-    router.add("GET", "/broken", broken)
-    router.add("GET", "/backend", backend)
+    spec = RouteSpec(summary="test route", scope=None, response=None)
+    router.add("POST", "/runs/{run_id}/echo", echo, spec)
+    router.add("GET", "/busy", busy, spec)
+    router.add("GET", "/broken", broken, spec)
+    router.add("GET", "/backend", backend, spec)
     return App(router, max_body_bytes=max_body_bytes)
 
 

@@ -90,6 +90,17 @@ class RunCreated(Struct, frozen=True, kw_only=True):
     created: bool  # False when run_id already existed (init is idempotent on run_id)
 
 
+class RunCreatedWithWarnings(Struct, frozen=True, kw_only=True):
+    """The answer of POST /api/v1/runs: the run, plus guardrail warnings for its tags/config."""
+
+    run_id: str
+    project: str
+    name: str
+    status: RunStatus
+    created: bool
+    warnings: list[IngestWarning] = []
+
+
 class FinishRun(Request, frozen=True):
     status: FinalStatus = "finished"
 

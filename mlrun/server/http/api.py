@@ -17,15 +17,19 @@ import msgspec
 
 from mlrun.server.auth import Authenticator, Principal
 from mlrun.server.errors import InvalidInput
-from mlrun.server.http.app import Request, Response, Router
+from mlrun.server.http.app import Request, Response, Router, RouteSpec
 from mlrun.server.ingest import Ingest
 from mlrun.wire.schemas import (
     CreateProject,
     FinishRun,
     IngestBatch,
+    IngestResult,
     InitRun,
+    Project,
     ProjectList,
+    RunCreatedWithWarnings,
     RunId,
+    RunState,
     decoder_for,
 )
 
@@ -80,8 +84,7 @@ def add_write_routes(router: Router, ingest: Ingest, authenticator: Authenticato
     async def init_run(request: Request) -> Response:
         principal = principal_of(request)
         created, warnings = await ingest.init_run(principal, decode_body(request.body, InitRun))
-        body = msgspec.to_builtins(created)
-        body["warnings"] = msgspec.to_builtins(warnings)
+        body = RunCreatedWithWarnings(**msgspec.structs.asdict(created), warnings=warnings)
         return Response.json(body, status=201 if created.created else 200)
 
     async def log_batch(request: Request) -> Response:
@@ -99,9 +102,24 @@ def add_write_routes(router: Router, ingest: Ingest, authenticator: Authenticato
         principal = principal_of(request)
         return Response.json(await ingest.heartbeat(principal, path_run_id(request)))
 
-    router.add("POST", "/api/v1/projects", create_project)
-    router.add("GET", "/api/v1/projects", list_projects)
-    router.add("POST", "/api/v1/runs", init_run)
-    router.add("POST", "/api/v1/ingest/batch", log_batch)
-    router.add("POST", "/api/v1/runs/{run_id}/finish", finish_run)
-    router.add("POST", "/api/v1/runs/{run_id}/heartbeat", heartbeat)
+    tags = ("write",)
+    router.add("POST", "/api/v1/projects", create_project, RouteSpec(
+        summary="Create a project", scope="write", request=CreateProject, response=Project,
+        success_status=201, errors=(400, 401, 403, 409), tags=tags))
+    router.add("GET", "/api/v1/projects", list_projects, RouteSpec(
+        summary="List projects", scope="read", response=ProjectList, errors=(401, 403),
+        tags=tags))
+    router.add("POST", "/api/v1/runs", init_run, RouteSpec(
+        summary="Start a run (idempotent on run_id; the project is created on first use)",
+        scope="write", request=InitRun, response=RunCreatedWithWarnings, success_status=201,
+        other_success_statuses=(200,), errors=(400, 401, 403, 409), tags=tags))
+    router.add("POST", "/api/v1/ingest/batch", log_batch, RouteSpec(
+        summary="Log a batch of metrics, params and tags (idempotent on run_id + batch_id)",
+        scope="write", request=IngestBatch, response=IngestResult,
+        errors=(400, 401, 403, 404, 409, 429), tags=tags))
+    router.add("POST", "/api/v1/runs/{run_id}/finish", finish_run, RouteSpec(
+        summary="Finish a run", scope="write", request=FinishRun, response=RunState,
+        errors=(400, 401, 403, 404, 409), tags=tags))
+    router.add("POST", "/api/v1/runs/{run_id}/heartbeat", heartbeat, RouteSpec(
+        summary="Record that a run is alive", scope="write", response=RunState,
+        errors=(400, 401, 403, 404, 409), tags=tags))

@@ -71,11 +71,30 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 @dataclass(frozen=True, slots=True)
+class RouteSpec:
+    """What a route promises, for /openapi.json: rendered, never re-declared by hand.
+
+    `scope` None means public (no API key). `errors` lists every non-2xx status the route can
+    answer besides the ones every route may give (413 body too large, 500, 503)."""
+
+    summary: str
+    scope: str | None
+    response: type[Any] | None
+    request: type[Any] | None = None
+    query: type[Any] | None = None
+    success_status: int = 200
+    other_success_statuses: tuple[int, ...] = ()
+    errors: tuple[int, ...] = ()
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     method: str
     template: str
     handler: Handler
     pattern: re.Pattern[str]
+    spec: RouteSpec
 
 
 def _compile(template: str) -> re.Pattern[str]:
@@ -91,8 +110,8 @@ class Router:
     def __init__(self) -> None:
         self._routes: list[Route] = []
 
-    def add(self, method: str, template: str, handler: Handler) -> None:
-        self._routes.append(Route(method, template, handler, _compile(template)))
+    def add(self, method: str, template: str, handler: Handler, spec: RouteSpec) -> None:
+        self._routes.append(Route(method, template, handler, _compile(template), spec))
 
     @property
     def routes(self) -> tuple[Route, ...]:
