@@ -106,3 +106,13 @@ class ServerProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)
+
+
+def wait_for_exit(process: subprocess.Popen[bytes], *, timeout_s: float) -> int:
+    """Wait for a child to exit; kill it (and fail) if it does not within the deadline."""
+    try:
+        return process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+        raise

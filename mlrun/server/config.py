@@ -264,14 +264,17 @@ class _Reader:
 
     def __init__(self, environ: Mapping[str, str]) -> None:
         self._environ = environ
+        self.names_read: set[str] = set()
 
     def get(self, name: str, parse: Callable[[str, str], T], default: T) -> T:
+        self.names_read.add(name)
         raw = self._environ.get(name)
         if raw is None or raw == "":
             return default
         return parse(name, raw)
 
     def optional(self, name: str, parse: Callable[[str, str], T]) -> T | None:
+        self.names_read.add(name)
         raw = self._environ.get(name)
         if raw is None or raw == "":
             return None
@@ -280,7 +283,17 @@ class _Reader:
 
 def load_config(environ: Mapping[str, str] | None = None) -> Config:
     """Parse the environment into a Config; raise ConfigError naming the first bad variable."""
-    env = _Reader(os.environ if environ is None else environ)
+    return _load(_Reader(os.environ if environ is None else environ))
+
+
+def known_variables() -> frozenset[str]:
+    """Every environment variable the server reads (for docs and deployment-file checks)."""
+    reader = _Reader({})
+    _load(reader)
+    return frozenset(reader.names_read)
+
+
+def _load(env: _Reader) -> Config:
     defaults = Config()
 
     listen = ListenConfig(
