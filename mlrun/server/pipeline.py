@@ -41,6 +41,7 @@ import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from mlrun.server.errors import BackendError, BackendTimeout, BackendUnavailable, Overloaded
+from mlrun.server.telemetry import Histogram
 
 logger = logging.getLogger("mlrun.pipeline")
 
@@ -149,6 +150,7 @@ class Pipeline:
         self._drain_rate = 0.0
         self._last_flush_ok_at = -math.inf
         self._last_flush_duration_s = 0.0
+        self.flush_latency = Histogram()
         self._closed = False
         # Items are bounded twice: by rows/bytes through reservations, and by count here, so
         # submit_nowait after a successful reservation can never find the stream full.
@@ -319,6 +321,7 @@ class Pipeline:
         self._flushes += 1
         self._committed_rows += rows
         self._last_flush_duration_s = duration_s
+        self.flush_latency.observe(duration_s)
         now = anyio.current_time()
         # Rate over the flush itself; an EWMA smooths bursty group sizes.
         rate = rows / max(duration_s, 1e-4)
