@@ -44,9 +44,10 @@ def configure_logging(level: LogLevel, fmt: LogFormat) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # hypercorn logs every connection at info and pgserver every command it runs (with its
-    # whole output); keep their warnings and errors only.
-    for chatty in ("hypercorn", "pgserver"):
+    # hypercorn logs every connection at info, httpx every request to ClickHouse or S3 (a line
+    # per flush, which costs real time under load) and pgserver every command it runs with its
+    # whole output; keep their warnings and errors only.
+    for chatty in ("hypercorn", "httpx", "httpcore", "pgserver"):
         logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))
     # pgserver's platformdirs warns once per start that XDG_RUNTIME_DIR is unset (normal for a
     # service) and falls back to /tmp; the message says nothing an operator can act on.

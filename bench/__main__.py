@@ -1,0 +1,210 @@
+"""`python -m bench` (from the repository root): parse the options, get a target, run the sweep,
+print the table, write the JSON report.
+
+    python -m bench                         own server on real backends, K = 1, 8, 32, HTTP+gRPC
+    python -m bench --quick                 the same in under a minute (2 s per workload)
+    python -m bench --embedded              own server on the embedded default
+    python -m bench --url http://host:3001 --api-key KEY [--grpc-target host:50051]
+                    [--server-pid PID] [--clickhouse-url http://host:8123 ...]
+
+Exit status: 0 when every workload ran to its deadline and every count-back matched; 1 when a
+count-back did not match, a writer stopped early (an error a retry cannot fix), or a set-up step
+failed (one line on stderr); 2 for bad options. Progress goes to stderr, the table to stdout.
+
+Must not import anyio (the bench has no event loop: see `bench.writers`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import os
+import sys
+import urllib.parse
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import cast
+
+from bench.errors import BenchError
+from bench.metrics_store import ClickHouseServerStore
+from bench.report import Transport, render_table, write_json
+from bench.suite import Suite, SuiteSettings
+from bench.targets import Target, external_server, own_server_embedded, own_server_on_real_backends
+
+_DEFAULT_DURATION_S = 10.0
+_QUICK_DURATION_S = 2.0
+_DEFAULT_GRACE_S = 15.0
+_QUICK_GRACE_S = 5.0
+_TRANSPORTS: tuple[Transport, ...] = ("http", "grpc")
+_MAX_WRITERS = 512
+_MAX_DURATION_S = 3600.0
+
+
+def _writer_counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma list of integers, got {text!r}") from None
+    if not counts or any(not 1 <= count <= _MAX_WRITERS for count in counts):
+        raise argparse.ArgumentTypeError(f"writer counts must be 1..{_MAX_WRITERS}")
+    return counts
+
+
+def _transports(text: str) -> tuple[Transport, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [name for name in names if name not in _TRANSPORTS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"transports are a comma list of {', '.join(_TRANSPORTS)}")
+    return cast(tuple[Transport, ...], names)
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 < value <= _MAX_DURATION_S:
+        raise argparse.ArgumentTypeError(f"expected 0 < seconds <= {_MAX_DURATION_S:g}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("expected a positive integer")
+    return value
+
+
+def _env_assignment(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="MLRun load generator: ingest over HTTP and gRPC against a direct ClickHouse"
+        " insert baseline measured in the same run.",
+    )
+    where = parser.add_argument_group("target (default: start an own server on real backends)")
+    where.add_argument("--url", help="an existing server's HTTP base URL")
+    where.add_argument("--api-key", default=os.environ.get("MLRUN_API_KEY"),
+                       help="API key for --url (default: $MLRUN_API_KEY)")
+    where.add_argument("--grpc-target",
+                       help="HOST:PORT of the server's gRPC listener (default: URL host, 50051)")
+    where.add_argument("--server-pid", type=int,
+                       help="PID of the --url server, to measure its CPU and peak RSS")
+    where.add_argument("--clickhouse-url",
+                       help="the --url server's ClickHouse HTTP interface (default: from"
+                       " CLICKHOUSE_HOST/CLICKHOUSE_PORT), for the baseline and the count-back")
+    where.add_argument("--clickhouse-user", default=os.environ.get("CLICKHOUSE_USER", "default"))
+    where.add_argument("--clickhouse-password",
+                       default=os.environ.get("CLICKHOUSE_PASSWORD", ""),
+                       help="(default: $CLICKHOUSE_PASSWORD)")
+    where.add_argument("--clickhouse-database",
+                       default=os.environ.get("CLICKHOUSE_DATABASE") or "mlrun")
+    where.add_argument("--embedded", action="store_true",
+                       help="start an own server on the embedded default instead")
+    where.add_argument("--server-env", type=_env_assignment, action="append", default=[],
+                       metavar="NAME=VALUE", help="extra environment for an own server")
+
+    load = parser.add_argument_group("load")
+    load.add_argument("--writers", type=_writer_counts, default=(1, 8, 32),
+                      help="comma list of writer counts K (default 1,8,32)")
+    load.add_argument("--transports", type=_transports, default=_TRANSPORTS,
+                      help="comma list of http, grpc (default both)")
+    load.add_argument("--batch-size", type=_positive_int, default=1000,
+                      help="points per batch (default 1000)")
+    load.add_argument("--duration", type=_positive_seconds,
+                      help=f"seconds per workload (default {_DEFAULT_DURATION_S:g},"
+                      f" --quick {_QUICK_DURATION_S:g})")
+    load.add_argument("--quick", action="store_true",
+                      help="a smoke run: short workloads, the whole run under a minute")
+    load.add_argument("--request-timeout", type=_positive_seconds, default=15.0,
+                      help="client timeout of one request, seconds (default 15)")
+    parser.add_argument("--out", type=Path, default=Path("bench-out"),
+                        help="directory for the JSON report (default bench-out/)")
+    args = parser.parse_args(argv)
+    if args.url and args.embedded:
+        parser.error("--url and --embedded exclude each other")
+    if args.url and not args.api_key:
+        parser.error("--url needs --api-key (or MLRUN_API_KEY)")
+    if not args.url and (args.server_pid or args.grpc_target or args.clickhouse_url):
+        parser.error("--server-pid, --grpc-target and --clickhouse-url go with --url")
+    return args
+
+
+def _clickhouse_of(args: argparse.Namespace) -> ClickHouseServerStore | None:
+    if args.clickhouse_url:
+        parts = urllib.parse.urlsplit(args.clickhouse_url)
+        host, port = parts.hostname, parts.port or 8123
+    else:
+        host = os.environ.get("CLICKHOUSE_HOST") or None
+        port = int(os.environ.get("CLICKHOUSE_PORT") or 8123)
+    if host is None:
+        return None
+    return ClickHouseServerStore(host=host, port=port, user=args.clickhouse_user,
+                                 password=args.clickhouse_password,
+                                 database=args.clickhouse_database)
+
+
+@contextlib.contextmanager
+def _target(args: argparse.Namespace, log_dir: Path) -> Iterator[Target]:
+    extra_env = dict(args.server_env)
+    if args.url:
+        grpc_target = args.grpc_target
+        if grpc_target is None:
+            grpc_target = f"{urllib.parse.urlsplit(args.url).hostname}:50051"
+        yield external_server(url=args.url, api_key=args.api_key, grpc_target=grpc_target,
+                              server_pid=args.server_pid, clickhouse=_clickhouse_of(args))
+    elif args.embedded:
+        with own_server_embedded(extra_env, keep_log_in=log_dir) as target:
+            yield target
+    else:
+        with own_server_on_real_backends(extra_env, keep_log_in=log_dir) as target:
+            yield target
+
+
+def _progress(line: str) -> None:
+    print(f"bench: {line}", file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    duration_s = args.duration or (_QUICK_DURATION_S if args.quick else _DEFAULT_DURATION_S)
+    settings = SuiteSettings(
+        writers=args.writers,
+        transports=args.transports,
+        duration_s=duration_s,
+        batch_points=args.batch_size,
+        request_timeout_s=args.request_timeout,
+        grace_s=_QUICK_GRACE_S if args.quick else _DEFAULT_GRACE_S,
+        quick=args.quick,
+    )
+    stem = "bench-" + datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    out_dir: Path = args.out
+    try:
+        _progress("starting the target" if not args.url else f"target {args.url}")
+        with _target(args, out_dir / f"{stem}-logs") as target:
+            report = Suite(target, settings).run(_progress)
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted; every process it started was stopped", file=sys.stderr)
+        return 1
+    path = write_json(report, out_dir, stem)
+    print(render_table(report))
+    print(f"\nreport: {path}")
+    return 1 if report.problems or report.exactly_once is False else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

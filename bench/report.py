@@ -1,0 +1,236 @@
+"""The bench's report: its schema (msgspec Structs), the JSON file, and the plain-text table.
+
+Owns what a run's numbers are called and how they are shown. Units are in the names
+(`_s`, `_ms`, `_bytes`, `_share` for 0..1). Percentiles are nearest-rank over every acknowledged
+request of a workload. A `cpu_share` is CPU seconds divided by the workload's wall time, so 1.0
+is one core busy for the whole workload (the machine has two).
+
+The JSON keys are a contract for tools and for tests/test_bench_smoke.py: add keys freely,
+rename none without bumping `schema_version`.
+
+Must not do any I/O besides writing the report file, and must not import anyio.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+from msgspec import Struct
+
+SCHEMA_VERSION = 1
+Transport = Literal["clickhouse", "http", "grpc"]
+
+
+class LatencyMs(Struct, frozen=True, kw_only=True):
+    p50: float | None
+    p95: float | None
+    p99: float | None
+    max: float | None
+
+
+class ProcessUsage(Struct, frozen=True, kw_only=True):
+    cpu_s: float
+    cpu_share: float
+    peak_rss_bytes: int | None
+    peak_rss_since_start: bool  # true when the peak could not be reset before the workload
+
+
+class CountBack(Struct, frozen=True, kw_only=True):
+    """Every acknowledged point stored exactly once: `stored_distinct_points` must equal
+    `acknowledged_points` (or lie within `unresolved_points` above it, for batches that were
+    neither acknowledged nor refused when the writers gave up)."""
+
+    acknowledged_points: int
+    stored_distinct_points: int
+    stored_rows: int  # raw rows; above distinct only until ClickHouse merges replaced copies
+    unresolved_points: int
+    exactly_once: bool
+
+
+class WorkloadResult(Struct, frozen=True, kw_only=True):
+    workload: Literal["baseline", "ingest"]
+    transport: Transport
+    writers: int
+    batch_points: int
+    duration_s: float
+    elapsed_s: float
+    requests: int
+    acked_batches: int
+    acked_points: int
+    unresolved_points: int  # neither acknowledged nor refused when the writers gave up
+    points_per_s: float
+    latency_ms: LatencyMs
+    throttled: int  # 429 / RESOURCE_EXHAUSTED answers
+    throttled_share: float  # of all requests
+    errors: int
+    error_kinds: dict[str, int]
+    error_details: dict[str, str]
+    duplicates: int  # acknowledged as "already stored" (a retry of a batch that had committed)
+    accepted_mismatches: int  # acknowledged with another point count than sent
+    stopped_by: dict[str, int]  # why writers stopped: "deadline" (or "deadline while
+    # throttled") for all when all went well; anything else is listed in `problems`
+    run_ids: list[str]
+    count_back: CountBack | None
+    server: ProcessUsage | None
+    clickhouse: ProcessUsage | None
+    postgres: ProcessUsage | None
+    generator: ProcessUsage  # the bench process itself (all writer threads)
+    machine_busy_share: float  # all cores, from /proc/stat
+    # Ingest only: this workload over the baseline with the same number of writers.
+    points_per_s_ratio_to_baseline: float | None = None
+    p50_ratio_to_baseline: float | None = None
+    p99_ratio_to_baseline: float | None = None
+
+
+class TargetInfo(Struct, frozen=True, kw_only=True):
+    kind: str
+    description: str
+    http_url: str
+    grpc_target: str | None
+    metrics_store: str | None
+    server_exit_status: int | None = None
+
+
+class Settings(Struct, frozen=True, kw_only=True):
+    writers: list[int]
+    transports: list[str]
+    duration_s: float
+    batch_points: int
+    metric_names_per_batch: int
+    request_timeout_s: float
+    grace_s: float
+    quick: bool
+    cpu_count: int
+
+
+class Report(Struct, frozen=True, kw_only=True):
+    schema_version: int = SCHEMA_VERSION
+    started_at: str
+    finished_at: str
+    target: TargetInfo
+    settings: Settings
+    baseline: list[WorkloadResult]
+    ingest: list[WorkloadResult]
+    exactly_once: bool | None  # every count-back matched (None: nothing could be counted)
+    problems: list[str]  # correctness failures and writers that stopped early
+    notes: list[str]
+
+
+def percentile_ms(sorted_s: Sequence[float], fraction: float) -> float | None:
+    """Nearest-rank percentile of sorted seconds, in milliseconds."""
+    if not sorted_s:
+        return None
+    rank = max(1, math.ceil(fraction * len(sorted_s)))
+    return round(sorted_s[rank - 1] * 1000, 3)
+
+
+def latency_summary(latencies_s: Sequence[float]) -> LatencyMs:
+    ordered = sorted(latencies_s)
+    return LatencyMs(
+        p50=percentile_ms(ordered, 0.50),
+        p95=percentile_ms(ordered, 0.95),
+        p99=percentile_ms(ordered, 0.99),
+        max=round(ordered[-1] * 1000, 3) if ordered else None,
+    )
+
+
+def ratio(value: float | None, base: float | None) -> float | None:
+    if value is None or base is None or base <= 0:
+        return None
+    return round(value / base, 3)
+
+
+def write_json(report: Report, out_dir: Path, stem: str) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{stem}.json"
+    path.write_bytes(msgspec.json.format(msgspec.json.encode(report), indent=2) + b"\n")
+    return path
+
+
+# --------------------------------------------------------------------------- the table
+
+_COLUMNS = (
+    ("workload", 10), ("K", 3), ("points/s", 10), ("x base", 6), ("p50 ms", 8), ("p95 ms", 8),
+    ("p99 ms", 8), ("reqs", 6), ("429 %", 6), ("errors", 6), ("stored/acked", 21),
+    ("srv cpu", 7), ("srv MB", 6), ("ch cpu", 6), ("pg cpu", 6), ("gen cpu", 7), ("busy", 5),
+)
+
+
+def _cell(value: float | int | None, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def _percent(usage: ProcessUsage | None) -> str:
+    return "-" if usage is None else f"{usage.cpu_share * 100:.0f}%"
+
+
+def _row(result: WorkloadResult) -> list[str]:
+    count = result.count_back
+    if count is None:
+        stored = "not counted"
+    else:
+        verdict = "ok" if count.exactly_once else "MISMATCH"
+        stored = f"{count.stored_distinct_points}/{count.acknowledged_points} {verdict}"
+    name = "baseline" if result.workload == "baseline" else result.transport
+    return [
+        name,
+        str(result.writers),
+        _cell(result.points_per_s),
+        _cell(result.points_per_s_ratio_to_baseline, 2) if result.workload == "ingest" else "1",
+        _cell(result.latency_ms.p50, 1),
+        _cell(result.latency_ms.p95, 1),
+        _cell(result.latency_ms.p99, 1),
+        str(result.requests),
+        _cell(result.throttled_share * 100, 1),
+        str(result.errors),
+        stored,
+        _percent(result.server),
+        _cell(result.server.peak_rss_bytes / 2**20
+              if result.server and result.server.peak_rss_bytes else None),
+        _percent(result.clickhouse),
+        _percent(result.postgres),
+        _percent(result.generator),
+        f"{result.machine_busy_share * 100:.0f}%",
+    ]
+
+
+def render_table(report: Report) -> str:
+    """Baseline and ingest rows grouped by K (baseline first), then problems and notes."""
+    header = [name for name, _ in _COLUMNS]
+    widths = [max(width, len(name)) for name, width in _COLUMNS]
+    results = sorted(
+        [*report.baseline, *report.ingest],
+        key=lambda r: (r.writers, r.workload != "baseline", r.transport),
+    )
+    rows = [header, *(_row(result) for result in results)]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+    lines = [
+        f"MLRun bench - {report.target.description}",
+        f"{report.settings.batch_points}-point batches"
+        f" ({report.settings.metric_names_per_batch} metrics x"
+        f" {report.settings.batch_points // report.settings.metric_names_per_batch} steps),"
+        f" {report.settings.duration_s:g} s per workload, {report.settings.cpu_count} cores;"
+        " cpu columns: % of one core; x base: points/s over the direct ClickHouse insert",
+        "",
+    ]
+    for index, row in enumerate(rows):
+        lines.append("  ".join(
+            cell.ljust(width) if column < 1 else cell.rjust(width)
+            for column, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ).rstrip())
+        if index == 0:
+            lines.append("  ".join("-" * width for width in widths))
+    lines.append("")
+    verdicts = {True: "yes, every count-back matched", False: "NO - see problems",
+                None: "not checked (no ClickHouse to count in)"}
+    lines.append("exactly once: " + verdicts[report.exactly_once])
+    lines.extend(f"problem: {problem}" for problem in report.problems)
+    lines.extend(f"note: {note}" for note in report.notes)
+    return "\n".join(lines)
