@@ -1,0 +1,633 @@
+"""The gRPC listener: purerpc's HTTP/2 and gRPC protocol machinery on a socket this module binds,
+with bounded memory, per-call deadlines, errors rendered with trailing metadata, and a graceful
+drain on cancellation.
+
+Owns: `serve_grpc` (bind, accept, dispatch, drain) and `GrpcAbort` (how a servicer ends a call
+with a status code, a message and custom trailing metadata).
+Must not import trio or asyncio (anyio only), storage drivers, or the HTTP edge.
+Invariants: every call gets exactly one status; a client sees only the status message a servicer
+chose (never exception text); cancellation always propagates; resources per connection and
+connections are bounded (below); `serve_grpc` returns within `grace_period_s + close_timeout_s`
+of being cancelled.
+
+What is reused from purerpc 0.8.0 and what is replaced, and why:
+- Reused: its h2-based connection state machine, framing and message parsing (`GRPCProtoSocket`,
+  `GRPCProtoStream`), its `Service`/`RPCSignature` registry (generated `*_grpc.py` servicers), and
+  its per-cardinality call wrappers (`call_server_unary_unary`, ...).
+- Replaced: `Server.serve_async` (binds all interfaces with SO_REUSEPORT, no drain) and the
+  dispatch of `ConnectionHandler`, whose bare `except:` swallows cancellation and sends
+  `repr(sys.exc_info())` to the client, and which cannot send trailing metadata. Dispatch here
+  renders every outcome itself: `GrpcAbort`, `MlrunError` (the error tree), a protobuf
+  `DecodeError` (INVALID_ARGUMENT), an expired `grpc-timeout` (DEADLINE_EXCEEDED), anything else
+  (INTERNAL "internal error", traceback logged, never sent).
+- Trailing metadata: purerpc refuses custom metadata named `grpc-*`, so it cannot send
+  `grpc-status-details-bin`. `_Stream.finish` writes the trailer block itself through the same h2
+  connection (a Trailers-Only response when no message was sent yet).
+- Memory: purerpc opens each connection's HTTP/2 receive window by 1 GiB and acknowledges a
+  message (hands its window back) only when a handler reads it; its per-stream queues hold only
+  what the windows let in. Here the connection window is the least that cannot deadlock,
+  `max_concurrent_streams * (max_message_bytes + 5) + 65535` (every stream may hold one
+  incomplete message, which nobody can read yet), so unread request bytes stay under
+  `max_connections * max_concurrent_streams * max_message_bytes`. That is a bound, not a budget:
+  handlers read their message at once; lower `max_message_bytes` to tighten it.
+- Window leaks: purerpc never acknowledges request bytes nobody reads (a call answered before
+  reading, e.g. rejected; a request reset or ended inside a message), so a long-lived connection
+  stalls for good once they add up to its window; and one message over `max_message_bytes` ends
+  the whole connection. `_H2Connection`, `_Stream.end_call` and `_Inbox` acknowledge all of it,
+  end a reset request (its handler stops waiting), and fail only the oversized call
+  (RESOURCE_EXHAUSTED).
+
+Shutdown (cancel the task running `serve_grpc`): the listening socket closes at once; calls in
+flight keep running for up to `grace_period_s` while new calls on open connections are answered
+UNAVAILABLE ("server is shutting down", retryable); then each connection sends GOAWAY and closes.
+Calls still running when the grace period ends are cancelled and answered UNAVAILABLE. Closing
+is bounded by `close_timeout_s` more (a peer that does not read cannot hold shutdown).
+A GOAWAY is sent only at the very end because h2 3.x refuses to send anything on a connection
+after its GOAWAY, which would cut off the calls being drained.
+
+Known limit: a client's RST_STREAM ends the request, but a handler already past reading it is
+not cancelled; it finishes and its answer is dropped.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import functools
+import logging
+import re
+import urllib.parse
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, cast
+
+import anyio
+import anyio.abc
+import h2.exceptions  # type: ignore[import-untyped]
+import h2.stream  # type: ignore[import-untyped]
+import purerpc
+from anyio.streams.memory import MemoryObjectSendStream
+from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import DecodeError
+from purerpc.grpc_proto import GRPCProtoSocket, GRPCProtoStream
+from purerpc.grpc_socket import GRPCStreamState, SocketWrapper
+from purerpc.grpclib.buffers import MessageReadBuffer
+from purerpc.grpclib.config import GRPCConfiguration
+from purerpc.grpclib.connection import GRPCConnection
+from purerpc.grpclib.events import MessageReceived, RequestEnded, RequestReceived
+from purerpc.grpclib.exceptions import MessageTooLargeError, ProtocolError, RpcFailedError
+from purerpc.grpclib.status import Status, StatusCode
+from purerpc.rpc import Cardinality
+from purerpc.wrappers import (
+    call_server_stream_stream,
+    call_server_stream_unary,
+    call_server_unary_stream,
+    call_server_unary_unary,
+)
+
+from mlrun.server.errors import GrpcCode, MlrunError, Overloaded
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_MESSAGE_BYTES: Final = 4 * 1024 * 1024  # gRPC's own default receive limit
+DEFAULT_MAX_CONCURRENT_STREAMS: Final = 32  # per connection; grpcio queues calls beyond it
+DEFAULT_MAX_CONNECTIONS: Final = 256
+DEFAULT_GRACE_PERIOD_S: Final = 5.0
+DEFAULT_CLOSE_TIMEOUT_S: Final = 1.0
+
+# HTTP/2's initial connection window (RFC 9113 6.9.2); purerpc adds 1 GiB on top of it.
+_H2_DEFAULT_WINDOW_BYTES: Final = 65_535
+_GRPC_MESSAGE_HEADER_BYTES: Final = 5  # compressed flag and length before every message
+_STATUS_DETAILS_KEY: Final = "grpc-status-details-bin"
+_RETRY_INFO_TYPE_URL: Final = "type.googleapis.com/google.rpc.RetryInfo"
+# h2 stream states after the server sent END_STREAM: the call has its answer.
+_ANSWERED_STATES: Final = (h2.stream.StreamState.HALF_CLOSED_LOCAL, h2.stream.StreamState.CLOSED)
+# Status messages travel in a header: a message echoing client input (a 200 KB service name)
+# would exceed grpcio's header list limit and turn the answer into RESOURCE_EXHAUSTED.
+MAX_STATUS_MESSAGE_CHARS: Final = 512
+_METADATA_KEY = re.compile(r"^[0-9a-z_.-]+$")
+_PRINTABLE_ASCII = re.compile(r"^[\x20-\x7e]*$")
+
+Metadata = Sequence[tuple[str, str | bytes]]
+
+
+class GrpcAbort(Exception):
+    """Raised by a servicer to end its call with `code`, `message` and trailing metadata.
+
+    `retry_after_ms` (for RESOURCE_EXHAUSTED / UNAVAILABLE) adds what grpcio clients can read:
+    trailing metadata `retry-after-ms` (decimal) and `grpc-status-details-bin`, a google.rpc.Status
+    carrying a google.rpc.RetryInfo. Custom keys are lowercase and must not start with `grpc-`;
+    binary values need a `-bin` key, text values must be printable ASCII.
+    """
+
+    def __init__(
+        self,
+        code: GrpcCode,
+        message: str,
+        *,
+        trailing_metadata: Metadata = (),
+        retry_after_ms: int | None = None,
+    ) -> None:
+        super().__init__(f"{code.name}: {message}")
+        if code == GrpcCode.OK:
+            raise ValueError("GrpcAbort needs an error code, not OK")
+        metadata = [_checked_metadata(key, value) for key, value in trailing_metadata]
+        if retry_after_ms is not None:
+            retry_after_ms = max(0, retry_after_ms)
+            metadata.append(("retry-after-ms", str(retry_after_ms)))
+            details = _retry_status_details(code, message, retry_after_ms)
+            metadata.append((_STATUS_DETAILS_KEY, details))
+        self.code = code
+        self.message = message
+        self.trailing_metadata: tuple[tuple[str, str | bytes], ...] = tuple(metadata)
+        self.retry_after_ms = retry_after_ms
+
+    @classmethod
+    def from_error(cls, error: MlrunError) -> GrpcAbort:
+        """Render the error tree's class the way the HTTP edge does: code, message, machine code
+        (`mlrun-error-code`), the field at fault (`mlrun-error-field`), and a retry delay."""
+        metadata: list[tuple[str, str | bytes]] = [("mlrun-error-code", error.code)]
+        if error.field:
+            metadata.append(("mlrun-error-field", error.field))
+        retry_after_ms = error.retry_after_s * 1000 if isinstance(error, Overloaded) else None
+        return cls(
+            error.grpc_code,
+            error.message,
+            trailing_metadata=metadata,
+            retry_after_ms=retry_after_ms,
+        )
+
+
+def _checked_metadata(key: str, value: str | bytes) -> tuple[str, str | bytes]:
+    if not _METADATA_KEY.match(key) or key.startswith("grpc-"):
+        raise ValueError(f"invalid trailing metadata key {key!r}")
+    if key.endswith("-bin") != isinstance(value, bytes):
+        raise ValueError(f"metadata {key!r}: bytes values need a '-bin' key and only they may")
+    if isinstance(value, str) and not _PRINTABLE_ASCII.match(value):
+        raise ValueError(f"metadata {key!r}: text values must be printable ASCII")
+    return key, value
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        if value:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+def _length_delimited(field_number: int, payload: bytes) -> bytes:
+    return _varint(field_number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _retry_status_details(code: GrpcCode, message: str, retry_after_ms: int) -> bytes:
+    """google.rpc.Status{code, message, details: [Any(google.rpc.RetryInfo{retry_delay})]}.
+
+    google.rpc's protos are not installed (googleapis-common-protos is not a dependency), and the
+    two messages are tiny, so they are encoded here by hand; the tests decode them with a
+    descriptor built from the published .proto definitions.
+    """
+    delay = duration_pb2.Duration(
+        seconds=retry_after_ms // 1000, nanos=(retry_after_ms % 1000) * 1_000_000
+    )
+    retry_info = _length_delimited(1, delay.SerializeToString())  # RetryInfo.retry_delay = 1
+    detail = any_pb2.Any(type_url=_RETRY_INFO_TYPE_URL, value=retry_info)
+    return (
+        _varint(1 << 3 | 0)
+        + _varint(int(code))  # Status.code = 1 (int32)
+        + _length_delimited(2, message.encode())  # Status.message = 2
+        + _length_delimited(3, detail.SerializeToString())  # Status.details = 3 (repeated Any)
+    )
+
+
+# --- purerpc internals, extended (see the module docstring) ---------------------------------
+
+
+class _Inbox:
+    """The sending side of a stream's event queue, minus a race. purerpc's reader parses a batch
+    of events, then delivers each with `await send()`, and anyio's `send` checkpoints before it
+    enqueues: a call could be answered and end during that checkpoint, after `end_call` emptied
+    its queue, and its message would then sit there unacknowledged for good (a leak of the
+    connection window). `send_nowait` cannot block (the queue is unbounded; the HTTP/2 windows
+    bound it) and does not checkpoint, so a batch is delivered before any handler runs."""
+
+    def __init__(self, send: MemoryObjectSendStream[Any]) -> None:
+        self._send = send
+
+    async def send(self, event: Any) -> None:
+        self._send.send_nowait(event)
+
+
+class _Stream(GRPCProtoStream):  # type: ignore[misc]  # purerpc has no type information
+    """purerpc's server stream plus: lazy response headers, trailers with any metadata, and
+    acknowledgement of request data the call never read."""
+
+    _incoming_events: tuple[Any, Any]  # purerpc's (send, receive) pair of the event queue
+    _grpc_connection: _H2Connection
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        send, receive = self._incoming_events
+        self._incoming_events = (_Inbox(send), receive)
+
+    @property
+    def locally_closed(self) -> bool:
+        return self._state in (GRPCStreamState.HALF_CLOSED_LOCAL, GRPCStreamState.CLOSED)
+
+    async def send_message(self, message: Any) -> None:
+        # Headers go out with the first message, so an error before any message is a single
+        # Trailers-Only response (purerpc sends headers eagerly, before reading the request).
+        if not self._response_started:
+            await self.start_response()
+        await super().send_message(message)
+
+    async def finish(self, code: GrpcCode, message: str, metadata: Metadata = ()) -> None:
+        """End the call with a status and trailing metadata; reserved `grpc-*` keys allowed."""
+        headers: list[tuple[str, str]] = []
+        if not self._response_started:
+            headers += [(":status", "200"), ("content-type", "application/grpc+proto")]
+        headers.append(("grpc-status", str(int(code))))
+        if message:
+            if len(message) > MAX_STATUS_MESSAGE_CHARS:
+                message = message[: MAX_STATUS_MESSAGE_CHARS - 3] + "..."
+            headers.append(("grpc-message", urllib.parse.quote(message, safe="")))
+        for key, value in metadata:
+            if isinstance(value, bytes):  # -bin values: base64 without padding (gRPC spec)
+                headers.append((key, base64.b64encode(value).rstrip(b"=").decode("ascii")))
+            else:
+                headers.append((key, value))
+        try:
+            self._grpc_connection.h2_connection.send_headers(
+                self._stream_id, headers, end_stream=True
+            )
+        finally:  # also when h2 refuses (stream reset by the client): the call is over either way
+            self._close_local()
+        await self._socket.flush()
+
+    async def end_call(self) -> None:
+        """The handler is done: hand back the window of the messages it did not read. Bytes
+        of a message still incomplete are released by `_H2Connection` when more arrive (the
+        call is answered by now), when the request ends, or when the client resets it."""
+        receive = self._incoming_events[1]
+        while True:
+            try:
+                event = receive.receive_nowait()
+            except anyio.WouldBlock:
+                break
+            if isinstance(event, MessageReceived):
+                self._grpc_connection.acknowledge_received_data(
+                    self._stream_id, event.flow_controlled_length
+                )
+        await self._socket.flush()
+
+
+class _H2Connection(GRPCConnection):  # type: ignore[misc]
+    """purerpc's connection with our stream limit, a bounded connection window, and no window
+    leaks: request bytes that will never be read are acknowledged at once (see below)."""
+
+    def __init__(
+        self, config: GRPCConfiguration, *, max_concurrent_streams: int, window_bytes: int
+    ) -> None:
+        # Read by purerpc's settings setup inside super().__init__.
+        self.MAX_CONCURRENT_STREAMS = max_concurrent_streams
+        self._window_bytes = window_bytes
+        super().__init__(config=config)
+
+    def initiate_connection(self) -> None:
+        self.h2_connection.initiate_connection()
+        increment = self._window_bytes - _H2_DEFAULT_WINDOW_BYTES
+        if increment > 0:
+            self.h2_connection.increment_flow_control_window(increment)
+
+    def _answered(self, stream_id: int) -> bool:
+        stream = self.h2_connection.streams.get(stream_id)
+        return stream is None or stream.state_machine.state in _ANSWERED_STATES
+
+    def release_unparsed(self, stream_id: int) -> None:
+        """Acknowledge the bytes buffered for a message that will never be read."""
+        buffer = self.message_read_buffers.get(stream_id)
+        if buffer is None:
+            return
+        # Unparsed bytes, plus the 5-byte header of a message whose body is incomplete.
+        pending = sum(length for _, length in buffer._buffer._deque)
+        pending += buffer._flow_controlled_length or 0
+        if pending:
+            self.h2_connection.acknowledge_received_data(pending, stream_id)
+        self.message_read_buffers[stream_id] = MessageReadBuffer(
+            buffer._message_encoding, self.config.max_message_length
+        )
+
+    def _data_received(self, event: Any) -> list[Any]:
+        # A client may keep uploading after its call was answered (a rejection before reading):
+        # purerpc's own client finishes the message, grpcio resets the stream. purerpc would
+        # buffer those bytes unacknowledged; once they fill the connection window every call
+        # on the connection stalls. Drop them and hand their window back.
+        if self._answered(event.stream_id):
+            self.release_unparsed(event.stream_id)
+            self.h2_connection.acknowledge_received_data(
+                event.flow_controlled_length, event.stream_id
+            )
+            return []
+        try:
+            return cast(list[Any], super()._data_received(event))
+        except MessageTooLargeError:
+            # purerpc raises this out of its frame parser, which ends the whole connection and
+            # every call on it. Answer only this call; the rest of its upload is dropped as
+            # above, and its handler sees the request end without a message.
+            self.release_unparsed(event.stream_id)
+            del self.message_read_buffers[event.stream_id]
+            limit = self.config.max_message_length
+            status = Status(StatusCode.RESOURCE_EXHAUSTED, f"request message over {limit} bytes")
+            self.respond_status(event.stream_id, status)
+            return [RequestEnded(event.stream_id)]
+
+    def _stream_ended(self, event: Any) -> list[Any]:
+        # A request that ends inside a message: purerpc drops the partial bytes unacknowledged.
+        self.release_unparsed(event.stream_id)
+        return cast(list[Any], super()._stream_ended(event))
+
+    def _stream_reset(self, event: Any) -> list[Any]:
+        # purerpc ignores RST_STREAM: the partial message stayed buffered (unacknowledged) and
+        # the stream never ended. Release the bytes and end the request.
+        if event.stream_id not in self.message_read_buffers:  # the request had already ended
+            return []
+        self.release_unparsed(event.stream_id)
+        del self.message_read_buffers[event.stream_id]
+        return [RequestEnded(event.stream_id)]
+
+
+class _GrpcSocket(GRPCProtoSocket):  # type: ignore[misc]
+    StreamClass = _Stream
+
+    def __init__(
+        self,
+        config: GRPCConfiguration,
+        sock: anyio.abc.SocketStream,
+        *,
+        max_concurrent_streams: int,
+        window_bytes: int,
+    ) -> None:
+        super().__init__(config, sock)
+        # purerpc builds its connection inside __init__ with fixed limits: replace it (and the
+        # socket wrapper bound to it) before anything is sent.
+        self._grpc_connection = _H2Connection(
+            config, max_concurrent_streams=max_concurrent_streams, window_bytes=window_bytes
+        )
+        self._socket = SocketWrapper(self._grpc_connection, sock)
+
+    def send_goaway(self) -> None:
+        # Already closed (a protocol error, or the peer's GOAWAY): nothing to announce.
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self._grpc_connection.h2_connection.close_connection()
+
+    async def flush(self) -> None:
+        await self._socket.flush()
+
+
+# --- the server -------------------------------------------------------------------------------
+
+_CALLERS: Final[Mapping[Any, Callable[..., Awaitable[None]]]] = {
+    Cardinality.UNARY_UNARY: call_server_unary_unary,
+    Cardinality.UNARY_STREAM: call_server_unary_stream,
+    Cardinality.STREAM_UNARY: call_server_stream_unary,
+    Cardinality.STREAM_STREAM: call_server_stream_stream,
+}
+
+
+@dataclass(eq=False)
+class _Connection:
+    hard_scope: anyio.CancelScope
+    work_scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    closing: bool = False
+
+    def close(self) -> None:
+        """Stop reading and end leftover calls; the connection task then sends GOAWAY."""
+        self.closing = True
+        self.work_scope.cancel()
+
+
+class _GrpcServer:
+    def __init__(
+        self,
+        services: Sequence[purerpc.Service],
+        *,
+        max_message_bytes: int,
+        max_concurrent_streams: int,
+        grace_period_s: float,
+        close_timeout_s: float,
+    ) -> None:
+        self._services: dict[str, purerpc.Service] = {}
+        for service in services:
+            if service.name in self._services:
+                raise ValueError(f"service {service.name} registered twice")
+            self._services[service.name] = service
+        self._config = GRPCConfiguration(client_side=False, max_message_length=max_message_bytes)
+        self._max_concurrent_streams = max_concurrent_streams
+        # A message is acknowledged only once complete and read, so the connection window must
+        # outlast every stream holding an incomplete message at once, or they wait on each
+        # other forever (measured: 16 concurrent 250 KB calls stall a 512 KiB window).
+        self._window_bytes = (
+            max_concurrent_streams * (max_message_bytes + _GRPC_MESSAGE_HEADER_BYTES)
+            + _H2_DEFAULT_WINDOW_BYTES
+        )
+        self._grace_period_s = grace_period_s
+        self._close_timeout_s = close_timeout_s
+        self._connections: set[_Connection] = set()
+        self._calls_in_flight = 0
+        self._draining = False
+        self._calls_done = anyio.Event()
+        self._connections_done = anyio.Event()
+
+    async def serve_connection(
+        self, sock: anyio.abc.SocketStream, connection_slots: anyio.Semaphore
+    ) -> None:
+        # Shielded: the caller's cancellation starts `drain`, which ends connections itself.
+        with anyio.CancelScope(shield=True) as hard_scope:
+            connection = _Connection(hard_scope)
+            self._connections.add(connection)
+            try:
+                async with (
+                    sock,
+                    _GrpcSocket(
+                        self._config,
+                        sock,
+                        max_concurrent_streams=self._max_concurrent_streams,
+                        window_bytes=self._window_bytes,
+                    ) as grpc_socket,
+                ):
+                    with connection.work_scope:
+                        async with anyio.create_task_group() as calls:
+                            async for stream in grpc_socket.listen():
+                                calls.start_soon(self._serve_call, stream)
+                    if connection.closing:
+                        grpc_socket.send_goaway()
+                        await grpc_socket.flush()
+            except Exception as exc:  # one peer's failure ends only its own connection
+                log.debug("grpc connection ended: %r", exc)
+            finally:
+                self._connections.discard(connection)
+                connection_slots.release()
+                if self._draining and not self._connections:
+                    self._connections_done.set()
+
+    async def _serve_call(self, stream: _Stream) -> None:
+        self._calls_in_flight += 1
+        try:
+            await self._dispatch(stream)
+        except Exception:  # a bug here must not take the connection's other calls down
+            log.exception("grpc dispatch failed")
+            await self._finish(stream, GrpcCode.INTERNAL, "internal error")
+        except anyio.get_cancelled_exc_class():
+            # Only `drain` cancels calls: tell the client to retry elsewhere, then unwind.
+            with anyio.CancelScope(shield=True):
+                await self._finish(stream, GrpcCode.UNAVAILABLE, "server is shutting down")
+            raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                await stream.end_call()
+            self._calls_in_flight -= 1
+            if self._draining and self._calls_in_flight == 0:
+                self._calls_done.set()
+
+    async def _dispatch(self, stream: _Stream) -> None:
+        event = await stream.receive_event()
+        if not isinstance(event, RequestReceived):  # purerpc always delivers headers first
+            await self._finish(stream, GrpcCode.INTERNAL, "expected request headers")
+            return
+        if self._draining:
+            await self._finish(stream, GrpcCode.UNAVAILABLE, "server is shutting down")
+            return
+        service = self._services.get(event.service_name)
+        method = service.methods.get(event.method_name) if service is not None else None
+        if method is None:
+            await self._finish(
+                stream,
+                GrpcCode.UNIMPLEMENTED,
+                f"unknown method /{event.service_name}/{event.method_name}",
+            )
+            return
+        request_type = method.signature.request_type
+        stream.expect_message_type(request_type)
+        deadline_s = event.timeout.total_seconds() if event.timeout is not None else None
+        try:
+            with anyio.move_on_after(deadline_s) as deadline:
+                await _CALLERS[method.signature.cardinality](
+                    functools.partial(method.method_fn, request=event), stream
+                )
+        except GrpcAbort as abort:
+            await self._finish(stream, abort.code, abort.message, abort.trailing_metadata)
+        except MlrunError as error:
+            rendered = GrpcAbort.from_error(error)
+            await self._finish(stream, rendered.code, rendered.message, rendered.trailing_metadata)
+        except DecodeError:
+            await self._finish(
+                stream,
+                GrpcCode.INVALID_ARGUMENT,
+                f"request is not a valid {request_type.DESCRIPTOR.full_name} message",
+            )
+        except MessageTooLargeError:
+            await self._finish(stream, GrpcCode.RESOURCE_EXHAUSTED, "response too large")
+        except ProtocolError:
+            await self._finish(
+                stream, GrpcCode.INVALID_ARGUMENT, "malformed request stream for this method"
+            )
+        except h2.exceptions.H2Error as exc:  # the client reset the stream or the connection
+            log.debug("grpc call /%s/%s dropped: %r", event.service_name, event.method_name, exc)
+        except RpcFailedError as failed:  # purerpc's own status exceptions, kept working
+            await self._finish(
+                stream, GrpcCode(failed.status.int_value), failed.status.status_message or ""
+            )
+        except Exception:
+            log.exception("grpc call /%s/%s failed", event.service_name, event.method_name)
+            await self._finish(stream, GrpcCode.INTERNAL, "internal error")
+        else:
+            if deadline.cancelled_caught:
+                await self._finish(stream, GrpcCode.DEADLINE_EXCEEDED, "deadline exceeded")
+
+    async def _finish(
+        self, stream: _Stream, code: GrpcCode, message: str, metadata: Metadata = ()
+    ) -> None:
+        if stream.locally_closed:  # already answered (e.g. cancelled after its response)
+            return
+        try:
+            await stream.finish(code, message, metadata)
+        except h2.exceptions.H2Error as exc:  # the client reset the stream or the connection
+            log.debug("grpc status %s not delivered: %r", code.name, exc)
+
+    async def drain(self) -> None:
+        """Graceful stop; the caller has already closed the listener and shields this call."""
+        self._draining = True
+        if self._calls_in_flight:
+            with anyio.move_on_after(self._grace_period_s):
+                await self._calls_done.wait()
+        if self._connections:
+            for connection in list(self._connections):
+                connection.close()
+            with anyio.move_on_after(self._close_timeout_s):
+                await self._connections_done.wait()
+        for connection in list(self._connections):
+            connection.hard_scope.cancel()
+
+
+async def serve_grpc(
+    *,
+    host: str,
+    port: int,
+    services: Sequence[purerpc.Service],
+    grace_period_s: float = DEFAULT_GRACE_PERIOD_S,
+    close_timeout_s: float = DEFAULT_CLOSE_TIMEOUT_S,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve `services` on host:port until cancelled, then drain (see the module docstring).
+
+    Binds only `host` (port 0 picks a free port) and reports the bound port through
+    `task_status`. Cancellation returns within about `grace_period_s + close_timeout_s`.
+    """
+    server = _GrpcServer(
+        services,
+        max_message_bytes=max_message_bytes,
+        max_concurrent_streams=max_concurrent_streams,
+        grace_period_s=grace_period_s,
+        close_timeout_s=close_timeout_s,
+    )
+    connection_slots = anyio.Semaphore(max_connections)
+    # One socket per address `host` resolves to (e.g. "localhost": 127.0.0.1 and ::1), one port.
+    listeners = await anyio.create_tcp_listener(local_host=host, local_port=port)
+    async with anyio.create_task_group() as connections:
+        try:
+            async with listeners, anyio.create_task_group() as accepting:
+                for listener in listeners.listeners:
+                    accepting.start_soon(
+                        _accept_connections,
+                        cast(anyio.abc.SocketListener, listener),
+                        connections,
+                        connection_slots,
+                        server,
+                    )
+                task_status.started(listeners.extra(anyio.abc.SocketAttribute.local_port))
+        finally:
+            with anyio.CancelScope(shield=True):
+                await server.drain()
+
+
+async def _accept_connections(
+    listener: anyio.abc.SocketListener,
+    connections: anyio.abc.TaskGroup,
+    connection_slots: anyio.Semaphore,
+    server: _GrpcServer,
+) -> None:
+    while True:
+        # At the connection limit, wait here: the kernel's backlog holds the next ones.
+        await connection_slots.acquire()
+        try:
+            sock = await listener.accept()
+        except BaseException:
+            connection_slots.release()
+            raise
+        connections.start_soon(server.serve_connection, sock, connection_slots)

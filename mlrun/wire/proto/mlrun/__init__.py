@@ -1,0 +1,1 @@
+"""Generated from `proto/mlrun/` by scripts/gen_proto.py. DO NOT EDIT."""
