@@ -1,4 +1,5 @@
-"""The `mlrun` command line: `mlrun serve` (and `python -m mlrun serve`).
+"""The `mlrun` command line: `mlrun serve`, `mlrun sync [DIR]` and `mlrun keys ...` (also as
+`python -m mlrun ...`).
 
 This is the only module that imports trio or hypercorn's backend modules: it picks the event
 loop (`--backend trio`, the default, or `asyncio`), hands the matching hypercorn `serve` to the
@@ -44,13 +45,38 @@ def _parser() -> argparse.ArgumentParser:
         default="trio",
         help="event loop to run on (default: trio)",
     )
+    sync = commands.add_parser(
+        "sync",
+        help="replay the offline spools of finished or crashed training processes",
+        description="Replay spooled batches to the server (MLRUN_SERVER_URL, MLRUN_API_KEY), "
+        "exactly once: every batch keeps its batch_id. Exit 0 when everything was replayed.",
+    )
+    sync.add_argument("directory", nargs="?", default=None,
+                      help="a spool root or one run's spool directory (default: MLRUN_SPOOL_DIR)")
+    sync.add_argument("--retry-dead-letters", action="store_true",
+                      help="also resend batches the server refused before (e.g. after fixing a "
+                      "revoked key)")
+    commands.add_parser(
+        "keys",
+        help="create, list or revoke API keys on a running server (mlrun keys --help)",
+        add_help=False,
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["keys"]:  # its own parser, with its own sub-commands and --help
+        from mlrun.keys_command import keys_main
+
+        return keys_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return _serve_command(args.backend)
+    if args.command == "sync":
+        from mlrun.sdk.sync_command import sync_command
+
+        return sync_command(args.directory, retry_dead_letters=args.retry_dead_letters)
     raise AssertionError(f"unhandled command {args.command}")
 
 

@@ -1,0 +1,205 @@
+"""The sender: delivers the outbox's operations one at a time, in order, acting on each
+attempt's `Outcome` (see `mlrun.sdk.retry` for the table).
+
+- Delivered: settle (delete the spool file if it was spooled); log the server's warnings once
+  per code.
+- Overloaded (429 / RESOURCE_EXHAUSTED): wait the server's delay plus jitter and send the SAME
+  operation again, as long as it takes; meanwhile the batcher keeps forming batches and the
+  outbox spills them to disk when memory is full.
+- Unavailable: exponential backoff with jitter, capped. Once the failures have lasted
+  `offline_after_s`, the outbox goes offline (everything to disk) and each retry first probes
+  the server's health endpoint; the first success switches back — no permanent offline latch —
+  and the spool drains in order before anything newer.
+- Rejected: not retried; reported once per (status, code) with logging.warning and kept as a
+  dead letter. A finish refused with 409 means the run is already finished: settled.
+
+Runs in its own daemon thread for a live run (`start`/`stop`), or in the caller's thread for
+`mlrun sync` (`drain`, which gives up instead of going offline). Waits are on a
+`threading.Event`, so `stop()` interrupts any backoff at once; an attempt in progress ends
+within the transport's request deadline.
+
+Must not import httpx, grpc or `mlrun.server`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+
+from mlrun.sdk.ops import BatchOp, DeadLetter, FinishOp, InitOp, Op, op_kind
+from mlrun.sdk.outbox import Outbox
+from mlrun.sdk.retry import Backoff, Delivered, Overloaded, Rejected, Unavailable
+from mlrun.sdk.settings import Settings
+from mlrun.sdk.statistics import Counters
+from mlrun.sdk.transport import Transport
+
+logger = logging.getLogger("mlrun.sdk")
+
+
+class Sender:
+    def __init__(
+        self,
+        outbox: Outbox,
+        transport: Transport,
+        *,
+        settings: Settings,
+        counters: Counters,
+        run_id: str | None = None,
+        spool_dir: str = "",
+        rng: random.Random | None = None,
+    ) -> None:
+        self._outbox = outbox
+        self._transport = transport
+        self._counters = counters
+        self._run_id = run_id
+        self._spool_dir = spool_dir
+        self._backoff = Backoff(base_s=settings.backoff_base_s, max_s=settings.backoff_max_s,
+                                rng=rng)
+        self._offline_after_s = settings.offline_after_s
+        self._heartbeat_interval_s = settings.heartbeat_interval_s
+        self._stop = threading.Event()
+        self._reported: set[tuple[str, str]] = set()
+        self.init_outcome: Delivered | Rejected | None = None
+        # Set when the run's creation is answered, or when the run goes offline (no answer is
+        # coming soon): `Run` waits on it at init.
+        self.init_resolved = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"mlrun-sender-{(run_id or 'sync')[:8]}", daemon=True)
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._outbox.close()
+
+    def join(self, timeout_s: float) -> bool:
+        if self._thread.ident is not None:
+            self._thread.join(max(0.0, timeout_s))
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                op = self._outbox.take(timeout_s=self._heartbeat_interval_s)
+                if op is None:
+                    self._heartbeat()
+                    continue
+                self._deliver(op, give_up_when_offline=False)
+        except Exception:
+            logger.exception("mlrun: the sending thread failed; data stays in memory and spool "
+                             "(%s) for `mlrun sync`", self._spool_dir)
+
+    def drain(self, on_settled: Callable[[Op], None] = lambda op: None) -> bool:
+        """Deliver everything pending, in this thread; False if the server stayed unreachable
+        for `offline_after_s` (what is left stays in the spool)."""
+        while not self._stop.is_set():
+            op = self._outbox.take(timeout_s=0)
+            if op is None:
+                return True
+            if not self._deliver(op, give_up_when_offline=True):
+                return False
+            on_settled(op)
+        return False
+
+    # --- one operation ---------------------------------------------------------------------
+
+    def _deliver(self, op: Op, *, give_up_when_offline: bool) -> bool:
+        """Deliver or dead-letter `op`; False if stopped (or given up) first."""
+        attempt = 0
+        failing_since: float | None = None
+        while not self._stop.is_set():
+            if self._outbox.offline and not self._transport.probe():
+                # Offline: probe cheaply before re-sending a whole batch.
+                if not self._sleep(self._backoff.unavailable_delay_s(attempt)):
+                    return False
+                attempt += 1
+                continue
+            outcome = self._transport.deliver(op)
+            if isinstance(outcome, Delivered):
+                self._delivered(op, outcome)
+                return True
+            if isinstance(outcome, Rejected):
+                self._rejected(op, outcome)
+                return True
+            self._counters.retries += 1
+            if isinstance(outcome, Overloaded):
+                self._counters.overloaded_responses += 1
+                failing_since = None  # the server is up and talking: never a reason to spool
+                delay_s = self._backoff.overloaded_delay_s(outcome.retry_after_s)
+            else:
+                self._counters.transient_errors += 1
+                now = time.monotonic()
+                failing_since = now if failing_since is None else failing_since
+                if now - failing_since >= self._offline_after_s and not self._outbox.offline:
+                    if give_up_when_offline:
+                        logger.warning("mlrun: the server is unreachable (%s)", outcome.reason)
+                        return False
+                    self._go_offline(outcome)
+                delay_s = self._backoff.unavailable_delay_s(attempt)
+                attempt += 1
+            if not self._sleep(delay_s):
+                return False
+        return False
+
+    def _delivered(self, op: Op, outcome: Delivered) -> None:
+        if self._outbox.offline:
+            self._outbox.set_offline(False)
+            logger.warning("mlrun: the server answers again; replaying the spool in order")
+        if isinstance(op, BatchOp):
+            self._counters.batches_delivered += 1
+            self._counters.points_delivered += op.points
+            self._counters.duplicate_batches += int(outcome.duplicate)
+        for code, message in outcome.warnings:
+            self._counters.server_warnings += 1
+            self._report_once(("warning", code), "mlrun: server warning %s: %s", code, message)
+        self._outbox.settle(op)
+        if isinstance(op, InitOp):
+            self.init_outcome = outcome
+            self.init_resolved.set()
+
+    def _rejected(self, op: Op, outcome: Rejected) -> None:
+        if isinstance(op, FinishOp) and outcome.status in ("HTTP 409", "gRPC FAILED_PRECONDITION"):
+            self._outbox.settle(op)  # already finished (a replay, or finished elsewhere)
+            return
+        self._report_once(
+            (outcome.status, outcome.code),
+            "mlrun: the server refused a %s (%s %s: %s); it is not retried and is kept in "
+            "%s/dead/ (reported once per code, counted in statistics().dead_lettered)",
+            op_kind(op), outcome.status, outcome.code, outcome.message, self._spool_dir,
+        )
+        letter = DeadLetter(op=op, status=outcome.status, code=outcome.code,
+                            message=outcome.message, at_ms=int(time.time() * 1000))
+        self._outbox.dead_letter(op, letter)
+        if isinstance(op, InitOp):
+            self.init_outcome = outcome
+            self.init_resolved.set()
+
+    def _go_offline(self, outcome: Unavailable) -> None:
+        logger.warning(
+            "mlrun: the server has been unreachable for %g s (%s); spooling to %s and probing "
+            "until it is back", self._offline_after_s, outcome.reason, self._spool_dir)
+        self._outbox.set_offline(True)
+        self.init_resolved.set()
+
+    def _heartbeat(self) -> None:
+        if self._run_id is None or self._outbox.offline or self.init_outcome is None:
+            return
+        if isinstance(self.init_outcome, Delivered) and not self._stop.is_set():
+            outcome = self._transport.heartbeat(self._run_id)
+            if not isinstance(outcome, Delivered):
+                logger.debug("mlrun: heartbeat not acknowledged: %s", outcome)
+
+    def _report_once(self, key: tuple[str, str], message: str, *args: object) -> None:
+        if key not in self._reported:
+            self._reported.add(key)
+            logger.warning(message, *args)
+
+    def _sleep(self, delay_s: float) -> bool:
+        """Wait `delay_s`; False if stopped meanwhile."""
+        return not self._stop.wait(delay_s)
