@@ -25,6 +25,10 @@ Semantics decided here (documented in the README):
 - A batch without `batch_id` is stored but not deduplicated (warning `not_deduplicated`).
 - Missing timestamps are filled with the server's clock at admission.
 
+Access: every use-case checks the key's scope, and a project-scoped key may only touch its own
+project (`Principal.require_project`; for calls naming a run, `auth.RunAccess` finds the run's
+project, cached, so a scoped key costs one lookup per run and process). Global keys skip that.
+
 The HTTP and gRPC edges both call `Ingest`; neither holds any of this logic.
 Must not import the edges, hypercorn or purerpc.
 """
@@ -40,7 +44,7 @@ from dataclasses import dataclass
 
 import anyio
 
-from mlrun.server.auth import Principal
+from mlrun.server.auth import Principal, RunAccess
 from mlrun.server.config import CardinalityConfig
 from mlrun.server.errors import InvalidInput, MlrunError, PayloadTooLarge
 from mlrun.server.pipeline import Pipeline, Ticket, reserve_all
@@ -153,35 +157,44 @@ class Ingest:
         self._timeouts = timeouts
         self._versions = VersionClock()
         self._inflight: dict[tuple[str, str], anyio.Event] = {}
+        self._run_access = RunAccess(metadata.run_project)
 
     # --- projects and runs --------------------------------------------------------------------
 
     async def create_project(self, principal: Principal, request: CreateProject) -> Project:
         principal.require("write")
+        principal.require_project(request.name)
         return await self._metadata.create_project(request.name, request.description)
 
     async def list_projects(self, principal: Principal) -> list[Project]:
         principal.require("read")
-        return await self._metadata.list_projects()
+        projects = await self._metadata.list_projects()
+        if principal.project is not None:
+            projects = [p for p in projects if p.name == principal.project]
+        return projects
 
     async def init_run(
         self, principal: Principal, request: InitRun
     ) -> tuple[RunCreated, list[IngestWarning]]:
         principal.require("write")
+        principal.require_project(request.project)
         return await self._metadata.init_run(request, limits=self._cardinality)
 
     async def finish_run(self, principal: Principal, run_id: str, status: FinalStatus) -> RunState:
         principal.require("write")
+        await self._run_access.require(principal, run_id)
         return await self._metadata.finish_run(run_id, status)
 
     async def heartbeat(self, principal: Principal, run_id: str) -> RunState:
         principal.require("write")
+        await self._run_access.require(principal, run_id)
         return await self._metadata.heartbeat(run_id)
 
     # --- batches ------------------------------------------------------------------------------
 
     async def log_batch(self, principal: Principal, batch: IngestBatch) -> IngestResult:
         principal.require("write")
+        await self._run_access.require(principal, batch.run_id)
         key = (batch.run_id, batch.batch_id) if batch.batch_id is not None else None
         if key is not None and (inflight := self._inflight.get(key)) is not None:
             # The same batch is being written by another request of this process: wait for
