@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mlrun.server.config import Config, Secret, load_config
+from mlrun.server.config import Config, Secret, known_variables, load_config
 from mlrun.server.errors import ConfigError
 
 
@@ -123,3 +123,9 @@ def test_database_url_accepts_uri_and_key_value_forms() -> None:
 
 def test_empty_values_count_as_unset() -> None:
     assert load_config({"DATABASE_URL": "", "API_HTTP_PORT": ""}) == Config()
+
+
+def test_readme_documents_every_variable_the_server_reads() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    undocumented = sorted(name for name in known_variables() if f"`{name}`" not in readme)
+    assert not undocumented, f"README's configuration table lacks {undocumented}"

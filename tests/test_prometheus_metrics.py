@@ -6,9 +6,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from mlrun.wire.proto.mlrun.v1 import ingest_pb2
 
 from server_process import TEST_API_KEY, ServerProcess
 
@@ -71,5 +74,18 @@ def test_counters_move_with_ingest_and_overload(server: ServerProcess) -> None:
     unmatched = (("method", "GET"), ("route", "unmatched"), ("status", "404"))
     assert after[("mlrun_http_requests_total", unmatched)] == 1
     assert after[("mlrun_http_request_duration_seconds_count", batch_route)] == 4
+    # gRPC calls are counted by method and status code.
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        heartbeat = channel.unary_unary("/mlrun.v1.IngestService/Heartbeat",
+                                        request_serializer=lambda m: m.SerializeToString(),
+                                        response_deserializer=ingest_pb2.HeartbeatResponse.FromString)
+        heartbeat(ingest_pb2.HeartbeatRequest(run_id="r"), timeout=10,
+                  metadata=(("authorization", AUTH["Authorization"]),))
+        with pytest.raises(grpc.RpcError):
+            heartbeat(ingest_pb2.HeartbeatRequest(run_id="r"), timeout=10)
+    grpc_samples = scrape(server.base_url)
+    method = ("method", "/mlrun.v1.IngestService/Heartbeat")
+    assert grpc_samples[("mlrun_grpc_calls_total", (("code", "OK"), method))] == 1
+    assert grpc_samples[("mlrun_grpc_calls_total", (("code", "UNAUTHENTICATED"), method))] == 1
     # No raw path or run id ever becomes a label.
     assert not any("/r/" in value or value == "r" for _, labels in after for _, value in labels)

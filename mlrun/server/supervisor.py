@@ -31,20 +31,38 @@ import anyio
 import anyio.abc
 from hypercorn.config import Config as HypercornConfig
 
-from mlrun.server.auth import Authenticator, load_or_create_bootstrap_key
+from mlrun.server.artifacts import Artifacts
+from mlrun.server.auth import (
+    Authenticator,
+    KeyManagement,
+    load_or_create_bootstrap_key,
+    serve_key_refresh,
+)
 from mlrun.server.config import Config
 from mlrun.server.errors import BackendUnavailable, ConfigError, MlrunError
 from mlrun.server.grpc.health import HealthServicer
+from mlrun.server.grpc.ingest_servicer import IngestServicer
 from mlrun.server.grpc.listener import serve_grpc
-from mlrun.server.grpc.servicers import IngestServicer, QueryServicer
+from mlrun.server.grpc.query_servicer import QueryServicer
 from mlrun.server.http.api import add_write_routes
 from mlrun.server.http.app import App, Router
+from mlrun.server.http.artifact_api import add_artifact_routes, add_local_store_routes
 from mlrun.server.http.health import add_health_routes
+from mlrun.server.http.key_api import add_key_routes
+from mlrun.server.http.openapi import add_openapi_route
+from mlrun.server.http.prometheus import add_metrics_route
+from mlrun.server.http.query_api import add_query_routes
 from mlrun.server.ingest import Ingest, IngestTimeouts
 from mlrun.server.pipeline import Pipeline
 from mlrun.server.protocols.clickhouse import METRIC_COLUMNS
+from mlrun.server.queries import Queries
 from mlrun.server.readiness import Readiness
-from mlrun.server.storage.artifacts import ArtifactStore, open_local_store, open_s3_store
+from mlrun.server.storage.artifacts import (
+    ArtifactStore,
+    LocalArtifactStore,
+    open_local_store,
+    open_s3_store,
+)
 from mlrun.server.storage.clickhouse import (
     ClickHouse,
     apply_clickhouse_migrations,
@@ -52,8 +70,12 @@ from mlrun.server.storage.clickhouse import (
     open_http_clickhouse,
 )
 from mlrun.server.storage.embedded_postgres import open_embedded_postgres
+from mlrun.server.storage.keys import PostgresKeyDirectory
 from mlrun.server.storage.metadata import MetadataStore
+from mlrun.server.storage.metric_queries import MetricQueries
 from mlrun.server.storage.postgres import Postgres, apply_postgres_migrations, open_postgres
+from mlrun.server.storage.run_queries import RunQueries
+from mlrun.server.telemetry import Telemetry
 
 logger = logging.getLogger("mlrun.server")
 
@@ -255,13 +277,27 @@ class Services:
     authenticator: Authenticator
     ingest: Ingest
     pipelines: tuple[Pipeline, ...]
+    telemetry: Telemetry
+    keys: KeyManagement
+    artifacts: Artifacts
+    queries: Queries
+    # The local artifact store's URL signing key (None when artifacts live on S3).
+    local_signing_secret: bytes | None = None
 
 
 def build_http_app(services: Services, *, max_body_bytes: int) -> App:
     router = Router()
     add_health_routes(router, services.readiness)
     add_write_routes(router, services.ingest, services.authenticator)
-    return App(router, max_body_bytes=max_body_bytes)
+    add_key_routes(router, services.keys, services.authenticator)
+    add_artifact_routes(router, services.artifacts, services.authenticator)
+    store = services.artifacts.store
+    if isinstance(store, LocalArtifactStore) and services.local_signing_secret is not None:
+        add_local_store_routes(router, store, signing_secret=services.local_signing_secret)
+    add_query_routes(router, services.queries, services.authenticator)
+    add_metrics_route(router, services.telemetry, services.pipelines)
+    add_openapi_route(router)
+    return App(router, max_body_bytes=max_body_bytes, telemetry=services.telemetry)
 
 
 def build_authenticator(config: Config) -> Authenticator:
@@ -333,16 +369,27 @@ async def _run_listeners(
         )
         for table in ("metrics", "system_metrics")
     }
+    metadata = MetadataStore(storage.postgres, timeout_s=IngestTimeouts().metadata_s)
+    authenticator = build_authenticator(config)
+    key_directory = PostgresKeyDirectory(storage.postgres)
     services = Services(
         readiness=Readiness([storage.postgres, storage.clickhouse, storage.artifacts]),
-        authenticator=build_authenticator(config),
+        authenticator=authenticator,
         ingest=Ingest(
-            MetadataStore(storage.postgres, timeout_s=IngestTimeouts().metadata_s),
+            metadata,
             metrics=pipelines["metrics"],
             system_metrics=pipelines["system_metrics"],
             cardinality=config.cardinality,
         ),
         pipelines=tuple(pipelines.values()),
+        telemetry=Telemetry(),
+        keys=KeyManagement(key_directory, authenticator),
+        artifacts=Artifacts(storage.artifacts, metadata),
+        queries=Queries(RunQueries(storage.postgres), MetricQueries(storage.clickhouse)),
+        local_signing_secret=(
+            local_signing_secret(prepare_data_dir(config.data_dir))
+            if isinstance(storage.artifacts, LocalArtifactStore) else None
+        ),
     )
     app = build_http_app(services, max_body_bytes=config.ingest.max_body_bytes)
 
@@ -351,19 +398,25 @@ async def _run_listeners(
 
     grpc_services = [
         HealthServicer(grpc_ready).service,
-        IngestServicer().service,
-        QueryServicer().service,
+        IngestServicer(ingest=services.ingest, authenticator=services.authenticator,
+                       artifacts=services.artifacts).service,
+        QueryServicer(queries=services.queries, authenticator=services.authenticator,
+                      artifacts=services.artifacts).service,
     ]
     http_port: int = http_sock.getsockname()[1]
     hc_config = hypercorn_config(
         http_sock, graceful_timeout_s=max(1.0, config.shutdown_timeout_s / 2)
     )
     grpc_scope = anyio.CancelScope()
+    keys_scope = anyio.CancelScope()
     # Writers outlive listeners: on shutdown the listeners stop first (in-flight requests
     # finish, still served by the writers), then the pipelines close and the writers drain.
     async with anyio.create_task_group() as writers:
         for table, pipeline in pipelines.items():
             await writers.start(pipeline.serve_writer, metric_flush(storage.clickhouse, table))
+        # The key view is loaded before the listeners accept anything (see mlrun.server.auth).
+        await writers.start(_serve_key_refresh_until_cancelled, authenticator, key_directory,
+                            keys_scope)
         try:
             async with anyio.create_task_group() as listeners:
                 listeners.start_soon(serve_http, app, hc_config, shutdown_requested.wait)
@@ -373,6 +426,7 @@ async def _run_listeners(
                     config.listen.grpc_port,
                     grpc_services,
                     grpc_scope,
+                    services.telemetry,
                 )
                 logger.info("HTTP listening on %s", base_url)
                 logger.info("gRPC listening on %s:%d", config.listen.host, grpc_port)
@@ -382,10 +436,22 @@ async def _run_listeners(
                 grpc_scope.cancel()
             logger.info("listeners stopped")
         finally:
+            keys_scope.cancel()
             for pipeline in pipelines.values():
                 pipeline.close()
     logger.info("writers drained: %s", ", ".join(
         f"{p.name} committed {p.statistics().committed_rows} rows" for p in pipelines.values()))
+
+
+async def _serve_key_refresh_until_cancelled(
+    authenticator: Authenticator,
+    directory: PostgresKeyDirectory,
+    scope: anyio.CancelScope,
+    *,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    with scope:
+        await serve_key_refresh(authenticator, directory, task_status=task_status)
 
 
 async def _serve_grpc_until_cancelled(
@@ -393,8 +459,10 @@ async def _serve_grpc_until_cancelled(
     port: int,
     services: list[object],
     scope: anyio.CancelScope,
+    telemetry: Telemetry,
     *,
     task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     with scope:
-        await serve_grpc(host=host, port=port, services=services, task_status=task_status)
+        await serve_grpc(host=host, port=port, services=services,
+                         on_call_finished=telemetry.observe_grpc, task_status=task_status)

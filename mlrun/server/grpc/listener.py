@@ -109,6 +109,8 @@ _METADATA_KEY = re.compile(r"^[0-9a-z_.-]+$")
 _PRINTABLE_ASCII = re.compile(r"^[\x20-\x7e]*$")
 
 Metadata = Sequence[tuple[str, str | bytes]]
+# Told (method path or "unknown", status code name) when a call ends: for telemetry.
+CallObserver = Callable[[str, str], None]
 
 
 class GrpcAbort(Exception):
@@ -232,6 +234,10 @@ class _Stream(GRPCProtoStream):  # type: ignore[misc]  # purerpc has no type inf
         super().__init__(*args)
         send, receive = self._incoming_events
         self._incoming_events = (_Inbox(send), receive)
+        # For telemetry: which method this call was (bounded label set) and how it ended;
+        # a call that ends through purerpc's own response path ended OK.
+        self.call_label = "unknown"
+        self.status_code = GrpcCode.OK
 
     @property
     def locally_closed(self) -> bool:
@@ -246,6 +252,7 @@ class _Stream(GRPCProtoStream):  # type: ignore[misc]  # purerpc has no type inf
 
     async def finish(self, code: GrpcCode, message: str, metadata: Metadata = ()) -> None:
         """End the call with a status and trailing metadata; reserved `grpc-*` keys allowed."""
+        self.status_code = code
         headers: list[tuple[str, str]] = []
         if not self._response_started:
             headers += [(":status", "200"), ("content-type", "application/grpc+proto")]
@@ -418,7 +425,9 @@ class _GrpcServer:
         max_concurrent_streams: int,
         grace_period_s: float,
         close_timeout_s: float,
+        on_call_finished: CallObserver | None = None,
     ) -> None:
+        self._on_call_finished = on_call_finished
         self._services: dict[str, purerpc.Service] = {}
         for service in services:
             if service.name in self._services:
@@ -491,6 +500,8 @@ class _GrpcServer:
             self._calls_in_flight -= 1
             if self._draining and self._calls_in_flight == 0:
                 self._calls_done.set()
+            if self._on_call_finished is not None:
+                self._on_call_finished(stream.call_label, stream.status_code.name)
 
     async def _dispatch(self, stream: _Stream) -> None:
         event = await stream.receive_event()
@@ -509,6 +520,7 @@ class _GrpcServer:
                 f"unknown method /{event.service_name}/{event.method_name}",
             )
             return
+        stream.call_label = f"/{event.service_name}/{event.method_name}"
         request_type = method.signature.request_type
         stream.expect_message_type(request_type)
         deadline_s = event.timeout.total_seconds() if event.timeout is not None else None
@@ -582,6 +594,7 @@ async def serve_grpc(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    on_call_finished: CallObserver | None = None,
     task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `services` on host:port until cancelled, then drain (see the module docstring).
@@ -595,6 +608,7 @@ async def serve_grpc(
         max_concurrent_streams=max_concurrent_streams,
         grace_period_s=grace_period_s,
         close_timeout_s=close_timeout_s,
+        on_call_finished=on_call_finished,
     )
     connection_slots = anyio.Semaphore(max_connections)
     # One socket per address `host` resolves to (e.g. "localhost": 127.0.0.1 and ::1), one port.

@@ -10,13 +10,10 @@ Must not import storage drivers.
 
 from __future__ import annotations
 
-import re
-from typing import TypeVar
-
 import msgspec
 
+from mlrun.server import payloads
 from mlrun.server.auth import Authenticator, Principal
-from mlrun.server.errors import InvalidInput
 from mlrun.server.http.app import Request, Response, Router, RouteSpec
 from mlrun.server.ingest import Ingest
 from mlrun.wire.schemas import (
@@ -28,44 +25,15 @@ from mlrun.wire.schemas import (
     Project,
     ProjectList,
     RunCreatedWithWarnings,
-    RunId,
     RunState,
-    decoder_for,
 )
 
-T = TypeVar("T")
-
-_FIELD_PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
-_run_id_decoder = msgspec.json.Decoder(RunId)
-
-
-def decode_body(body: bytes, kind: type[T]) -> T:
-    """Decode a JSON body into a schema Struct; errors name the offending field."""
-    if not body.strip():
-        raise InvalidInput("the request body is empty; a JSON object is expected",
-                           code="malformed_json", field="body")
-    try:
-        return decoder_for(kind).decode(body)
-    except msgspec.ValidationError as exc:
-        message = str(exc)
-        found = _FIELD_PATH.search(message)
-        field = found["path"].lstrip(".") if found else None
-        text = _FIELD_PATH.sub("", message)
-        raise InvalidInput(
-            f"{field}: {text}" if field else text, code="invalid_field", field=field or "body"
-        ) from None
-    except msgspec.DecodeError as exc:
-        raise InvalidInput(f"the request body is not valid JSON: {exc}", code="malformed_json",
-                           field="body") from None
+# The HTTP routes' name for JSON decoding (one implementation, in mlrun.server.payloads).
+decode_body = payloads.decode_json
 
 
 def path_run_id(request: Request) -> str:
-    raw = request.path_params["run_id"]
-    try:
-        return _run_id_decoder.decode(msgspec.json.encode(raw))
-    except msgspec.ValidationError:
-        raise InvalidInput("run_id must be 1-64 letters, digits, '_', '.' or '-'",
-                           code="invalid_field", field="run_id") from None
+    return payloads.run_id(request.path_params["run_id"])
 
 
 def add_write_routes(router: Router, ingest: Ingest, authenticator: Authenticator) -> None:

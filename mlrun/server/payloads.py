@@ -1,0 +1,64 @@
+"""Payload validation shared by both edges: JSON bodies (HTTP) and builtins built from protobuf
+messages (gRPC) become the same msgspec Structs, with the same errors.
+
+Owns the translation of msgspec's errors into `InvalidInput`: a malformed body is
+`malformed_json`; a wrong type or value is `invalid_field` whose `field` names the place in the
+payload (`metrics[3].step`). msgspec checks constraints (`Meta(ge=0)`, lengths, patterns) only
+while decoding or converting, never when a Struct is constructed directly, which is why the
+gRPC edge converts builtins instead of constructing Structs from protobuf fields.
+
+Must not import the edges or storage.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, TypeVar
+
+import msgspec
+
+from mlrun.server.errors import InvalidInput
+from mlrun.wire.schemas import RunId, decoder_for
+
+T = TypeVar("T")
+
+_FIELD_PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+
+
+def _invalid(exc: msgspec.ValidationError, *, default_field: str) -> InvalidInput:
+    message = str(exc)
+    found = _FIELD_PATH.search(message)
+    field = found["path"].lstrip(".") if found else None
+    text = _FIELD_PATH.sub("", message)
+    return InvalidInput(f"{field}: {text}" if field else text, code="invalid_field",
+                        field=field or default_field)
+
+
+def decode_json(body: bytes, kind: type[T]) -> T:
+    """Decode a JSON body into a schema Struct; errors name the offending field."""
+    if not body.strip():
+        raise InvalidInput("the request body is empty; a JSON object is expected",
+                           code="malformed_json", field="body")
+    try:
+        return decoder_for(kind).decode(body)
+    except msgspec.ValidationError as exc:
+        raise _invalid(exc, default_field="body") from None
+    except msgspec.DecodeError as exc:
+        raise InvalidInput(f"the request body is not valid JSON: {exc}", code="malformed_json",
+                           field="body") from None
+
+
+def convert(data: Any, kind: type[T]) -> T:
+    """Validate builtins (dicts, lists, scalars) into a schema Struct, constraints included."""
+    try:
+        return msgspec.convert(data, kind)
+    except msgspec.ValidationError as exc:
+        raise _invalid(exc, default_field="request") from None
+
+
+def run_id(value: str, *, field: str = "run_id") -> str:
+    try:
+        return msgspec.convert(value, RunId)
+    except msgspec.ValidationError:
+        raise InvalidInput("run_id must be 1-64 letters, digits, '_', '.' or '-'",
+                           code="invalid_field", field=field) from None

@@ -1,0 +1,330 @@
+"""Series reads against real ClickHouse, both engines (the 18.16 server over HTTP and chdb 26),
+with the runs in real PostgreSQL: the SQL bucketing plus the Python selection must equal the
+reference implementations of tests/test_downsampling.py computed on the raw points, on the
+fast path (no duplicates) and on the deduplicating path (retried, replayed and rewritten
+points), and a one-point spike must survive minmax downsampling of a million points.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+from test_downsampling import bucket_stats, random_series
+
+from mlrun.server.auth import Principal
+from mlrun.server.downsampling import Method, Sample, plan_buckets, select_lttb, select_minmax
+from mlrun.server.errors import InvalidInput, NotFound, PermissionDenied
+from mlrun.server.protocols.clickhouse import METRIC_COLUMNS, MetricRow, encode_metric_rows
+from mlrun.server.queries import Queries, SeriesRequest
+from mlrun.server.storage.clickhouse import (
+    ClickHouse,
+    apply_clickhouse_migrations,
+    open_embedded_clickhouse,
+    open_http_clickhouse,
+)
+from mlrun.server.storage.metric_queries import (
+    METRICS,
+    BucketRequest,
+    KeyRange,
+    MetricQueries,
+    SeriesRef,
+)
+from mlrun.server.storage.postgres import Postgres, apply_postgres_migrations, open_postgres
+from mlrun.server.storage.run_queries import RunQueries
+from mlrun.wire.query_schemas import CompareRuns, SeriesPoint
+
+from backends.clickhouse import ClickHouseServer
+from backends.postgres import fresh_database
+
+pytestmark = pytest.mark.timeout(300)
+
+DEADLINE_S = 120
+READER = Principal(key_id="reader", scopes=frozenset({"read"}))
+T0_MS = 1_700_000_000_000
+
+
+@pytest.fixture(params=["http", "embedded"])
+async def ch(request: pytest.FixtureRequest, clickhouse_server: ClickHouseServer,
+             embedded_clickhouse_dir: Path, clickhouse_database: str) -> AsyncIterator[ClickHouse]:
+    client: Any
+    if request.param == "http":
+        client = open_http_clickhouse(
+            host=clickhouse_server.host, port=clickhouse_server.port,
+            user=clickhouse_server.user, password=clickhouse_server.password,
+            database=clickhouse_database)
+    else:
+        client = open_embedded_clickhouse(data_dir=embedded_clickhouse_dir,
+                                          database=clickhouse_database)
+    async with client as opened:
+        with anyio.fail_after(DEADLINE_S):
+            await apply_clickhouse_migrations(opened)
+        yield opened
+
+
+@pytest.fixture
+def pg_dsn(postgres_server: Any) -> Iterator[str]:
+    with fresh_database(postgres_server.dsn()) as dsn:
+        yield dsn
+
+
+@pytest.fixture
+async def pg(pg_dsn: str) -> AsyncIterator[Postgres]:
+    async with open_postgres(pg_dsn, max_connections=4) as opened:
+        with anyio.fail_after(DEADLINE_S):
+            await apply_postgres_migrations(opened)
+        yield opened
+
+
+@pytest.fixture
+def queries(pg: Postgres, ch: ClickHouse) -> Queries:
+    return Queries(RunQueries(pg), MetricQueries(ch, timeout_s=60))
+
+
+def add_runs(dsn: str, run_ids: list[str], project: str = "proj") -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO projects (name) VALUES (%s) ON CONFLICT DO NOTHING", (project,))
+        for run_id in run_ids:
+            conn.execute(
+                "INSERT INTO runs (run_id, project_id, name, created_at) SELECT %s, id, %s, %s"
+                " FROM projects WHERE name = %s",
+                (run_id, run_id, datetime.fromtimestamp(T0_MS / 1000, UTC), project))
+
+
+class Writer:
+    """Inserts metric rows with increasing versions (later inserts win, as the server's)."""
+
+    def __init__(self, ch: ClickHouse, table: str = "metrics") -> None:
+        self.ch = ch
+        self.table = table
+        self.version = 1
+
+    async def insert(self, run_id: str, name: str, samples: list[Sample]) -> None:
+        rows: list[MetricRow] = []
+        for sample in samples:
+            rows.append((run_id, name, sample.key, sample.value, sample.other, self.version))
+            self.version += 1
+        for start in range(0, len(rows), 200_000):
+            await self.ch.insert_rowbinary(self.table, METRIC_COLUMNS,
+                                           encode_metric_rows(rows[start:start + 200_000]),
+                                           timeout_s=DEADLINE_S)
+
+
+def as_samples(points: list[SeriesPoint]) -> list[Sample]:
+    return [Sample(p.step, p.value, p.timestamp) for p in points]
+
+
+async def read(queries: Queries, run_id: str, name: str, method: Any, max_points: int | None,
+               **extra: Any) -> Any:
+    request = SeriesRequest(system=False, names=(name,), max_points=max_points,
+                            start=extra.get("start"), end=extra.get("end"), method=method,
+                            cursor=extra.get("cursor"))
+    with anyio.fail_after(DEADLINE_S):
+        result = await queries.series(READER, run_id, request)
+    return result.series[0]
+
+
+def reference(samples: list[Sample], method: Method, max_points: int) -> list[Sample]:
+    plan = plan_buckets(method, samples[0].key, samples[-1].key, max_points)
+    first, last, buckets = bucket_stats(samples, plan, method)
+    if method == "lttb":
+        return select_lttb(first, last, buckets)
+    return select_minmax(first, last, buckets)
+
+
+@pytest.mark.parametrize("seed", range(3))
+async def test_lttb_and_minmax_equal_the_reference_on_random_series(
+    queries: Queries, ch: ClickHouse, pg_dsn: str, seed: int
+) -> None:
+    rng = random.Random(seed)
+    samples = random_series(rng, rng.randint(2_000, 20_000), sparse=bool(seed % 2))
+    add_runs(pg_dsn, ["r"])
+    await Writer(ch).insert("r", "loss", samples)
+    for method in ("lttb", "minmax"):
+        max_points = rng.randint(20, 600)
+        series = await read(queries, "r", "loss", method, max_points)
+        assert series.downsampled and series.total_points == len(samples)
+        assert as_samples(series.points) == reference(samples, method, max_points), method
+        assert len(series.points) <= max_points
+
+
+async def test_duplicates_collapse_to_the_last_write_on_every_method(
+    queries: Queries, ch: ClickHouse, pg_dsn: str
+) -> None:
+    rng = random.Random(7)
+    samples = random_series(rng, 3000, sparse=False)
+    add_runs(pg_dsn, ["r"])
+    writer = Writer(ch)
+    await writer.insert("r", "loss", samples[1500:])  # out of order
+    await writer.insert("r", "loss", samples[:1500])
+    await writer.insert("r", "loss", samples[:700])  # a replay
+    rewritten = {s.key: Sample(s.key, s.value + 1000.0, s.other) for s in samples[2000:2100]}
+    await writer.insert("r", "loss", list(rewritten.values()))  # a rewrite: the last wins
+    latest = [rewritten.get(s.key, s) for s in samples]
+
+    for method in ("lttb", "minmax"):
+        series = await read(queries, "r", "loss", method, 300)
+        assert series.total_points == 3000
+        assert as_samples(series.points) == reference(latest, method, 300), method
+    avg = await read(queries, "r", "loss", "avg", 300)
+    assert avg.total_points == 3000 and len(avg.points) == 300
+    raw = await read(queries, "r", "loss", "raw", 5000)
+    assert as_samples(raw.points) == latest and raw.total_points == 3000
+    whole = await read(queries, "r", "loss", "lttb", 5000)
+    assert not whole.downsampled and as_samples(whole.points) == latest
+
+
+async def test_the_fast_path_and_the_deduplicating_path_agree(ch: ClickHouse) -> None:
+    rng = random.Random(11)
+    samples = random_series(rng, 10_000, sparse=True)
+    await Writer(ch).insert("r", "loss", samples)
+    metrics = MetricQueries(ch)
+    ref = SeriesRef("r", "loss")
+    with anyio.fail_after(DEADLINE_S):
+        stats = (await metrics.stats(METRICS, [ref], KeyRange()))[ref]
+        assert not stats.has_duplicates and stats.rows == 10_000
+        for method in ("lttb", "minmax", "avg"):
+            plan = plan_buckets(method, stats.lo, stats.hi, 500)
+            fast = await metrics.buckets(METRICS, [BucketRequest(ref, plan, method, False)])
+            slow = await metrics.buckets(METRICS, [BucketRequest(ref, plan, method, True)])
+            assert fast[ref].first == slow[ref].first == samples[0]
+            assert fast[ref].last == slow[ref].last == samples[-1]
+            assert [(b.slot, b.size, b.candidates) for b in fast[ref].buckets] == [
+                (b.slot, b.size, b.candidates) for b in slow[ref].buckets]
+
+
+async def test_a_one_point_spike_survives_minmax_of_a_million_points(
+    queries: Queries, ch: ClickHouse, pg_dsn: str
+) -> None:
+    n, spike_at = 1_000_000, 777_777
+    samples = [Sample(k, (k % 1000) / 1000.0, T0_MS + k) for k in range(n)]
+    samples[spike_at] = Sample(spike_at, 1e9, T0_MS + spike_at)
+    add_runs(pg_dsn, ["big"])
+    await Writer(ch).insert("big", "loss", samples)
+    series = await read(queries, "big", "loss", "minmax", 1000)
+    assert series.total_points == n and len(series.points) <= 1000
+    assert SeriesPoint(spike_at, 1e9, T0_MS + spike_at) in series.points
+    lttb = await read(queries, "big", "loss", "lttb", 1000)
+    assert SeriesPoint(spike_at, 1e9, T0_MS + spike_at) in lttb.points
+    assert lttb.points[0].step == 0 and lttb.points[-1].step == n - 1
+
+
+@pytest.mark.parametrize("method", ["lttb", "minmax", "avg"])
+async def test_a_range_smaller_than_the_budget_and_tiny_series(
+    queries: Queries, ch: ClickHouse, pg_dsn: str, method: Any
+) -> None:
+    add_runs(pg_dsn, ["r"])
+    writer = Writer(ch)
+    await writer.insert("r", "loss", [Sample(k, k * 2.0, T0_MS + k) for k in range(0, 1000, 10)])
+    await writer.insert("r", "one", [Sample(5, 1.5, T0_MS)])
+    window = await read(queries, "r", "loss", method, 1000, start=95, end=155)
+    assert [p.step for p in window.points] == [100, 110, 120, 130, 140, 150]
+    assert not window.downsampled and window.total_points == 6
+    narrow = await read(queries, "r", "loss", method, 3, start=0, end=990)
+    assert narrow.points[0].step == 0 and narrow.points[-1].step == 990
+    assert len(narrow.points) <= 3 and narrow.total_points == 100
+    one = await read(queries, "r", "one", method, 2)
+    assert one.points == [SeriesPoint(5, 1.5, T0_MS)]
+    empty = await read(queries, "r", "loss", method, 10, start=2000)
+    assert empty.points == [] and empty.total_points == 0
+
+
+async def test_raw_pages_cover_every_point_once(
+    queries: Queries, ch: ClickHouse, pg_dsn: str
+) -> None:
+    add_runs(pg_dsn, ["r"])
+    writer = Writer(ch)
+    samples = [Sample(k, float(k), T0_MS + k) for k in range(2500)]
+    await writer.insert("r", "loss", samples)
+    await writer.insert("r", "loss", samples[100:300])  # replayed rows, deduplicated on read
+    seen: list[int] = []
+    cursor = None
+    for _ in range(10):
+        page = await read(queries, "r", "loss", "raw", 1000, cursor=cursor)
+        assert page.total_points == 2500
+        seen += [p.step for p in page.points]
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    assert seen == list(range(2500))
+    with pytest.raises(InvalidInput) as caught:
+        await read(queries, "r", "other", "raw", 1000, cursor=page.next_cursor or "x")
+    assert caught.value.field == "cursor"
+
+
+async def test_compare_and_project_scoped_keys(
+    queries: Queries, ch: ClickHouse, pg_dsn: str
+) -> None:
+    add_runs(pg_dsn, ["a1", "a2"], project="alpha")
+    add_runs(pg_dsn, ["b1"], project="beta")
+    writer = Writer(ch)
+    for run_id in ("a1", "a2", "b1"):
+        await writer.insert(run_id, "loss", [Sample(k, 1.0 / (k + 1), T0_MS + k)
+                                             for k in range(100)])
+    with anyio.fail_after(DEADLINE_S):
+        result = await queries.compare(READER, CompareRuns(run_ids=["a1", "a2", "a1"],
+                                                           max_points=10))
+        assert [r.run_id for r in result.runs] == ["a1", "a2"]
+        assert result.common_metrics == ["loss"]
+        assert all(len(r.series[0].points) <= 10 for r in result.runs)
+        alpha_only = Principal(key_id="k", scopes=frozenset({"read"}), project="alpha")
+        with pytest.raises(PermissionDenied):
+            await queries.compare(alpha_only, CompareRuns(run_ids=["a1", "b1"]))
+        with pytest.raises(PermissionDenied):
+            await queries.get_run(alpha_only, "b1")
+        with pytest.raises(NotFound):
+            await queries.get_run(alpha_only, "zz")
+        assert (await queries.get_run(alpha_only, "a1")).metrics_summary[0].count == 100
+
+
+async def test_summaries_after_retries_replays_out_of_order_batches_and_rewrites(
+    queries: Queries, ch: ClickHouse, pg_dsn: str
+) -> None:
+    add_runs(pg_dsn, ["r"])
+    writer = Writer(ch)
+    samples = [Sample(k, 10.0 - k * 0.01, T0_MS + k) for k in range(600)]
+    await writer.insert("r", "loss", samples[300:])  # later steps first
+    await writer.insert("r", "loss", samples[:300])
+    await writer.insert("r", "loss", samples[100:400])  # a replay: the same rows again
+    await writer.insert("r", "loss", samples[:300])  # a retry of a whole batch
+    await writer.insert("r", "acc", [Sample(2, 0.5, T0_MS)])
+    with anyio.fail_after(DEADLINE_S):
+        detail = await queries.get_run(READER, "r")
+    summary = {s.name: s for s in detail.metrics_summary}
+    assert (summary["loss"].count, summary["loss"].last_step) == (600, 599)
+    assert summary["loss"].last_value == pytest.approx(10.0 - 5.99)
+    assert summary["loss"].min == pytest.approx(4.01) and summary["loss"].max == 10.0
+    assert (summary["acc"].count, summary["acc"].last_value) == (1, 0.5)
+
+    await writer.insert("r", "loss", [Sample(599, -1.0, T0_MS)])  # rewrite of the last step
+    with anyio.fail_after(DEADLINE_S):
+        rewritten = {s.name: s for s in (await queries.get_run(READER, "r")).metrics_summary}
+    assert (rewritten["loss"].last_value, rewritten["loss"].count) == (-1.0, 600)
+    assert rewritten["loss"].min == -1.0
+
+
+async def test_a_series_once_found_clean_is_checked_again_when_rows_arrive(
+    queries: Queries, ch: ClickHouse, pg_dsn: str
+) -> None:
+    add_runs(pg_dsn, ["r"])
+    writer = Writer(ch)
+    samples = [Sample(k, float(k), T0_MS + k) for k in range(300)]
+    await writer.insert("r", "loss", samples)
+    assert as_samples((await read(queries, "r", "loss", "raw", 1000)).points) == samples
+    assert as_samples((await read(queries, "r", "loss", "minmax", 50)).points)[0] == samples[0]
+    # Rewrites of known steps: the row count changes, so the series is checked again and read
+    # through the deduplicating path; the cached "clean" verdict must not survive.
+    rewrites = [Sample(k, -float(k) - 1, T0_MS + k) for k in range(0, 300, 3)]
+    await writer.insert("r", "loss", rewrites)
+    latest = [Sample(k, -float(k) - 1, T0_MS + k) if k % 3 == 0 else s
+              for k, s in enumerate(samples)]
+    raw = await read(queries, "r", "loss", "raw", 1000)
+    assert as_samples(raw.points) == latest and raw.total_points == 300
+    minmax = await read(queries, "r", "loss", "minmax", 50)
+    assert as_samples(minmax.points) == reference(latest, "minmax", 50)
