@@ -126,18 +126,24 @@ def start_writers(url: Callable[[], str], run_id: str, writers: int, batches: in
 
 
 def assert_exactly_once(reader: ClickHouseReader, run_id: str, acked_steps: set[int]) -> None:
-    """Every acknowledged step is stored, once, with its value; nothing else is."""
-    stored = reader.rows(
-        f"SELECT step, argMax(value, version) AS v FROM metrics WHERE run_id = '{run_id}' "
-        "GROUP BY step")
-    assert len(stored) == len(acked_steps)
-    assert {row["step"] for row in stored} == acked_steps
-    assert all(abs(row["v"] - row["step"] / 7) < 1e-9 for row in stored)
-    final = reader.scalar(f"SELECT count() FROM metrics FINAL WHERE run_id = '{run_id}'")
-    assert final == len(acked_steps)
+    """Every acknowledged step is stored, once, with its value; nothing else is.
+
+    Checked inside ClickHouse (shipping millions of rows to the test would dominate its run
+    time): the distinct steps' count, sum and sum of squares match the acknowledged set's, no
+    step falls outside it, every last-written value is right, and FINAL and the summary agree.
+    """
+    where = f"run_id = '{run_id}'"
+    (stats,) = reader.rows(
+        "SELECT count() AS n, sum(step) AS s, sum(step * step) AS s2, min(step) AS lo, "
+        "max(step) AS hi, countIf(abs(v - step / 7) > 1e-9) AS wrong FROM "
+        f"(SELECT step, argMax(value, version) AS v FROM metrics WHERE {where} GROUP BY step)")
+    assert stats == {
+        "n": len(acked_steps), "s": sum(acked_steps), "s2": sum(x * x for x in acked_steps),
+        "lo": min(acked_steps), "hi": max(acked_steps), "wrong": 0}
+    assert reader.scalar(f"SELECT count() FROM metrics FINAL WHERE {where}") == len(acked_steps)
     summary = reader.rows(
         f"SELECT uniqExactMerge(step_count) AS n, maxMerge(last_step) AS last "
-        f"FROM metrics_summary WHERE run_id = '{run_id}' GROUP BY name")
+        f"FROM metrics_summary WHERE {where} GROUP BY name")
     assert summary == [{"n": len(acked_steps), "last": max(acked_steps)}]
 
 
@@ -216,7 +222,7 @@ def test_duplicate_is_still_recognised_after_a_restart(
 def small_pipeline_server(server_env: dict[str, str], tmp_path: Path,
                           servers: list[ServerProcess]) -> Iterator[ServerProcess]:
     # A pipeline of 20 batches' worth of rows, so dozens of writers fill it within seconds.
-    server_env["MLRUN_PIPELINE_MAX_ROWS"] = "20000"
+    server_env["MLRUN_PIPELINE_MAX_ROWS"] = "4000"
     server = ServerProcess(server_env, tmp_path / "server.log")
     servers.append(server)
     server.start()
@@ -234,7 +240,7 @@ def test_clickhouse_fault_under_load_gives_bounded_answers_and_loses_nothing(
     create_run(server.base_url, run_id)
     stats = LoadStats()
     # Writers run until told to stop (at most `batches` each): load before, during and after.
-    writers, batches, points = 32, 2000, 1000
+    writers, batches, points = 32, 2000, 200
     threads = start_writers(lambda: server.base_url, run_id, writers, batches, points, stats,
                             budget_s=150)
     time.sleep(1.0)  # let the load reach a steady state first
@@ -242,7 +248,7 @@ def test_clickhouse_fault_under_load_gives_bounded_answers_and_loses_nothing(
     if fault == "frozen":
         clickhouse_server.freeze()
     else:
-        clickhouse_server.stop()
+        clickhouse_server.stop(timeout_s=1.0)  # under load SIGTERM lingers; then SIGKILL
     try:
         time.sleep(12)  # > the commit deadline: admitted requests must time out as 503s
         rss_during, _ = server_rss_kib(server.pid)
