@@ -30,8 +30,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, TypeVar
 
-import msgspec
-
+from mlrun.server import payloads
 from mlrun.server.artifacts import (
     Artifacts,
     CreateArtifact,
@@ -42,12 +41,10 @@ from mlrun.server.auth import Authenticator, Principal
 from mlrun.server.errors import InvalidInput
 from mlrun.server.storage.metadata import ArtifactRow
 from mlrun.wire.proto.mlrun.v1 import ingest_pb2, query_pb2
-from mlrun.wire.schemas import RunId
 
 T = TypeVar("T")
 
 _ARTIFACT_ID = re.compile(r"^[0-9a-f]{32}$")
-_FIELD_PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
 
 
 def principal_from_metadata(
@@ -60,26 +57,6 @@ def principal_from_metadata(
         if isinstance(value, str)
     }
     return authenticator.authenticate(headers)
-
-
-def _convert(payload: dict[str, Any], kind: type[T]) -> T:
-    try:
-        return msgspec.convert(payload, kind)
-    except msgspec.ValidationError as exc:
-        message = str(exc)
-        found = _FIELD_PATH.search(message)
-        field = found["path"].lstrip(".") if found else None
-        text = _FIELD_PATH.sub("", message)
-        raise InvalidInput(f"{field}: {text}" if field else text, code="invalid_field",
-                           field=field) from None
-
-
-def _run_id(value: str) -> str:
-    try:
-        return msgspec.convert(value, RunId)
-    except msgspec.ValidationError:
-        raise InvalidInput("run_id must be 1-64 letters, digits, '_', '.' or '-'",
-                           code="invalid_field", field="run_id") from None
 
 
 def _artifact_id(value: str) -> str:
@@ -137,8 +114,8 @@ async def create_artifact_upload(
         payload["sha256"] = message.sha256
     if message.HasField("mime_type"):
         payload["mime_type"] = message.mime_type
-    request = _convert(payload, CreateArtifact)
-    grant = await artifacts.create_upload(principal, _run_id(message.run_id), request)
+    request = payloads.convert(payload, CreateArtifact)
+    grant = await artifacts.create_upload(principal, payloads.run_id(message.run_id), request)
     return render_upload(grant)
 
 
@@ -147,19 +124,19 @@ async def finalize_artifact_upload(
     principal: Principal,
     message: ingest_pb2.FinalizeArtifactUploadRequest,
 ) -> ingest_pb2.FinalizeArtifactUploadResponse:
-    request = _convert(
+    request = payloads.convert(
         {"parts": [{"part_number": p.part_number, "etag": p.etag} for p in message.parts]},
         FinalizeArtifact,
     )
     row = await artifacts.finalize(
-        principal, _run_id(message.run_id), _artifact_id(message.artifact_id), request)
+        principal, payloads.run_id(message.run_id), _artifact_id(message.artifact_id), request)
     return ingest_pb2.FinalizeArtifactUploadResponse(artifact=render_artifact(row))
 
 
 async def list_artifacts(
     artifacts: Artifacts, principal: Principal, message: query_pb2.ListArtifactsRequest
 ) -> query_pb2.ListArtifactsResponse:
-    rows = await artifacts.list_artifacts(principal, _run_id(message.run_id))
+    rows = await artifacts.list_artifacts(principal, payloads.run_id(message.run_id))
     return query_pb2.ListArtifactsResponse(artifacts=[render_artifact(row) for row in rows])
 
 
@@ -169,7 +146,7 @@ async def get_artifact_download_url(
     message: query_pb2.GetArtifactDownloadUrlRequest,
 ) -> query_pb2.GetArtifactDownloadUrlResponse:
     grant = await artifacts.download_url(
-        principal, _run_id(message.run_id), _artifact_id(message.artifact_id))
+        principal, payloads.run_id(message.run_id), _artifact_id(message.artifact_id))
     return query_pb2.GetArtifactDownloadUrlResponse(
         download_url=grant.request.url, expires_at_ms=_epoch_ms(grant.request.expires_at))
 

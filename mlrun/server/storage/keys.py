@@ -36,6 +36,7 @@ from mlrun.server.auth import (
     StoredKey,
     UsableKey,
 )
+from mlrun.server.storage.metadata import ensure_project
 from mlrun.server.storage.postgres import Postgres
 
 # pg_advisory_xact_lock key serialising key creation ("mlrunKEY" in ASCII).
@@ -88,7 +89,7 @@ class PostgresKeyDirectory:
                     f"there are already {max_usable} usable API keys; revoke some first",
                     code="too_many_keys",
                 )
-            project_id = _ensure_project(conn, record.project) if record.project else None
+            project_id = ensure_project(conn, record.project) if record.project else None
             row = conn.execute(
                 "INSERT INTO api_keys"
                 " (key_id, name, display_prefix, key_hash, scopes, project_id, expires_at)"
@@ -158,21 +159,6 @@ class PostgresKeyDirectory:
             )
 
         await self._pg.run(record, timeout_s=self._timeout_s)
-
-
-def _ensure_project(conn: psycopg.Connection[Any], name: str) -> int:
-    row = conn.execute(
-        "INSERT INTO projects (name) VALUES (%s) ON CONFLICT (name) DO NOTHING RETURNING id",
-        (name,),
-    ).fetchone()
-    if row is None:
-        # A separate statement: its fresh snapshot sees a project a concurrent transaction
-        # committed while the INSERT waited for it.
-        row = conn.execute("SELECT id FROM projects WHERE name = %s", (name,)).fetchone()
-        if row is None:  # pragma: no cover - the clashing row was committed
-            raise errors.BackendError("project vanished", backend="postgres", detail=name)
-    project_id: int = row[0]
-    return project_id
 
 
 def _select_key(conn: psycopg.Connection[Any], key_id: str) -> KeyInfo | None:

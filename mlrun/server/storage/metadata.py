@@ -180,7 +180,7 @@ class MetadataStore:
             stored = _select_run(conn, run_id)
             created = False
             if stored is None:
-                project_id = _ensure_project(conn, req.project)
+                project_id = ensure_project(conn, req.project)
                 row = conn.execute(
                     "INSERT INTO runs (run_id, project_id, name) VALUES (%s, %s, %s)"
                     " ON CONFLICT (run_id) DO NOTHING RETURNING name, status",
@@ -572,7 +572,7 @@ def _select_run(conn: psycopg.Connection[Any], run_id: str) -> _RunRow | None:
     return None if row is None else _RunRow(row[0], row[1], row[2], row[3])
 
 
-def _ensure_project(conn: psycopg.Connection[Any], name: str) -> int:
+def ensure_project(conn: psycopg.Connection[Any], name: str) -> int:
     """The project's id, creating it on first use (race-safe)."""
     row = conn.execute(
         "INSERT INTO projects (name) VALUES (%s) ON CONFLICT (name) DO NOTHING RETURNING id",
