@@ -63,10 +63,12 @@ def test_server_mode_health_ready_grpc_and_graceful_stop(
 ) -> None:
     server = ServerProcess(server_env, tmp_path / "server.log", backend=backend)
     servers.append(server)
+    t0 = time.monotonic()
     server.start()
 
     assert httpx.get(f"{server.base_url}/health", timeout=5).status_code == 200
     body = wait_for_ready_status(server.base_url, 200)
+    print(f"server-mode start to ready ({backend}): {time.monotonic() - t0:.2f}s")
     assert body["status"] == "ready"
     assert {name for name, state in body["backends"].items() if state["ok"]} == {
         "postgres", "clickhouse", "artifacts"}
@@ -76,6 +78,7 @@ def test_server_mode_health_ready_grpc_and_graceful_stop(
 
     started = time.monotonic()
     assert server.stop(signal.SIGTERM, timeout_s=10) == 0
+    print(f"SIGTERM to exit ({backend}): {time.monotonic() - started:.2f}s")
     assert time.monotonic() - started < 10
     log = server.log_text()
     assert "listeners stopped" in log and "Traceback" not in log
