@@ -37,7 +37,7 @@ from server_process import TEST_API_KEY, ServerProcess
 pytestmark = pytest.mark.timeout(240)
 
 AUTH = {"Authorization": f"Bearer {TEST_API_KEY}"}
-EXAMPLES_PER_OPERATION = 30
+EXAMPLES_PER_OPERATION = 15  # every route, positive and negative; ~45 s in all
 MAX_TIME_S = 80
 SEEDED_RUNS = ("seeded-a", "seeded-b")
 REQUIRED_CHECKS = ("not_a_server_error", "status_code_conformance", "content_type_conformance",
@@ -46,11 +46,6 @@ REQUIRED_CHECKS = ("not_a_server_error", "status_code_conformance", "content_typ
 READ_OPERATIONS = {"GET /api/v1/runs", "GET /api/v1/runs/{run_id}", "POST /api/v1/runs/compare",
                    "GET /api/v1/runs/{run_id}/metrics", "GET /api/v1/runs/{run_id}/system_metrics",
                    "GET /openapi.json"}
-# Found by this suite in routes owned elsewhere, reported, and tolerated only in exactly this
-# form until fixed there: a NUL character in a JSON string reaches PostgreSQL (which refuses
-# NUL in text) and comes back as a 500 instead of a 400 (storage/metadata.py: create_project,
-# init_run's params and tags; storage/keys.py: key names).
-NUL_IN_BODY = b"\\u0000"
 # A 5xx answer of a read-path route in the server log ("GET /api/v1/runs/x/metrics -> 500").
 READ_PATH_5XX = re.compile(
     r"(GET /api/v1/runs(/[^/ ]+(/metrics|/system_metrics)?)? |POST /api/v1/runs/compare"
@@ -130,14 +125,6 @@ def describe(recorder: Any, case_id: str, check: Any) -> str:
     return f"[{check.name}] {recorder.label} -> {status}: {title} {message[:300]} ({uri})"
 
 
-def known_elsewhere(recorder: Any, case_id: str, check: Any) -> bool:
-    if check.name != "not_a_server_error" or recorder.label in READ_OPERATIONS:
-        return False
-    interaction = recorder.interactions.get(case_id)
-    body = interaction.request.body if interaction is not None else None
-    return isinstance(body, bytes) and NUL_IN_BODY in body
-
-
 def test_every_operation_conforms_to_the_document(live_server: ServerProcess) -> None:
     schema = load_schema(live_server)
     documented = {operation.ok().label for operation in schema.get_all_operations()}
@@ -149,8 +136,7 @@ def test_every_operation_conforms_to_the_document(live_server: ServerProcess) ->
             tested.add(recorder.label)
             for case_id, checks in recorder.checks.items():
                 problems += [describe(recorder, case_id, check) for check in checks
-                             if check.status == Status.FAILURE
-                             and not known_elsewhere(recorder, case_id, check)]
+                             if check.status == Status.FAILURE]
         elif isinstance(event, events.NonFatalError | events.FatalError):
             problems.append(f"schemathesis error: {event!r}"[:800])
     assert not problems, "\n".join(sorted(set(problems))[:40])

@@ -23,6 +23,25 @@ from mlrun.wire.schemas import RunId, decoder_for
 T = TypeVar("T")
 
 _FIELD_PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+# A JSON \u0000 escape not itself escaped (an odd run of backslashes before "u0000").
+_JSON_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def _nul_refused() -> InvalidInput:
+    # PostgreSQL text cannot hold NUL; refusing it here keeps it a 400 for every field instead
+    # of a storage error later.
+    return InvalidInput("text fields must not contain NUL (\\u0000) characters",
+                        code="invalid_field", field="body")
+
+
+def _has_nul(data: Any) -> bool:
+    if isinstance(data, str):
+        return "\x00" in data
+    if isinstance(data, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in data.items())
+    if isinstance(data, list | tuple):
+        return any(_has_nul(item) for item in data if isinstance(item, str | dict | list))
+    return False
 
 
 def _invalid(exc: msgspec.ValidationError, *, default_field: str) -> InvalidInput:
@@ -39,6 +58,8 @@ def decode_json(body: bytes, kind: type[T]) -> T:
     if not body.strip():
         raise InvalidInput("the request body is empty; a JSON object is expected",
                            code="malformed_json", field="body")
+    if _JSON_NUL.search(body):
+        raise _nul_refused()
     try:
         return decoder_for(kind).decode(body)
     except msgspec.ValidationError as exc:
@@ -50,6 +71,8 @@ def decode_json(body: bytes, kind: type[T]) -> T:
 
 def convert(data: Any, kind: type[T]) -> T:
     """Validate builtins (dicts, lists, scalars) into a schema Struct, constraints included."""
+    if _has_nul(data):
+        raise _nul_refused()
     try:
         return msgspec.convert(data, kind)
     except msgspec.ValidationError as exc:
