@@ -5,6 +5,7 @@ This package's top level is the SDK's public face:
     run = mlrun.init(project="vision", name=None, run_id=None, tags=None, config=None)
     run.log({"loss": 0.3, "acc": 0.9}, step=None)    # or mlrun.log(...) on the active run
     run.log_params({...}); run.log_tags({...})
+    run.log_artifact(path, name=None, type="file", wait=False)  # -> progress handle
     run.flush(timeout_s=None); run.finish(status="finished"); run.statistics()
     with mlrun.init(...) as run: ...                  # an exception marks the run failed
 
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
         flush,
         init,
         log,
+        log_artifact,
         log_params,
         log_tags,
     )
@@ -42,6 +44,7 @@ _SDK_EXPORTS = {
     "flush": "mlrun.sdk.run",
     "init": "mlrun.sdk.run",
     "log": "mlrun.sdk.run",
+    "log_artifact": "mlrun.sdk.run",
     "log_params": "mlrun.sdk.run",
     "log_tags": "mlrun.sdk.run",
     "Settings": "mlrun.sdk.settings",
@@ -64,6 +67,7 @@ __all__ = [
     "flush",
     "init",
     "log",
+    "log_artifact",
     "log_params",
     "log_tags",
 ]

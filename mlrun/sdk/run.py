@@ -1,5 +1,5 @@
 """`Run`: the SDK's public object, and the module-level API over the active run
-(`init`, `log`, `log_params`, `log_tags`, `flush`, `finish`).
+(`init`, `log`, `log_params`, `log_tags`, `log_artifact`, `flush`, `finish`).
 
 Threads of a run: the caller's (the training loop: `log()` only appends a tuple to a deque),
 the batcher (forms batches; see `mlrun.sdk.batcher`), the sender (delivers them; see
@@ -20,6 +20,10 @@ Lifecycle:
   `mlrun sync` (a warning names it). `with mlrun.init(...) as run:` finishes with "failed" on an
   exception ("killed" on KeyboardInterrupt) and re-raises.
 
+Artifacts: `log_artifact(path)` hands the file to the run's uploader thread (see
+`mlrun.sdk.artifacts`, imported on first use because it imports httpx) and returns its
+progress handle; `finish` waits for pending uploads within its deadline, then cancels them.
+
 Steps: `log(metrics)` without a step uses the previous step + 1 (starting at 0); an explicit
 step sets the counter. Steps from several threads should be explicit.
 
@@ -37,8 +41,9 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping
+from pathlib import Path
 from types import TracebackType
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 import msgspec
 
@@ -54,6 +59,9 @@ from mlrun.sdk.statistics import Counters, RunStatistics
 from mlrun.sdk.system_monitor import SystemMonitor
 from mlrun.sdk.transport import Transport, open_transport
 from mlrun.wire.schemas import FinalStatus, FinishRun, InitRun, ScalarValue
+
+if TYPE_CHECKING:
+    from mlrun.sdk.artifacts import ArtifactUpload, ArtifactUploader
 
 logger = logging.getLogger("mlrun.sdk")
 
@@ -86,6 +94,7 @@ class Run:
         self._step = -1
         self._system_step = 0
         self._counters = Counters()
+        self._uploader: ArtifactUploader | None = None
         directory = settings.spool_dir / f"{int(_time() * 1000):013d}.{os.getpid()}.{self.run_id}"
         self._spool = Spool.open(directory, max_bytes=settings.spool_max_bytes)
         try:
@@ -147,6 +156,26 @@ class Run:
     def log_tags(self, tags: Mapping[str, Any]) -> None:
         self._append(TAGS, tags)
 
+    def log_artifact(self, path: str | os.PathLike[str], name: str | None = None,
+                     type: str = "file", *, wait: bool = False) -> ArtifactUpload:
+        """Upload the file at `path` as an artifact of this run (`name` defaults to the file
+        name), on a background thread; `wait=True` blocks until it is finalized and raises
+        `ArtifactUploadFailed` if it failed. Otherwise follow the returned handle."""
+        from mlrun.sdk.artifacts import ArtifactUploader
+
+        file = Path(path)
+        if not file.is_file():
+            raise InvalidArgument(f"log_artifact: {str(file)!r} is not a readable file")
+        with self._finish_lock:
+            if self._closed:
+                raise RunClosed(f"run {self.run_id} is finished")
+            if self._uploader is None:
+                self._uploader = ArtifactUploader(self.run_id, self.settings)
+            handle = self._uploader.submit(file, name or file.name, type)
+        if wait:
+            handle.wait()
+        return handle
+
     def _append(self, kind: int, payload: Mapping[str, Any]) -> None:
         if self._closed:
             raise RunClosed(f"run {self.run_id} is finished")
@@ -202,6 +231,13 @@ class Run:
         # The batcher never waits on the network, so it gets its few moments (to form the last
         # batch and queue the finish) even when the deadline has passed already.
         self._batcher.join(max(deadline - time.monotonic(), _BATCHER_JOIN_S))
+        if self._uploader is not None:
+            # Uploads and the sender's last deliveries progress together on their threads.
+            late = self._uploader.close(deadline - time.monotonic())
+            if late:
+                logger.warning("mlrun: run %s: %d artifact uploads did not complete before the "
+                               "finish deadline and were cancelled: %s", self.run_id, len(late),
+                               ", ".join(repr(h.name) for h in late))
         if self._sender is not None:
             self._outbox.wait_settled(self._outbox.last_pos, deadline - time.monotonic())
         self._shutdown()
@@ -436,6 +472,11 @@ def log_params(params: Mapping[str, Any]) -> None:
 
 def log_tags(tags: Mapping[str, Any]) -> None:
     _require_active().log_tags(tags)
+
+
+def log_artifact(path: str | os.PathLike[str], name: str | None = None, type: str = "file",
+                 *, wait: bool = False) -> ArtifactUpload:
+    return _require_active().log_artifact(path, name, type, wait=wait)
 
 
 def flush(timeout_s: float | None = None) -> bool:
