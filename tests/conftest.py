@@ -7,6 +7,8 @@ session end. Never mock a database here; fakes belong only where a fault is inje
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -51,11 +53,14 @@ def server_env(
 
 @pytest.fixture
 def servers() -> Iterator[list[ServerProcess]]:
-    """Collects started servers and kills any a test left running (by PID)."""
+    """Collects started servers and stops any a test left running (by PID): SIGTERM first, so
+    an embedded PostgreSQL the server started is shut down with it, SIGKILL only if that hangs."""
     started: list[ServerProcess] = []
     yield started
     for server in started:
-        server.kill()
+        if server.process is not None and server.process.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):  # stop() killed it then
+                server.stop(timeout_s=10)
 
 
 @pytest.fixture
