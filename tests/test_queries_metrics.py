@@ -328,3 +328,30 @@ async def test_a_series_once_found_clean_is_checked_again_when_rows_arrive(
     assert as_samples(raw.points) == latest and raw.total_points == 300
     minmax = await read(queries, "r", "loss", "minmax", 50)
     assert as_samples(minmax.points) == reference(latest, "minmax", 50)
+
+
+@pytest.mark.parametrize("method", ["lttb", "minmax"])
+async def test_compare_of_runs_of_different_lengths_equals_the_reference_per_run(
+    queries: Queries, ch: ClickHouse, pg_dsn: str, method: Any
+) -> None:
+    rng = random.Random(21)
+    run_ids = [f"c{i}" for i in range(5)]
+    add_runs(pg_dsn, run_ids)
+    writer = Writer(ch)
+    latest: dict[str, list[Sample]] = {}
+    for index, run_id in enumerate(run_ids):
+        samples = random_series(rng, 400 + 700 * index, sparse=bool(index % 2))
+        await writer.insert(run_id, "loss", samples)
+        if index == 3:  # one series with rewritten steps: read through the deduplicating path
+            rewritten = {s.key: Sample(s.key, s.value * 2, s.other) for s in samples[::5]}
+            await writer.insert(run_id, "loss", list(rewritten.values()))
+            samples = [rewritten.get(s.key, s) for s in samples]
+        latest[run_id] = samples
+    with anyio.fail_after(DEADLINE_S):
+        result = await queries.compare(READER, CompareRuns(
+            run_ids=run_ids, max_points=150, method=method, alignment="absolute_time"))
+    for run in result.runs:
+        (series,) = run.series
+        expected = latest[run.run_id]
+        assert series.total_points == len(expected)
+        assert as_samples(series.points) == reference(expected, method, 150), run.run_id
