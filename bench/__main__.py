@@ -1,8 +1,12 @@
-"""`python -m bench` (from the repository root): parse the options, get a target, run the sweep,
-print the table, write the JSON report.
+"""`python -m bench` (from the repository root): parse the options, get a target, run the
+workloads, print the table, write the JSON report and the PNG plot next to it.
 
-    python -m bench                         own server on real backends, K = 1, 8, 32, HTTP+gRPC
-    python -m bench --quick                 the same in under a minute (2 s per workload)
+    python -m bench                         own server on real backends, every workload:
+                                            ingest + baseline at K = 1, 8, 32, 128 (HTTP+gRPC),
+                                            sdk, query, then overload on a second own server
+                                            with MLRUN_PIPELINE_MAX_ROWS=8000; under 5 minutes
+    python -m bench --quick                 the same, smaller, in about a minute
+    python -m bench --workloads ingest,baseline,sdk    a subset
     python -m bench --embedded              own server on the embedded default
     python -m bench --url http://host:3001 --api-key KEY [--grpc-target host:50051]
                     [--server-pid PID] [--clickhouse-url http://host:8123 ...]
@@ -26,19 +30,40 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import cast
 
+import msgspec
+
 from bench.errors import BenchError
 from bench.metrics_store import ClickHouseServerStore
-from bench.report import Transport, render_table, write_json
+from bench.plot import write_plot
+from bench.query_workload import quick_settings
+from bench.report import Report, Transport, render_table, write_json
+from bench.sdk import SdkSettings
 from bench.suite import Suite, SuiteSettings
 from bench.targets import Target, external_server, own_server_embedded, own_server_on_real_backends
 
-_DEFAULT_DURATION_S = 10.0
+_DEFAULT_DURATION_S = 5.0
 _QUICK_DURATION_S = 2.0
 _DEFAULT_GRACE_S = 15.0
 _QUICK_GRACE_S = 5.0
 _TRANSPORTS: tuple[Transport, ...] = ("http", "grpc")
 _MAX_WRITERS = 512
 _MAX_DURATION_S = 3600.0
+_WORKLOADS = ("ingest", "overload", "query", "sdk", "baseline")
+_DEFAULT_WRITERS = (1, 8, 32, 128)
+_QUICK_WRITERS = (1, 8)
+_OVERLOAD_WRITERS = (4, 32, 128)
+_QUICK_OVERLOAD_WRITERS = (4, 64)
+# The overload server's pipeline: a few 1000-point batches, so K writers exceed it quickly.
+_OVERLOAD_PIPELINE_MAX_ROWS = "8000"
+_SDK_LOG_CALLS = 200_000
+_QUICK_SDK_LOG_CALLS = 20_000
+
+
+def _workloads(text: str) -> frozenset[str]:
+    names = frozenset(part.strip() for part in text.split(",") if part.strip())
+    if not names or names - set(_WORKLOADS):
+        raise argparse.ArgumentTypeError(f"workloads are a comma list of {', '.join(_WORKLOADS)}")
+    return names
 
 
 def _writer_counts(text: str) -> tuple[int, ...]:
@@ -116,8 +141,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                        metavar="NAME=VALUE", help="extra environment for an own server")
 
     load = parser.add_argument_group("load")
-    load.add_argument("--writers", type=_writer_counts, default=(1, 8, 32),
-                      help="comma list of writer counts K (default 1,8,32)")
+    load.add_argument("--workloads", type=_workloads, default=frozenset(_WORKLOADS),
+                      help=f"comma list of {','.join(_WORKLOADS)} (default all)")
+    load.add_argument("--writers", type=_writer_counts,
+                      help="comma list of writer counts K (default 1,8,32,128; --quick 1,8)")
+    load.add_argument("--overload-writers", type=_writer_counts,
+                      help="K steps of the overload workload (default 4,32,128; --quick 4,64)")
     load.add_argument("--transports", type=_transports, default=_TRANSPORTS,
                       help="comma list of http, grpc (default both)")
     load.add_argument("--batch-size", type=_positive_int, default=1000,
@@ -156,8 +185,9 @@ def _clickhouse_of(args: argparse.Namespace) -> ClickHouseServerStore | None:
 
 
 @contextlib.contextmanager
-def _target(args: argparse.Namespace, log_dir: Path) -> Iterator[Target]:
-    extra_env = dict(args.server_env)
+def _target(args: argparse.Namespace, log_dir: Path,
+            overrides: dict[str, str] | None = None) -> Iterator[Target]:
+    extra_env = {**(overrides or {}), **dict(args.server_env)}
     if args.url:
         grpc_target = args.grpc_target
         if grpc_target is None:
@@ -176,33 +206,71 @@ def _progress(line: str) -> None:
     print(f"bench: {line}", file=sys.stderr, flush=True)
 
 
+def _run(args: argparse.Namespace, settings: SuiteSettings, log_dir: Path) -> Report:
+    """Everything but overload on one target; overload on a second server with a small pipeline
+    (or on the same --url server), merged into one report."""
+    report: Report | None = None
+    if settings.workloads - {"overload"}:
+        with _target(args, log_dir) as target:
+            report = Suite(target, settings).run(_progress)
+    if "overload" not in settings.workloads:
+        assert report is not None
+        return report
+    overrides = {} if args.url else {"MLRUN_PIPELINE_MAX_ROWS": _OVERLOAD_PIPELINE_MAX_ROWS}
+    _progress("overload: starting a server with a small pipeline" if overrides else
+              "overload: on the given server")
+    with _target(args, log_dir / "overload", overrides) as target:
+        overloaded = Suite(target, settings).run_overload(_progress)
+    env = {**overrides, **dict(args.server_env)}
+    if report is None:
+        return msgspec.structs.replace(overloaded, overload_server_env=env)
+    return msgspec.structs.replace(
+        report, overload=overloaded.overload, overload_server_env=env,
+        problems=[*report.problems, *overloaded.problems],
+        notes=[*report.notes, *(n for n in overloaded.notes if n not in report.notes)],
+        exactly_once=None if report.exactly_once is None and overloaded.exactly_once is None
+        else (report.exactly_once is not False and overloaded.exactly_once is not False),
+        finished_at=overloaded.finished_at)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     duration_s = args.duration or (_QUICK_DURATION_S if args.quick else _DEFAULT_DURATION_S)
+    quick = args.quick
     settings = SuiteSettings(
-        writers=args.writers,
+        writers=args.writers or (_QUICK_WRITERS if quick else _DEFAULT_WRITERS),
         transports=args.transports,
         duration_s=duration_s,
         batch_points=args.batch_size,
         request_timeout_s=args.request_timeout,
         grace_s=_QUICK_GRACE_S if args.quick else _DEFAULT_GRACE_S,
         quick=args.quick,
+        workloads=args.workloads,
+        overload_writers=args.overload_writers or (
+            _QUICK_OVERLOAD_WRITERS if quick else _OVERLOAD_WRITERS),
+        sdk=SdkSettings(log_calls=_QUICK_SDK_LOG_CALLS if quick else _SDK_LOG_CALLS,
+                        max_wall_s=10.0 if quick else 30.0,
+                        visible_samples=10 if quick else 50, visible_timeout_s=10.0,
+                        finish_timeout_s=30.0),
+        query=quick_settings(quick),
     )
     stem = "bench-" + datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     out_dir: Path = args.out
     try:
         _progress("starting the target" if not args.url else f"target {args.url}")
-        with _target(args, out_dir / f"{stem}-logs") as target:
-            report = Suite(target, settings).run(_progress)
+        report = _run(args, settings, out_dir / f"{stem}-logs")
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("bench: interrupted; every process it started was stopped", file=sys.stderr)
         return 1
+    plot = write_plot(report, out_dir, stem)
+    if plot is not None:
+        report = msgspec.structs.replace(report, plot=str(plot))
     path = write_json(report, out_dir, stem)
     print(render_table(report))
-    print(f"\nreport: {path}")
+    print(f"\nreport: {path}" + (f"\nplot: {plot}" if plot else ""))
     return 1 if report.problems or report.exactly_once is False else 0
 
 

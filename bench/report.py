@@ -52,7 +52,7 @@ class CountBack(Struct, frozen=True, kw_only=True):
 
 
 class WorkloadResult(Struct, frozen=True, kw_only=True):
-    workload: Literal["baseline", "ingest"]
+    workload: Literal["baseline", "ingest", "overload"]
     transport: Transport
     writers: int
     batch_points: int
@@ -84,6 +84,46 @@ class WorkloadResult(Struct, frozen=True, kw_only=True):
     points_per_s_ratio_to_baseline: float | None = None
     p50_ratio_to_baseline: float | None = None
     p99_ratio_to_baseline: float | None = None
+
+
+class OverheadUs(Struct, frozen=True, kw_only=True):
+    p50: float | None
+    p99: float | None
+    max: float | None
+
+
+class SdkResult(Struct, frozen=True, kw_only=True):
+    """`mlrun.init` + `log()` against the bench's server, the SDK's sender thread running."""
+
+    run_id: str
+    log_calls: int
+    log_wall_s: float  # all timed calls, back to back
+    log_overhead_us: OverheadUs  # one `log()` call, perf_counter_ns around it
+    finish_s: float  # `run.finish()` after the timed calls: the sender drains its queue
+    stored_points: int | None  # counted back from ClickHouse after finish (None: no store)
+    visible_samples: int  # points logged one at a time and polled for in ClickHouse
+    visible_timeouts: int  # samples not visible within `visible_timeout_s`
+    visible_timeout_s: float
+    visible_ms: LatencyMs  # log() to the point being readable in ClickHouse
+    sdk_statistics: dict[str, int | float | str | None]
+
+
+class QueryLatency(Struct, frozen=True, kw_only=True):
+    workload: str
+    requests: int
+    latency_ms: LatencyMs
+    response_bytes: int
+    data: str
+    target_ms: float | None
+    meets_target: bool | None
+
+
+class QuerySection(Struct, frozen=True, kw_only=True):
+    """`bench.query`'s read-path latencies, run on the bench's server."""
+
+    sizes: dict[str, int]
+    seed_s: float
+    results: list[QueryLatency]
 
 
 class TargetInfo(Struct, frozen=True, kw_only=True):
@@ -118,6 +158,12 @@ class Report(Struct, frozen=True, kw_only=True):
     exactly_once: bool | None  # every count-back matched (None: nothing could be counted)
     problems: list[str]  # correctness failures and writers that stopped early
     notes: list[str]
+    workloads: list[str] = []  # which of ingest, baseline, overload, query, sdk were run
+    overload: list[WorkloadResult] = []  # a server with a small pipeline, K rising
+    overload_server_env: dict[str, str] = {}
+    sdk: SdkResult | None = None
+    query: QuerySection | None = None
+    plot: str | None = None  # the PNG next to the JSON
 
 
 def percentile_ms(sorted_s: Sequence[float], fraction: float) -> float | None:
@@ -182,7 +228,7 @@ def _row(result: WorkloadResult) -> list[str]:
         name,
         str(result.writers),
         _cell(result.points_per_s),
-        _cell(result.points_per_s_ratio_to_baseline, 2) if result.workload == "ingest" else "1",
+        _cell(result.points_per_s_ratio_to_baseline, 2) if result.workload != "baseline" else "1",
         _cell(result.latency_ms.p50, 1),
         _cell(result.latency_ms.p95, 1),
         _cell(result.latency_ms.p99, 1),
@@ -200,17 +246,54 @@ def _row(result: WorkloadResult) -> list[str]:
     ]
 
 
-def render_table(report: Report) -> str:
-    """Baseline and ingest rows grouped by K (baseline first), then problems and notes."""
+def _rows_text(results: Sequence[WorkloadResult]) -> list[str]:
     header = [name for name, _ in _COLUMNS]
     widths = [max(width, len(name)) for name, width in _COLUMNS]
+    rows = [header, *(_row(result) for result in results)]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+    lines = []
+    for index, row in enumerate(rows):
+        lines.append("  ".join(
+            cell.ljust(width) if column < 1 else cell.rjust(width)
+            for column, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ).rstrip())
+        if index == 0:
+            lines.append("  ".join("-" * width for width in widths))
+    return lines
+
+
+def _sdk_lines(sdk: SdkResult) -> list[str]:
+    o, v = sdk.log_overhead_us, sdk.visible_ms
+    stored = "not counted" if sdk.stored_points is None else f"{sdk.stored_points} stored"
+    return [
+        f"sdk: {sdk.log_calls} log() calls in {sdk.log_wall_s:.2f} s; overhead per call"
+        f" p50 {_cell(o.p50, 1)} us, p99 {_cell(o.p99, 1)} us, max {_cell(o.max, 0)} us;"
+        f" finish {sdk.finish_s:.2f} s; {stored}",
+        f"sdk: log-to-visible in ClickHouse over {sdk.visible_samples} samples:"
+        f" p50 {_cell(v.p50, 1)} ms, p95 {_cell(v.p95, 1)} ms, max {_cell(v.max, 1)} ms;"
+        f" {sdk.visible_timeouts} not visible within {sdk.visible_timeout_s:g} s",
+    ]
+
+
+def _query_lines(query: QuerySection) -> list[str]:
+    header = f"{'query':18} {'p50 ms':>8} {'p99 ms':>8} {'target':>7} {'KB':>7}  data"
+    lines = [f"query: seeded {query.sizes} in {query.seed_s:.1f} s", header, "-" * len(header)]
+    for r in query.results:
+        goal = "-" if r.target_ms is None else f"<{r.target_ms:g}"
+        mark = "" if r.meets_target is None else (" ok" if r.meets_target else " MISSED")
+        lines.append(f"{r.workload:18} {r.latency_ms.p50 or 0:8.1f} {r.latency_ms.p99 or 0:8.1f}"
+                     f" {goal:>7} {r.response_bytes / 1024:7.0f}  {r.data}{mark}")
+    return lines
+
+
+def render_table(report: Report) -> str:
+    """Baseline and ingest rows grouped by K (baseline first), overload, sdk, query, then
+    problems and notes."""
     results = sorted(
         [*report.baseline, *report.ingest],
         key=lambda r: (r.writers, r.workload != "baseline", r.transport),
     )
-    rows = [header, *(_row(result) for result in results)]
-    for row in rows:
-        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
     lines = [
         f"MLRun bench - {report.target.description}",
         f"{report.settings.batch_points}-point batches"
@@ -220,14 +303,16 @@ def render_table(report: Report) -> str:
         " cpu columns: % of one core; x base: points/s over the direct ClickHouse insert",
         "",
     ]
-    for index, row in enumerate(rows):
-        lines.append("  ".join(
-            cell.ljust(width) if column < 1 else cell.rjust(width)
-            for column, (cell, width) in enumerate(zip(row, widths, strict=True))
-        ).rstrip())
-        if index == 0:
-            lines.append("  ".join("-" * width for width in widths))
-    lines.append("")
+    if results:
+        lines += [*_rows_text(results), ""]
+    if report.overload:
+        env = " ".join(f"{k}={v}" for k, v in sorted(report.overload_server_env.items()))
+        lines += [f"overload (server {env or 'as given'}; srv MB: peak RSS during the step):",
+                  *_rows_text(report.overload), ""]
+    if report.sdk is not None:
+        lines += [*_sdk_lines(report.sdk), ""]
+    if report.query is not None:
+        lines += [*_query_lines(report.query), ""]
     verdicts = {True: "yes, every count-back matched", False: "NO - see problems",
                 None: "not checked (no ClickHouse to count in)"}
     lines.append("exactly once: " + verdicts[report.exactly_once])

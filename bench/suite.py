@@ -9,6 +9,10 @@ Owns the order of a bench run and the assembly of its report:
     embedded default:                 ingest sweep first; then stop the server, open its chdb
                                       directory, count every workload back, run the baselines
 
+Then, on the same server, `sdk` (bench.sdk) and `query` (bench.query through
+bench.query_workload). `run_overload` is the overload sweep (K rising, first transport) for a
+second Suite on a server with a small pipeline; `__main__` merges the two reports.
+
 Every workload writes to its own fresh runs (`bench-<session>-<workload>-k<K>-w<i>`), so
 counting back is exact and runs of the bench never mix. CPU and RSS are sampled around each
 workload (`processes.UsageProbe`). Loops are bounded: the writer counts and transports are
@@ -34,10 +38,14 @@ from bench.errors import BenchError
 from bench.ingest import GrpcIngestSender, HttpIngestSender, RunsClient
 from bench.metrics_store import MetricsStore, StoreError, count_points
 from bench.processes import Usage, UsageProbe
+from bench.query import Settings as QuerySettings
+from bench.query_workload import run_query_workload
 from bench.report import (
     CountBack,
     ProcessUsage,
+    QuerySection,
     Report,
+    SdkResult,
     Settings,
     TargetInfo,
     Transport,
@@ -45,6 +53,7 @@ from bench.report import (
     latency_summary,
     ratio,
 )
+from bench.sdk import SdkSettings, run_sdk_workload
 from bench.targets import Target
 from bench.writers import NORMAL_STOPS, Limits, Sender, run_writers
 
@@ -63,6 +72,10 @@ class SuiteSettings:
     request_timeout_s: float
     grace_s: float
     quick: bool
+    workloads: frozenset[str] = frozenset({"ingest", "baseline"})
+    overload_writers: tuple[int, ...] = ()
+    sdk: SdkSettings | None = None
+    query: QuerySettings | None = None
 
 
 def _now_iso() -> str:
@@ -111,6 +124,10 @@ class Suite:
         )
         self.baseline: list[WorkloadResult] = []
         self.ingest: list[WorkloadResult] = []
+        self.overload: list[WorkloadResult] = []
+        self.sdk: SdkResult | None = None
+        self.query: QuerySection | None = None
+        self.query_problems: list[str] = []
         self.notes: list[str] = list(target.notes)
         self.server_exit_status: int | None = None
         self._progress: Callable[[str], None] = lambda line: None
@@ -121,18 +138,38 @@ class Suite:
         self._progress = progress
         started_at = _now_iso()
         store = self.target.store
-        for writers in self.settings.writers:
-            if store is not None:
+        workloads = self.settings.workloads
+        for writers in self.settings.writers if workloads & {"ingest", "baseline"} else ():
+            if store is not None and "baseline" in workloads:
                 self.baseline.append(self._baseline(store, writers))
-            for transport in self.settings.transports:
+            for transport in self.settings.transports if "ingest" in workloads else ():
                 self.ingest.append(self._ingest(transport, writers, store))
+        if "sdk" in workloads and self.settings.sdk is not None:
+            self.sdk = run_sdk_workload(self.target, self.settings.sdk, progress)
+        if "query" in workloads and self.settings.query is not None:
+            self.query, self.query_problems = run_query_workload(
+                self.target, self.settings.query, progress)
+        self._stop_and_count_back()
+        return self._report(started_at)
+
+    def run_overload(self, progress: Callable[[str], None]) -> Report:
+        """K rising against a server with a small pipeline (the target's), first transport."""
+        self._progress = progress
+        started_at = _now_iso()
+        transport = self.settings.transports[0]
+        for writers in self.settings.overload_writers:
+            self.overload.append(
+                self._ingest(transport, writers, self.target.store, workload="overload"))
+        self._stop_and_count_back()
+        return self._report(started_at)
+
+    def _stop_and_count_back(self) -> None:
         self.server_exit_status = self.target.stop_server()
         if self.server_exit_status not in (0, None):
             self.notes.append(f"the server exited with status {self.server_exit_status}")
         if self.target.after_stop_store is not None:
             self._after_stop(self.target.after_stop_store())
         self.ingest = [self._with_ratios(result) for result in self.ingest]
-        return self._report(started_at)
 
     def _after_stop(self, store: MetricsStore) -> None:
         """Embedded default: count back what the stopped server stored, then the baselines."""
@@ -141,7 +178,12 @@ class Suite:
             msgspec.structs.replace(result, count_back=_count_back(store, result))
             for result in self.ingest
         ]
-        self.baseline = [self._baseline(store, writers) for writers in self.settings.writers]
+        self.overload = [
+            msgspec.structs.replace(result, count_back=_count_back(store, result))
+            for result in self.overload
+        ]
+        if "baseline" in self.settings.workloads and not self.overload:
+            self.baseline = [self._baseline(store, writers) for writers in self.settings.writers]
 
     # --- one workload -------------------------------------------------------------------------
 
@@ -163,13 +205,14 @@ class Suite:
         return msgspec.structs.replace(result, count_back=_count_back(store, result))
 
     def _ingest(
-        self, transport: Transport, writers: int, store: MetricsStore | None
+        self, transport: Transport, writers: int, store: MetricsStore | None,
+        workload: str = "ingest",
     ) -> WorkloadResult:
         target = self.target
-        run_ids = self._run_ids(transport, writers)
+        run_ids = self._run_ids(f"{workload}-{transport}", writers)
         timeout_s = self.settings.request_timeout_s
         where = target.http_url if transport == "http" else target.grpc_target
-        self._progress(f"ingest: {writers} writer(s) over {transport} to {where}")
+        self._progress(f"{workload}: {writers} writer(s) over {transport} to {where}")
         runs = RunsClient(target.http_url, target.api_key, timeout_s=timeout_s)
         runs.create(run_ids, project=_PROJECT)
         senders: list[Sender[bytes]] = []
@@ -187,7 +230,7 @@ class Suite:
             for sender in senders:
                 sender.close()
             raise
-        result = self._measure("ingest", transport, senders, run_ids)
+        result = self._measure(workload, transport, senders, run_ids)
         runs.finish(run_ids)
         count = _count_back(store, result) if store is not None else None
         return msgspec.structs.replace(result, count_back=count)
@@ -232,7 +275,8 @@ class Suite:
         requests = sum(t.requests for t in run.tallies)
         throttled = sum(t.throttled for t in run.tallies)
         return WorkloadResult(
-            workload="baseline" if workload == "baseline" else "ingest",
+            workload="baseline" if workload == "baseline" else (
+                "overload" if workload == "overload" else "ingest"),
             transport=transport,
             writers=len(senders),
             batch_points=shape.points_per_batch,
@@ -269,8 +313,8 @@ class Suite:
     # --- the report ---------------------------------------------------------------------------
 
     def _report(self, started_at: str) -> Report:
-        problems: list[str] = []
-        for result in [*self.baseline, *self.ingest]:
+        problems: list[str] = list(self.query_problems)
+        for result in [*self.baseline, *self.ingest, *self.overload]:
             label = f"{result.workload} {result.transport} K={result.writers}"
             if result.count_back is not None and not result.count_back.exactly_once:
                 c = result.count_back
@@ -291,7 +335,12 @@ class Suite:
                 self.notes.append(
                     f"{label}: the load generator used {result.generator.cpu_share:.0%} of a"
                     " core; it may have limited the rate")
-        counted = [r.count_back for r in [*self.baseline, *self.ingest] if r.count_back]
+        counted = [r.count_back for r in [*self.baseline, *self.ingest, *self.overload]
+                   if r.count_back]
+        if self.sdk is not None and self.sdk.stored_points is not None \
+                and self.sdk.stored_points != self.sdk.log_calls:
+            problems.append(f"sdk: {self.sdk.stored_points} points stored for"
+                            f" {self.sdk.log_calls} log() calls")
         store = self.target.store
         return Report(
             started_at=started_at,
@@ -320,5 +369,9 @@ class Suite:
             exactly_once=all(c.exactly_once for c in counted) if counted else None,
             problems=problems,
             notes=self.notes,
+            workloads=sorted(self.settings.workloads),
+            overload=self.overload,
+            sdk=self.sdk,
+            query=self.query,
         )
 

@@ -62,7 +62,8 @@ def test_quick_bench_on_real_backends_stores_every_acknowledged_point_once(
     out_dir = tmp_path / "bench-out"
     completed = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--duration", "2", "--writers", "1",
-         "--transports", ",".join(TRANSPORTS), "--out", str(out_dir)],
+         "--transports", ",".join(TRANSPORTS), "--workloads", "ingest,baseline,sdk",
+         "--out", str(out_dir)],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -98,5 +99,14 @@ def test_quick_bench_on_real_backends_stores_every_acknowledged_point_once(
         assert result["points_per_s_ratio_to_baseline"] > 0
         assert result["server"]["cpu_s"] > 0
         assert result["server"]["peak_rss_bytes"] > 0
+    # sdk: every log() call was timed and its point counted back from ClickHouse.
+    sdk = report["sdk"]
+    assert sdk["log_calls"] > 0 and sdk["stored_points"] == sdk["log_calls"], sdk
+    assert 0 < sdk["log_overhead_us"]["p50"] <= sdk["log_overhead_us"]["p99"]
+    assert sdk["visible_timeouts"] == 0 and sdk["visible_ms"]["p50"] > 0, sdk
+    assert report["overload"] == [] and report["query"] is None
+    assert sorted(report["workloads"]) == ["baseline", "ingest", "sdk"]
+    plot = Path(report["plot"])
+    assert plot.parent == out_dir and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The table names the verdict too.
     assert "exactly once: yes" in completed.stdout
