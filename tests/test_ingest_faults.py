@@ -134,11 +134,14 @@ def assert_exactly_once(reader: ClickHouseReader, run_id: str, acked_steps: set[
     """
     where = f"run_id = '{run_id}'"
     (stats,) = reader.rows(
-        "SELECT count() AS n, sum(step) AS s, sum(step * step) AS s2, min(step) AS lo, "
+        # UInt64 sums wrap around (modulo 2^64), as the Python side below does on purpose.
+        "SELECT count() AS n, sum(step) AS s, sum(toUInt64(step) * toUInt64(step)) AS s2, "
+        "min(step) AS lo, "
         "max(step) AS hi, countIf(abs(v - step / 7) > 1e-9) AS wrong FROM "
         f"(SELECT step, argMax(value, version) AS v FROM metrics WHERE {where} GROUP BY step)")
     assert stats == {
-        "n": len(acked_steps), "s": sum(acked_steps), "s2": sum(x * x for x in acked_steps),
+        "n": len(acked_steps), "s": sum(acked_steps),
+        "s2": sum(x * x for x in acked_steps) % 2**64,
         "lo": min(acked_steps), "hi": max(acked_steps), "wrong": 0}
     assert reader.scalar(f"SELECT count() FROM metrics FINAL WHERE {where}") == len(acked_steps)
     summary = reader.rows(

@@ -27,21 +27,33 @@ _FIELD_PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
 _JSON_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 
 
-def _nul_refused() -> InvalidInput:
+def _nul_refused(field: str) -> InvalidInput:
     # PostgreSQL text cannot hold NUL; refusing it here keeps it a 400 for every field instead
     # of a storage error later.
-    return InvalidInput("text fields must not contain NUL (\\u0000) characters",
-                        code="invalid_field", field="body")
+    return InvalidInput(f"{field}: text must not contain NUL (\\u0000) characters",
+                        code="invalid_field", field=field)
 
 
-def _has_nul(data: Any) -> bool:
+def _nul_field(data: Any, path: str = "") -> str | None:
+    """The path of the first string holding a NUL character (`tags[2].value`), or None."""
     if isinstance(data, str):
-        return "\x00" in data
+        return (path or "body") if "\x00" in data else None
+    if isinstance(data, msgspec.Struct):
+        data = {name: getattr(data, name) for name in data.__struct_fields__}
     if isinstance(data, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in data.items())
-    if isinstance(data, list | tuple):
-        return any(_has_nul(item) for item in data if isinstance(item, str | dict | list))
-    return False
+        for key, value in data.items():
+            if isinstance(key, str) and "\x00" in key:
+                return f"{path}.{key!r}".lstrip(".")
+            found = _nul_field(value, f"{path}.{key}".lstrip("."))
+            if found is not None:
+                return found
+    elif isinstance(data, list | tuple):
+        for index, item in enumerate(data):
+            if isinstance(item, str | dict | list | tuple | msgspec.Struct):
+                found = _nul_field(item, f"{path}[{index}]")
+                if found is not None:
+                    return found
+    return None
 
 
 def _invalid(exc: msgspec.ValidationError, *, default_field: str) -> InvalidInput:
@@ -58,21 +70,23 @@ def decode_json(body: bytes, kind: type[T]) -> T:
     if not body.strip():
         raise InvalidInput("the request body is empty; a JSON object is expected",
                            code="malformed_json", field="body")
-    if _JSON_NUL.search(body):
-        raise _nul_refused()
     try:
-        return decoder_for(kind).decode(body)
+        decoded = decoder_for(kind).decode(body)
     except msgspec.ValidationError as exc:
         raise _invalid(exc, default_field="body") from None
     except msgspec.DecodeError as exc:
         raise InvalidInput(f"the request body is not valid JSON: {exc}", code="malformed_json",
                            field="body") from None
+    # The byte scan is the cheap filter; only a body that has the escape is walked for the field.
+    if _JSON_NUL.search(body) and (field := _nul_field(decoded)) is not None:
+        raise _nul_refused(field)
+    return decoded
 
 
 def convert(data: Any, kind: type[T]) -> T:
     """Validate builtins (dicts, lists, scalars) into a schema Struct, constraints included."""
-    if _has_nul(data):
-        raise _nul_refused()
+    if (field := _nul_field(data)) is not None:
+        raise _nul_refused(field)
     try:
         return msgspec.convert(data, kind)
     except msgspec.ValidationError as exc:
