@@ -39,7 +39,7 @@ import pytest
 from bench.errors import BenchError
 from bench.metrics_store import ChdbStore, ClickHouseServerStore, MetricsStore
 from bench.processes import Watched
-from tests.server_process import ServerProcess
+from tests.server_process import ServerProcess, real_backend_env
 
 TargetKind = Literal["own-real-backends", "own-embedded", "external"]
 
@@ -174,16 +174,9 @@ def own_server_on_real_backends(
 
         api_key = _generated_api_key()
         env = _server_environment(api_key, work_dir / "data", {
-            "DATABASE_URL": postgres.dsn(),
-            "CLICKHOUSE_HOST": clickhouse.host,
-            "CLICKHOUSE_PORT": str(clickhouse.port),
-            "CLICKHOUSE_USER": clickhouse.user,
-            "CLICKHOUSE_PASSWORD": clickhouse.password,
-            "CLICKHOUSE_DATABASE": _CLICKHOUSE_DATABASE,
-            "MINIO_ENDPOINT": s3.endpoint,
-            "MINIO_ACCESS_KEY": s3.access_key,
-            "MINIO_SECRET_KEY": s3.secret_key,
-            "MINIO_BUCKET": "mlrun-bench",
+            **real_backend_env(database_url=postgres.dsn(), clickhouse=clickhouse,
+                               clickhouse_database=_CLICKHOUSE_DATABASE, s3=s3,
+                               bucket="mlrun-bench"),
             **extra_env,
         })
         server, stop_server = stack.enter_context(_server_process(env, work_dir))

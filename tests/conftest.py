@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from readback import ClickHouseReader
-from server_process import TEST_API_KEY, ServerProcess
+from server_process import TEST_API_KEY, ServerProcess, real_backend_env
 
 pytest_plugins = [
     "backends.postgres",
@@ -36,16 +36,9 @@ def server_env(
         "API_HTTP_PORT": "0",
         "API_GRPC_PORT": "0",
         "MLRUN_API_KEY": TEST_API_KEY,
-        "DATABASE_URL": postgres_dsn,
-        "CLICKHOUSE_HOST": clickhouse_server.host,
-        "CLICKHOUSE_PORT": str(clickhouse_server.port),
-        "CLICKHOUSE_USER": clickhouse_server.user,
-        "CLICKHOUSE_PASSWORD": clickhouse_server.password,
-        "CLICKHOUSE_DATABASE": clickhouse_database,
-        "MINIO_ENDPOINT": s3_server.endpoint,
-        "MINIO_ACCESS_KEY": s3_server.access_key,
-        "MINIO_SECRET_KEY": s3_server.secret_key,
-        "MINIO_BUCKET": f"test-{uuid.uuid4().hex[:12]}",
+        **real_backend_env(database_url=postgres_dsn, clickhouse=clickhouse_server,
+                           clickhouse_database=clickhouse_database, s3=s3_server,
+                           bucket=f"test-{uuid.uuid4().hex[:12]}"),
         "MLRUN_STARTUP_TIMEOUT_S": "20",
         "MLRUN_DATA_DIR": tempfile.mkdtemp(prefix="mlrun-test-data-"),
     }

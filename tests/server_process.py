@@ -15,9 +15,28 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 # The bootstrap admin key every test server is started with.
 TEST_API_KEY = "mlrun_test-bootstrap-key-0123456789abcdef0123456789"
+
+def real_backend_env(*, database_url: str, clickhouse: Any, clickhouse_database: str,
+                     s3: Any, bucket: str) -> dict[str, str]:
+    """The backend variables of a server on the test session's real PostgreSQL, ClickHouse
+    (`clickhouse`: host, port, user, password) and S3 (`s3`: endpoint, access/secret key)."""
+    return {
+        "DATABASE_URL": database_url,
+        "CLICKHOUSE_HOST": clickhouse.host,
+        "CLICKHOUSE_PORT": str(clickhouse.port),
+        "CLICKHOUSE_USER": clickhouse.user,
+        "CLICKHOUSE_PASSWORD": clickhouse.password,
+        "CLICKHOUSE_DATABASE": clickhouse_database,
+        "MINIO_ENDPOINT": s3.endpoint,
+        "MINIO_ACCESS_KEY": s3.access_key,
+        "MINIO_SECRET_KEY": s3.secret_key,
+        "MINIO_BUCKET": bucket,
+    }
+
 
 _HTTP_LINE = re.compile(r"HTTP listening on http://(?P<host>[^\s]+):(?P<port>\d+)")
 _GRPC_LINE = re.compile(r"gRPC listening on (?P<host>[^\s]+):(?P<port>\d+)")

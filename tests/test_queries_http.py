@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from backends.postgres import fresh_database
-from server_process import TEST_API_KEY, ServerProcess
+from server_process import TEST_API_KEY, ServerProcess, real_backend_env
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -35,16 +35,9 @@ def module_server_env(postgres_dsn: str, clickhouse_server: Any, s3_server: Any)
         "API_HTTP_PORT": "0",
         "API_GRPC_PORT": "0",
         "MLRUN_API_KEY": TEST_API_KEY,
-        "DATABASE_URL": postgres_dsn,
-        "CLICKHOUSE_HOST": clickhouse_server.host,
-        "CLICKHOUSE_PORT": str(clickhouse_server.port),
-        "CLICKHOUSE_USER": clickhouse_server.user,
-        "CLICKHOUSE_PASSWORD": clickhouse_server.password,
-        "CLICKHOUSE_DATABASE": f"test_{uuid.uuid4().hex[:16]}",
-        "MINIO_ENDPOINT": s3_server.endpoint,
-        "MINIO_ACCESS_KEY": s3_server.access_key,
-        "MINIO_SECRET_KEY": s3_server.secret_key,
-        "MINIO_BUCKET": f"test-{uuid.uuid4().hex[:12]}",
+        **real_backend_env(database_url=postgres_dsn, clickhouse=clickhouse_server,
+                           clickhouse_database=f"test_{uuid.uuid4().hex[:16]}", s3=s3_server,
+                           bucket=f"test-{uuid.uuid4().hex[:12]}"),
         "MLRUN_STARTUP_TIMEOUT_S": "30",
         "MLRUN_DATA_DIR": tempfile.mkdtemp(prefix="mlrun-test-data-"),
     }

@@ -97,8 +97,9 @@ class VersionClock:
         return base
 
 
-def flatten_points(points: Sequence[MetricPoint], batch: IngestBatch | None = None,
-                   *, field: str) -> list[Point]:
+def flatten_points(points: Sequence[MetricPoint], batch: IngestBatch | None = None
+                   ) -> list[Point]:
+    """Row points plus, when `batch` is given, its columnar `series`, as one list."""
     flat: list[Point] = [(p.name, p.step, p.value, p.timestamp) for p in points]
     if batch is not None:
         for index, series in enumerate(batch.series):
@@ -215,10 +216,10 @@ class Ingest:
     async def _log_batch(self, batch: IngestBatch) -> IngestResult:
         warnings: list[IngestWarning] = []
         metric_points = drop_non_finite(
-            flatten_points(batch.metrics, batch, field="metrics"), field="metrics",
+            flatten_points(batch.metrics, batch), field="metrics",
             warnings=warnings)
         system_points = drop_non_finite(
-            flatten_points(batch.system_metrics, field="system_metrics"),
+            flatten_points(batch.system_metrics),
             field="system_metrics", warnings=warnings)
         total = len(metric_points) + len(system_points)
         if total > MAX_POINTS_PER_BATCH:
