@@ -100,8 +100,11 @@ def run_writer(url: Callable[[], str], run_id: str, worker: int, batches: int, p
                     continue
                 stats.record(response, time.monotonic() - started)
                 if response.status_code == 200:
+                    answer = response.json()
                     with stats.lock:
-                        stats.acked_points += response.json()["accepted"]
+                        # A duplicate was stored by an earlier attempt whose answer was lost
+                        # (e.g. to the SIGKILL): its points are acknowledged now.
+                        stats.acked_points += points if answer["duplicate"] else answer["accepted"]
                         stats.acked_steps.update(range(first, first + points))
                     break
                 if response.status_code == 429:
