@@ -29,6 +29,12 @@ from mlrun.server.storage.clickhouse import (
     open_embedded_clickhouse,
     open_http_clickhouse,
 )
+from mlrun.server.storage.metric_queries import (
+    BLOCK_STEPS,
+    MetricQueries,
+    SeriesRef,
+    popcount_sql,
+)
 
 from backends.clickhouse import ClickHouseServer
 
@@ -103,6 +109,8 @@ async def test_migrations_apply_on_empty_database_then_nothing(ch: ClickHouse) -
             "metrics",
             "metrics_summary",
             "metrics_summary_mv",
+            "metric_blocks",
+            "metric_blocks_mv",
             "system_metrics",
             "schema_migrations",
         }
@@ -391,6 +399,62 @@ async def test_a_query_past_its_deadline_times_out_and_the_client_recovers(
         with pytest.raises(BackendTimeout):
             await ch.query_rows(ENDLESS_SQL, timeout_s=0.5)
         assert await ch.query_rows("SELECT 1 AS one", timeout_s=TIMEOUT_S) == [{"one": 1}]
+
+
+# ---------------------------------------------------------------- block rollups
+
+
+async def test_popcount_counts_every_bit_on_both_engines(migrated: ClickHouse) -> None:
+    values = [0, 1, 3, 255, 2**63, 2**64 - 1, 0x5555555555555555, 12345678901234567, 2**32 + 7]
+    literal = ", ".join(f"toUInt64({v})" for v in values)
+    with anyio.fail_after(TIMEOUT_S):
+        rows = await migrated.query_rows(
+            f"SELECT x, {popcount_sql('x')} AS bits FROM (SELECT arrayJoin([{literal}]) AS x)",
+            timeout_s=TIMEOUT_S)
+    assert [(int(r["x"]), int(r["bits"])) for r in rows] == [
+        (v, bin(v).count("1")) for v in values]
+
+
+async def test_block_stats_count_distinct_steps_and_find_the_dirty_blocks(
+    migrated: ClickHouse,
+) -> None:
+    rows: list[MetricRow] = [("r", "m", step, float(step), 1_700_000_000_000 + step, 1)
+                             for step in range(0, 1000, 3)]
+    await insert_metrics(migrated, rows[200:])  # out of order
+    await insert_metrics(migrated, rows[:200])
+    metrics = MetricQueries(migrated, timeout_s=TIMEOUT_S)
+    with anyio.fail_after(TIMEOUT_S):
+        (clean,) = (await metrics.block_stats(["r"], ["m"])).values()
+        assert (clean.rows, clean.distinct, clean.lo, clean.hi, clean.dirty) == (
+            334, 334, 0, 999, ())
+        await insert_metrics(migrated, [("r", "m", 300, -1.0, 1_700_000_000_000, 2),
+                                        ("r", "m", 999, -1.0, 1_700_000_000_000, 2)])
+        dirty = (await metrics.block_stats(["r"], None))[SeriesRef("r", "m")]
+    assert (dirty.rows, dirty.distinct) == (336, 334)
+    assert dirty.dirty == (300 // BLOCK_STEPS, 999 // BLOCK_STEPS)
+
+
+async def test_the_backfill_of_existing_points_equals_what_the_view_wrote(
+    migrated: ClickHouse,
+) -> None:
+    rows: list[MetricRow] = [(run, name, step, (step * 7919 % 1000) / 7.0, step * 10, 1)
+                             for run in ("a", "b") for name in ("loss", "acc")
+                             for step in range(0, 5000, 7)]
+    await insert_metrics(migrated, rows)
+    columns = ("countMerge(rows) AS n, groupBitOrMerge(steps_low) AS l,"
+               " groupBitOrMerge(steps_high) AS h, sumMerge(sum_value) AS sv,"
+               " argMinMerge(low_step) AS lk, argMaxMerge(last_value) AS zv")
+    read_blocks = (f"SELECT run_id, toString(name) AS name, block, {columns} FROM metric_blocks"
+                   " GROUP BY run_id, name, block ORDER BY run_id, name, block")
+    (backfill,) = [statement for statement in load_migrations("clickhouse")[1].statements
+                   if statement.startswith("INSERT")]
+    with anyio.fail_after(TIMEOUT_S):
+        from_view = await migrated.query_rows(read_blocks, timeout_s=TIMEOUT_S)
+        await migrated.execute("TRUNCATE TABLE metric_blocks", timeout_s=TIMEOUT_S)
+        await migrated.execute(backfill, timeout_s=TIMEOUT_S)
+        from_backfill = await migrated.query_rows(read_blocks, timeout_s=TIMEOUT_S)
+    assert len(from_view) == 2 * 2 * (4999 // BLOCK_STEPS + 1)
+    assert from_backfill == from_view
 
 
 async def test_cancellation_propagates_out_of_a_running_query(ch: ClickHouse) -> None:

@@ -18,8 +18,11 @@ import pytest
 from mlrun.server.downsampling import (
     FIRST_BUCKET,
     LAST_BUCKET,
+    MIN_BLOCKS_PER_BUCKET,
+    BlockPlan,
     Bucket,
     BucketPlan,
+    LttbColumns,
     Method,
     RunsCursor,
     Sample,
@@ -27,12 +30,15 @@ from mlrun.server.downsampling import (
     decode_cursor,
     encode_cursor,
     interior_buckets,
+    plan_block_buckets,
     plan_buckets,
     select_avg,
     select_lttb,
+    select_lttb_columns,
     select_minmax,
 )
 from mlrun.server.errors import InvalidInput
+from mlrun.server.storage.metric_queries import BLOCK_STEPS
 
 # --------------------------------------------------------------------------- references
 
@@ -65,19 +71,29 @@ def textbook_lttb(data: list[tuple[float, float]], threshold: int) -> list[int]:
     return selected
 
 
-def partition(samples: list[Sample], plan: BucketPlan) -> dict[int, list[Sample]]:
+def partition(samples: list[Sample], plan: BucketPlan | BlockPlan,
+              block_steps: int = BLOCK_STEPS) -> dict[int, list[Sample]]:
     groups: dict[int, list[Sample]] = {}
     for sample in samples:
-        groups.setdefault(plan.index_of(sample.key), []).append(sample)
+        if isinstance(plan, BlockPlan):
+            index = (sample.key // block_steps - plan.first_block) // plan.group
+        else:
+            index = plan.index_of(sample.key)
+        groups.setdefault(index, []).append(sample)
     return groups
 
 
-def bucket_stats(samples: list[Sample], plan: BucketPlan, method: Method,
+def bucket_stats(samples: list[Sample], plan: BucketPlan | BlockPlan, method: Method,
                  *, all_candidates: bool = False) -> tuple[Sample, Sample | None, list[Bucket]]:
-    """What the ClickHouse bucket query returns, computed by brute force."""
+    """What the ClickHouse bucket query returns, computed by brute force. Under a block plan
+    the first and last point are inside the first and last bucket (blocks are not split)."""
     groups = partition(samples, plan)
-    first = groups[FIRST_BUCKET][0]
-    last = groups[LAST_BUCKET][0] if LAST_BUCKET in groups else None
+    if isinstance(plan, BlockPlan):
+        first = min(samples)
+        last = max(samples) if len(samples) > 1 else None
+    else:
+        first = groups[FIRST_BUCKET][0]
+        last = groups[LAST_BUCKET][0] if LAST_BUCKET in groups else None
     buckets = []
     for index, members in sorted(groups.items()):
         if index < 0:
@@ -174,7 +190,80 @@ def test_buckets_fill_the_budget_and_huge_spans_fall_back_to_a_fixed_width() -> 
     assert huge.index_of(2**62 - 1) == huge.count - 1 and huge.index_of(1) == 0
 
 
+@pytest.mark.parametrize("method", ["lttb", "minmax", "avg"])
+@pytest.mark.parametrize(("lo", "hi", "max_points"), [
+    (0, 999_999, 1000), (0, 999_999, 7), (5, 3_000_000, 10_000), (77, 90_000, 20),
+    (0, 127, 2), (0, 400_000, 1000), (0, 10_000, 500),
+])
+def test_block_plans_stay_within_budget_with_whole_blocks_per_bucket(
+    method: Method, lo: int, hi: int, max_points: int
+) -> None:
+    plan = plan_block_buckets(method, lo, hi, max_points, BLOCK_STEPS)
+    wanted = interior_buckets(method, max_points)
+    blocks = hi // BLOCK_STEPS - lo // BLOCK_STEPS + 1
+    if wanted == 0 or blocks <= (MIN_BLOCKS_PER_BUCKET - 1) * wanted:
+        # Too short for 4 whole blocks per bucket (or no interior bucket): points instead.
+        assert plan is None
+        return
+    assert plan is not None
+    assert plan.group >= MIN_BLOCKS_PER_BUCKET
+    assert plan.count <= wanted
+    assert plan.count * 4 >= wanted * 3  # at least 3/4 of the budget's buckets
+    buckets = {(k // BLOCK_STEPS - plan.first_block) // plan.group
+               for k in (lo, hi, (lo + hi) // 2)}
+    assert min(buckets) == 0 and max(buckets) == plan.count - 1
+
+
+def test_short_ranges_get_no_block_plan() -> None:
+    assert plan_block_buckets("lttb", 0, 10_000, 500, BLOCK_STEPS) is None  # 20 steps a bucket
+    assert plan_block_buckets("lttb", 0, 999_999, 2, BLOCK_STEPS) is None  # no interior bucket
+    plan = plan_block_buckets("lttb", 0, 999_999, 1000, BLOCK_STEPS)
+    assert plan == BlockPlan(first_block=0, last_block=7812, group=8)
+
+
 # --------------------------------------------------------------------------- LTTB
+
+
+def as_columns(buckets: list[Bucket]) -> LttbColumns:
+    lows = [min(b.candidates, key=lambda c: c.value) for b in buckets]
+    highs = [max(b.candidates, key=lambda c: c.value) for b in buckets]
+    return LttbColumns(
+        slots=[b.slot for b in buckets], sizes=[b.size for b in buckets],
+        mean_keys=[b.mean_key for b in buckets], mean_values=[b.mean_value for b in buckets],
+        low_keys=[c.key for c in lows], low_values=[c.value for c in lows],
+        low_others=[c.other for c in lows], high_keys=[c.key for c in highs],
+        high_values=[c.value for c in highs], high_others=[c.other for c in highs])
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_columnar_lttb_selects_exactly_what_lttb_over_buckets_does(seed: int) -> None:
+    rng = random.Random(seed)
+    samples = random_series(rng, rng.randint(50, 5000), sparse=bool(seed % 2))
+    if seed % 4 == 3:
+        # Plateaus: equal values make low and high tie, and areas tie.
+        samples = [Sample(s.key, float(round(s.value)), s.other) for s in samples]
+    max_points = rng.randint(3, 400)
+    for plan in (plan_buckets("lttb", samples[0].key, samples[-1].key, max_points),
+                 plan_block_buckets("lttb", samples[0].key, samples[-1].key, max_points, 16)):
+        if plan is None:
+            continue
+        if isinstance(plan, BlockPlan):
+            groups = partition(samples, plan, block_steps=16)
+            first, last = samples[0], samples[-1]
+            buckets = []
+            for index, members in sorted(groups.items()):
+                low = min(members, key=lambda s: (s.value, s.key))
+                high = max(members, key=lambda s: (s.value, -s.key))
+                n = len(members)
+                buckets.append(Bucket(index, n, sum(m.key for m in members) / n,
+                                      sum(m.value for m in members) / n, 0.0,
+                                      tuple(sorted({low, high}))))
+        else:
+            first, last, buckets = bucket_stats(samples, plan, "lttb")
+        expected = select_lttb(first, last, [b for b in buckets if b.slot < plan.count])
+        assert select_lttb_columns(first, last, as_columns(buckets), plan.count) == expected
+
+
 
 
 @pytest.mark.parametrize("seed", range(8))

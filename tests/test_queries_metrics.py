@@ -19,7 +19,15 @@ import pytest
 from test_downsampling import bucket_stats, random_series
 
 from mlrun.server.auth import Principal
-from mlrun.server.downsampling import Method, Sample, plan_buckets, select_lttb, select_minmax
+from mlrun.server.downsampling import (
+    Method,
+    Sample,
+    plan_block_buckets,
+    plan_buckets,
+    select_avg,
+    select_lttb,
+    select_minmax,
+)
 from mlrun.server.errors import InvalidInput, NotFound, PermissionDenied
 from mlrun.server.protocols.clickhouse import METRIC_COLUMNS, MetricRow, encode_metric_rows
 from mlrun.server.queries import Queries, SeriesRequest
@@ -30,6 +38,7 @@ from mlrun.server.storage.clickhouse import (
     open_http_clickhouse,
 )
 from mlrun.server.storage.metric_queries import (
+    BLOCK_STEPS,
     METRICS,
     BucketRequest,
     KeyRange,
@@ -130,11 +139,26 @@ async def read(queries: Queries, run_id: str, name: str, method: Any, max_points
     return result.series[0]
 
 
-def reference(samples: list[Sample], method: Method, max_points: int) -> list[Sample]:
-    plan = plan_buckets(method, samples[0].key, samples[-1].key, max_points)
+def assert_same_selection(got: list[Sample], expected: list[Sample]) -> None:
+    """Equal keys and timestamps; values equal up to float summation order (avg's means)."""
+    assert [(s.key, s.other) for s in got] == [(s.key, s.other) for s in expected]
+    assert [s.value for s in got] == pytest.approx([s.value for s in expected], rel=1e-9)
+
+
+def reference(samples: list[Sample], method: Method, max_points: int, *,
+              whole_clean: bool = True) -> list[Sample]:
+    """The selection over the plan the server makes: a whole series without duplicates is
+    bucketed by whole blocks when it is long enough, any other by points."""
+    lo, hi = samples[0].key, samples[-1].key
+    block_plan = (plan_block_buckets(method, lo, hi, max_points, BLOCK_STEPS)
+                  if whole_clean else None)
+    plan = block_plan or plan_buckets(method, lo, hi, max_points)
     first, last, buckets = bucket_stats(samples, plan, method)
+    buckets = [b for b in buckets if b.slot < plan.count]
     if method == "lttb":
         return select_lttb(first, last, buckets)
+    if method == "avg":
+        return select_avg(first, last, buckets)
     return select_minmax(first, last, buckets)
 
 
@@ -171,7 +195,8 @@ async def test_duplicates_collapse_to_the_last_write_on_every_method(
     for method in ("lttb", "minmax"):
         series = await read(queries, "r", "loss", method, 300)
         assert series.total_points == 3000
-        assert as_samples(series.points) == reference(latest, method, 300), method
+        assert as_samples(series.points) == reference(latest, method, 300,
+                                                      whole_clean=False), method
     avg = await read(queries, "r", "loss", "avg", 300)
     assert avg.total_points == 3000 and len(avg.points) == 300
     raw = await read(queries, "r", "loss", "raw", 5000)
@@ -309,7 +334,7 @@ async def test_summaries_after_retries_replays_out_of_order_batches_and_rewrites
     assert rewritten["loss"].min == -1.0
 
 
-async def test_a_series_once_found_clean_is_checked_again_when_rows_arrive(
+async def test_a_series_rewritten_after_a_read_is_read_through_the_deduplicating_path(
     queries: Queries, ch: ClickHouse, pg_dsn: str
 ) -> None:
     add_runs(pg_dsn, ["r"])
@@ -318,8 +343,8 @@ async def test_a_series_once_found_clean_is_checked_again_when_rows_arrive(
     await writer.insert("r", "loss", samples)
     assert as_samples((await read(queries, "r", "loss", "raw", 1000)).points) == samples
     assert as_samples((await read(queries, "r", "loss", "minmax", 50)).points)[0] == samples[0]
-    # Rewrites of known steps: the row count changes, so the series is checked again and read
-    # through the deduplicating path; the cached "clean" verdict must not survive.
+    # Rewrites of known steps make their blocks dirty: the series is read through the
+    # deduplicating path from then on.
     rewrites = [Sample(k, -float(k) - 1, T0_MS + k) for k in range(0, 300, 3)]
     await writer.insert("r", "loss", rewrites)
     latest = [Sample(k, -float(k) - 1, T0_MS + k) if k % 3 == 0 else s
@@ -327,7 +352,35 @@ async def test_a_series_once_found_clean_is_checked_again_when_rows_arrive(
     raw = await read(queries, "r", "loss", "raw", 1000)
     assert as_samples(raw.points) == latest and raw.total_points == 300
     minmax = await read(queries, "r", "loss", "minmax", 50)
-    assert as_samples(minmax.points) == reference(latest, "minmax", 50)
+    assert as_samples(minmax.points) == reference(latest, "minmax", 50, whole_clean=False)
+
+
+async def test_long_clean_series_are_bucketed_from_block_rollups_then_from_points_once_dirty(
+    queries: Queries, ch: ClickHouse, pg_dsn: str
+) -> None:
+    rng = random.Random(5)
+    samples = random_series(rng, 60_000, sparse=False)
+    add_runs(pg_dsn, ["r"])
+    writer = Writer(ch)
+    await writer.insert("r", "loss", samples[30_000:])  # out of order batches
+    await writer.insert("r", "loss", samples[:30_000])
+    for method in ("lttb", "minmax", "avg"):
+        assert plan_block_buckets(method, 0, 59_999, 100, BLOCK_STEPS) is not None
+        series = await read(queries, "r", "loss", method, 100)
+        assert series.downsampled and series.total_points == 60_000
+        assert len(series.points) <= 100
+        assert_same_selection(as_samples(series.points), reference(samples, method, 100))
+        assert series.points[0].step == 0 and series.points[-1].step == 59_999
+    # One step written again: its block is dirty, the whole series is read from points.
+    await writer.insert("r", "loss", [Sample(12_345, 1e6, T0_MS)])
+    latest = [Sample(12_345, 1e6, T0_MS) if s.key == 12_345 else s for s in samples]
+    for method in ("lttb", "minmax", "avg"):
+        series = await read(queries, "r", "loss", method, 100)
+        assert series.total_points == 60_000
+        assert_same_selection(as_samples(series.points),
+                              reference(latest, method, 100, whole_clean=False))
+    detail = await queries.get_run(READER, "r")
+    assert [(s.name, s.count) for s in detail.metrics_summary] == [("loss", 60_000)]
 
 
 @pytest.mark.parametrize("method", ["lttb", "minmax"])
@@ -354,4 +407,5 @@ async def test_compare_of_runs_of_different_lengths_equals_the_reference_per_run
         (series,) = run.series
         expected = latest[run.run_id]
         assert series.total_points == len(expected)
-        assert as_samples(series.points) == reference(expected, method, 150), run.run_id
+        assert as_samples(series.points) == reference(
+            expected, method, 150, whole_clean=run.run_id != "c3"), run.run_id

@@ -35,30 +35,35 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import TypeVar, cast
 
-import anyio
 from msgspec import UnsetType
 
 from mlrun.server.auth import Principal
+from mlrun.server.concurrently import both
 from mlrun.server.downsampling import (
+    BlockPlan,
+    BucketPlan,
     Method,
     RunsCursor,
     Sample,
     SeriesCursor,
     decode_cursor,
     encode_cursor,
+    plan_block_buckets,
     plan_buckets,
     select_avg,
     select_lttb,
+    select_lttb_columns,
     select_minmax,
 )
 from mlrun.server.errors import InvalidInput, NotFound
 from mlrun.server.storage.metric_queries import (
+    BLOCK_STEPS,
     METRICS,
     SYSTEM_METRICS,
     BucketRequest,
@@ -68,6 +73,7 @@ from mlrun.server.storage.metric_queries import (
     SeriesRef,
     SeriesStats,
     SeriesTable,
+    whole_series_stats,
 )
 from mlrun.server.storage.run_queries import (
     Keyset,
@@ -102,8 +108,6 @@ from mlrun.wire.query_schemas import (
 )
 from mlrun.wire.schemas import RunStatus
 
-A = TypeVar("A")
-B = TypeVar("B")
 T = TypeVar("T")
 
 RUN_STATUSES = ("running", "finished", "failed", "killed")
@@ -403,40 +407,6 @@ def _column_points(table: SeriesTable, columns: Columns, count: int,
     return list(map(SeriesPoint, others, values, keys))
 
 
-# --------------------------------------------------------------------------- concurrency
-
-
-async def _both(
-    first: Callable[[], Awaitable[A]], second: Callable[[], Awaitable[B]]
-) -> tuple[A, B]:
-    """Await two independent reads at once; the first failure is raised as itself (not as an
-    exception group), after the other read was cancelled."""
-    results: list[object] = [None, None]
-
-    async def run(index: int, call: Callable[[], Awaitable[object]]) -> None:
-        results[index] = await call()
-
-    try:
-        async with anyio.create_task_group() as group:
-            group.start_soon(run, 0, first)
-            group.start_soon(run, 1, second)
-    except BaseExceptionGroup as failed:
-        cancelled = anyio.get_cancelled_exc_class()
-        leaves = _leaves(failed)
-        raise next((e for e in leaves if not isinstance(e, cancelled)), leaves[0]) from None
-    return cast(A, results[0]), cast(B, results[1])
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    leaves: list[BaseException] = []
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            leaves.extend(_leaves(exc))
-        else:
-            leaves.append(exc)
-    return leaves
-
-
 # --------------------------------------------------------------------------- use-cases
 
 
@@ -524,7 +494,7 @@ class Queries:
 
     async def get_run(self, principal: Principal, run_id: str) -> RunDetail:
         principal.require("read")
-        record, summaries = await _both(
+        record, summaries = await both(
             lambda: self._runs.detail(run_id),
             lambda: self._metrics.summaries([run_id]),
         )
@@ -596,12 +566,12 @@ class Queries:
         refs = [SeriesRef(run_id, name) for name in names]
         stats: dict[SeriesRef, SeriesStats] | None = None
         if refs:
-            _, (named, stats) = await _both(
+            _, (named, stats) = await both(
                 lambda: self._readable_runs(principal, [run_id], field="run_id"),
-                lambda: _both(lambda: metrics.series_names(table, [run_id]),
+                lambda: both(lambda: metrics.series_names(table, [run_id]),
                               lambda: metrics.stats(table, refs, key_range)))
         else:
-            _, named = await _both(
+            _, named = await both(
                 lambda: self._readable_runs(principal, [run_id], field="run_id"),
                 lambda: metrics.series_names(table, [run_id]))
             refs = [SeriesRef(run_id, ref.name) for ref in named[:MAX_NAMES_PER_QUERY]]
@@ -652,7 +622,7 @@ class Queries:
                 next_cursor = encode_cursor(SeriesCursor(name=ref.name,
                                                          after_key=columns.keys[count - 1]))
             total = st.rows
-            if st.has_duplicates:
+            if st.has_duplicates and not st.rows_distinct:
                 total = await self._metrics.distinct_keys(table, ref, key_range)
             result[ref] = _SeriesData(points=_column_points(table, columns, count),
                                       total_points=total, downsampled=False,
@@ -670,20 +640,28 @@ class Queries:
         large = [ref for ref, st in stats.items() if st.rows > max_points]
         result: dict[SeriesRef, _SeriesData] = {}
         if large:
-            plans = {ref: plan_buckets(method, stats[ref].lo, stats[ref].hi, max_points)
-                     for ref in large}
+            plans: dict[SeriesRef, BucketPlan | BlockPlan] = {}
+            for ref in large:
+                st = stats[ref]
+                # A whole series without duplicates is bucketed from its block rollups (64
+                # steps a row) when it is long enough for whole blocks per bucket.
+                block_plan = (plan_block_buckets(method, st.lo, st.hi, max_points, BLOCK_STEPS)
+                              if st.whole_clean else None)
+                plans[ref] = block_plan or plan_buckets(method, st.lo, st.hi, max_points)
             requests = [BucketRequest(ref, plans[ref], method, stats[ref].has_duplicates)
                         for ref in large]
             bucketed = await self._metrics.buckets(table, requests)
             for ref, series in bucketed.items():
-                total = (sum(b.size for b in series.buckets) + 1
-                         + (series.last is not None))
+                total = series.total
                 if total <= max_points:
                     small.append(ref)  # only duplicates made it look large: read it whole
                     continue
                 # A plan without interior buckets (a budget of 2) keeps first and last only.
                 buckets = [b for b in series.buckets if b.slot < plans[ref].count]
-                if method == "lttb":
+                if series.lttb is not None:
+                    samples = select_lttb_columns(series.first, series.last, series.lttb,
+                                                  plans[ref].count)
+                elif method == "lttb":
                     samples = select_lttb(series.first, series.last, buckets)
                 elif method == "minmax":
                     samples = select_minmax(series.first, series.last, buckets)
@@ -706,10 +684,16 @@ class Queries:
     async def compare(self, principal: Principal, request: CompareRuns) -> CompareResult:
         principal.require("read")
         run_ids = list(dict.fromkeys(request.run_ids))
-        records = await self._readable_runs(principal, run_ids, field="run_ids")
+        # The runs (PostgreSQL) and every series of them with its statistics (ClickHouse
+        # block rollups: the names, and what planning the reads needs) at once.
+        records, blocks = await both(
+            lambda: self._readable_runs(principal, run_ids, field="run_ids"),
+            lambda: self._metrics.block_stats(run_ids, None))
+        whole_stats = whole_series_stats(blocks)
         names_by_run: dict[str, set[str]] = {run_id: set() for run_id in run_ids}
-        for ref in await self._metrics.series_names(METRICS, run_ids):
-            names_by_run[ref.run_id].add(ref.name)
+        for ref in whole_stats:
+            if ref.run_id in names_by_run:
+                names_by_run[ref.run_id].add(ref.name)
         common = sorted(set.intersection(*names_by_run.values())) if names_by_run else []
         names = (list(dict.fromkeys(request.metric_names)) if request.metric_names is not None
                  else common[:DEFAULT_COMPARE_METRICS])
@@ -720,8 +704,9 @@ class Queries:
         if request.alignment == "relative_time":
             shifts_ms = {run_id: epoch_ms(records[run_id].created_at) for run_id in run_ids}
         refs = [SeriesRef(run_id, name) for run_id in run_ids for name in names]
-        data = await self._downsampled(METRICS, refs, KeyRange(), request.method,
-                                       request.max_points, shifts_ms)
+        data = await self._downsampled(
+            METRICS, refs, KeyRange(), request.method, request.max_points, shifts_ms,
+            stats={ref: whole_stats[ref] for ref in refs if ref in whole_stats})
         empty = _SeriesData(points=[], total_points=0, downsampled=False)
         return CompareResult(
             alignment=request.alignment,
