@@ -39,7 +39,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import anyio
@@ -150,8 +150,10 @@ class Ingest:
         system_metrics: Pipeline,
         cardinality: CardinalityConfig,
         timeouts: IngestTimeouts = IngestTimeouts(),
+        on_runs_created: Callable[[int], None] | None = None,
     ) -> None:
         self._metadata = metadata
+        self._on_runs_created = on_runs_created
         self._metrics = metrics
         self._system_metrics = system_metrics
         self._cardinality = cardinality
@@ -179,7 +181,10 @@ class Ingest:
     ) -> tuple[RunCreated, list[IngestWarning]]:
         principal.require("write")
         principal.require_project(request.project)
-        return await self._metadata.init_run(request, limits=self._cardinality)
+        created, warnings = await self._metadata.init_run(request, limits=self._cardinality)
+        if created.created and self._on_runs_created is not None:
+            self._on_runs_created(1)
+        return created, warnings
 
     async def finish_run(self, principal: Principal, run_id: str, status: FinalStatus) -> RunState:
         principal.require("write")

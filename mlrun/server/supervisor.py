@@ -54,6 +54,7 @@ from mlrun.server.http.prometheus import add_metrics_route
 from mlrun.server.http.query_api import add_query_routes
 from mlrun.server.ingest import Ingest, IngestTimeouts
 from mlrun.server.pipeline import Pipeline
+from mlrun.server.planner_statistics import PlannerStatistics
 from mlrun.server.protocols.clickhouse import METRIC_COLUMNS
 from mlrun.server.queries import Queries
 from mlrun.server.readiness import Readiness
@@ -370,6 +371,7 @@ async def _run_listeners(
         for table in ("metrics", "system_metrics")
     }
     metadata = MetadataStore(storage.postgres, timeout_s=IngestTimeouts().metadata_s)
+    planner_statistics = PlannerStatistics(storage.postgres)
     authenticator = build_authenticator(config)
     key_directory = PostgresKeyDirectory(storage.postgres)
     services = Services(
@@ -380,6 +382,7 @@ async def _run_listeners(
             metrics=pipelines["metrics"],
             system_metrics=pipelines["system_metrics"],
             cardinality=config.cardinality,
+            on_runs_created=planner_statistics.note_runs_created,
         ),
         pipelines=tuple(pipelines.values()),
         telemetry=Telemetry(),
@@ -409,6 +412,7 @@ async def _run_listeners(
     )
     grpc_scope = anyio.CancelScope()
     keys_scope = anyio.CancelScope()
+    statistics_scope = anyio.CancelScope()
     # Writers outlive listeners: on shutdown the listeners stop first (in-flight requests
     # finish, still served by the writers), then the pipelines close and the writers drain.
     async with anyio.create_task_group() as writers:
@@ -417,6 +421,8 @@ async def _run_listeners(
         # The key view is loaded before the listeners accept anything (see mlrun.server.auth).
         await writers.start(_serve_key_refresh_until_cancelled, authenticator, key_directory,
                             keys_scope)
+        await writers.start(_serve_planner_statistics_until_cancelled, planner_statistics,
+                            statistics_scope)
         try:
             async with anyio.create_task_group() as listeners:
                 listeners.start_soon(serve_http, app, hc_config, shutdown_requested.wait)
@@ -437,6 +443,7 @@ async def _run_listeners(
             logger.info("listeners stopped")
         finally:
             keys_scope.cancel()
+            statistics_scope.cancel()
             for pipeline in pipelines.values():
                 pipeline.close()
     logger.info("writers drained: %s", ", ".join(
@@ -452,6 +459,16 @@ async def _serve_key_refresh_until_cancelled(
 ) -> None:
     with scope:
         await serve_key_refresh(authenticator, directory, task_status=task_status)
+
+
+async def _serve_planner_statistics_until_cancelled(
+    statistics: PlannerStatistics,
+    scope: anyio.CancelScope,
+    *,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    with scope:
+        await statistics.serve(task_status=task_status)
 
 
 async def _serve_grpc_until_cancelled(

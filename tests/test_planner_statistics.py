@@ -1,0 +1,111 @@
+"""PlannerStatistics against real PostgreSQL: ANALYZE after a burst of new runs, not before,
+and the write path reporting only runs it really created.
+
+Each test gets a fresh database with the migrations applied (Debian PostgreSQL 15).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+
+from mlrun.server.auth import Principal
+from mlrun.server.config import CardinalityConfig
+from mlrun.server.ingest import Ingest
+from mlrun.server.pipeline import Pipeline
+from mlrun.server.planner_statistics import PlannerStatistics
+from mlrun.server.storage.metadata import MetadataStore
+from mlrun.server.storage.postgres import Postgres, apply_postgres_migrations, open_postgres
+from mlrun.wire.schemas import InitRun
+
+from backends.postgres import fresh_database
+
+pytestmark = pytest.mark.timeout(120)
+DEADLINE_S = 60
+WRITER = Principal(key_id="writer", scopes=frozenset({"write"}))
+
+
+@pytest.fixture
+def pg_dsn(postgres_server: Any) -> Iterator[str]:
+    with fresh_database(postgres_server.dsn()) as dsn:
+        yield dsn
+
+
+@pytest.fixture
+async def pg(pg_dsn: str) -> AsyncIterator[Postgres]:
+    async with open_postgres(pg_dsn, max_connections=4) as opened:
+        with anyio.fail_after(DEADLINE_S):
+            await apply_postgres_migrations(opened)
+        yield opened
+
+
+def insert_runs(dsn: str, count: int, offset: int = 0) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO projects (name) VALUES ('p') ON CONFLICT DO NOTHING")
+        conn.execute(
+            "INSERT INTO runs (run_id, project_id, name) SELECT 'r' || i, id, 'r' || i"
+            " FROM projects, generate_series(%s::int, %s::int) AS i WHERE projects.name = 'p'",
+            (offset, offset + count - 1))
+
+
+def counted_runs(dsn: str) -> float:
+    """What the planner believes `runs` holds (-1 or 0 before any ANALYZE)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT reltuples FROM pg_class WHERE oid = 'runs'::regclass"
+                           ).fetchone()
+    assert row is not None
+    return float(row[0])
+
+
+async def test_analyzes_after_a_burst_of_new_runs_and_not_before(
+    pg: Postgres, pg_dsn: str
+) -> None:
+    refreshed = anyio.Event()
+
+    def on_refreshed() -> None:
+        refreshed.set()
+
+    statistics = PlannerStatistics(pg, min_changed_runs=10, changed_fraction=0.5,
+                                   min_interval_s=0.0, on_refreshed=on_refreshed)
+    with anyio.fail_after(DEADLINE_S):
+        async with anyio.create_task_group() as group:
+            await group.start(statistics.serve)
+            insert_runs(pg_dsn, 100)
+            statistics.note_runs_created(9)
+            await anyio.sleep(0.3)  # the serve loop had every chance to run
+            assert statistics.analyzed == 0 and counted_runs(pg_dsn) <= 0
+
+            statistics.note_runs_created(91)  # past the 10-run minimum: due
+            await refreshed.wait()
+            assert statistics.analyzed == 1 and counted_runs(pg_dsn) == 100
+            refreshed = anyio.Event()
+
+            # Now half of what PostgreSQL counted (50 runs) is due, not the 10-run minimum.
+            insert_runs(pg_dsn, 60, offset=1000)
+            statistics.note_runs_created(49)
+            await anyio.sleep(0.3)
+            assert statistics.analyzed == 1
+            statistics.note_runs_created(11)
+            await refreshed.wait()
+            assert statistics.analyzed == 2 and counted_runs(pg_dsn) == 160
+            group.cancel_scope.cancel()
+
+
+async def test_the_write_path_reports_only_runs_it_created(pg: Postgres) -> None:
+    created: list[int] = []
+    ingest = Ingest(
+        MetadataStore(pg), metrics=Pipeline("metrics", backend="clickhouse", max_rows=10,
+                                            max_bytes=1000),
+        system_metrics=Pipeline("system_metrics", backend="clickhouse", max_rows=10,
+                                max_bytes=1000),
+        cardinality=CardinalityConfig(), on_runs_created=created.append)
+    with anyio.fail_after(DEADLINE_S):
+        first, _ = await ingest.init_run(WRITER, InitRun(project="p", run_id="a"))
+        again, _ = await ingest.init_run(WRITER, InitRun(project="p", run_id="a"))
+        other, _ = await ingest.init_run(WRITER, InitRun(project="p"))
+    assert (first.created, again.created, other.created) == (True, False, True)
+    assert created == [1, 1]
