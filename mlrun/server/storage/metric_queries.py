@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -66,6 +67,8 @@ _MAX_IN_LIST: Final = 2000
 BLOCK_STEPS: Final = 128
 # Dirty blocks listed per series; beyond this the whole series counts as dirty.
 _MAX_DIRTY_LISTED: Final = 1000
+# Series whose BlockStats are cached (LRU; a few hundred bytes each, more with dirty blocks).
+_MAX_CACHED_SERIES: Final = 20_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +190,8 @@ class MetricQueries:
     def __init__(self, clickhouse: ClickHouse, *, timeout_s: float = 10.0) -> None:
         self._ch = clickhouse
         self._timeout_s = timeout_s
+        # BlockStats by series, valid while the series' row count is what they counted.
+        self._block_stats: OrderedDict[SeriesRef, BlockStats] = OrderedDict()
 
     async def _rows(self, sql: str) -> list[dict[str, Any]]:
         return await self._ch.query_rows(sql, timeout_s=self._timeout_s)
@@ -222,16 +227,48 @@ class MetricQueries:
     async def block_stats(
         self, run_ids: Sequence[str], names: Sequence[str] | None
     ) -> dict[SeriesRef, BlockStats]:
-        """`BlockStats` of every series of `run_ids` (x `names`, all names when None): one
-        statement over the block rollups (~15.6k rows for a 1M-step series)."""
+        """`BlockStats` of every series of `run_ids` (x `names`, all names when None).
+
+        Computing them merges five states per block (~13 ms for a 1M-step series on 18.16);
+        counting a series' rows merges one state over all its blocks at once (~3 ms). The rows
+        a series was ever written grow with every insert and nothing else changes its blocks,
+        so stats computed at a row count stay exact while that count does: they are cached
+        per series (LRU) and recomputed only for series whose count moved."""
         if not run_ids or (names is not None and not names):
             return {}
         where = f"run_id IN {quote_list(run_ids)}"
         if names is not None:
             where += f" AND name IN {quote_list(names)}"
-            identity, keys = _identity(run_ids, names)
-        else:
-            identity, keys = _identity(run_ids, None)
+        identity, keys = _identity(run_ids, names)
+        counted = await self._rows(
+            f"SELECT {identity}, countMerge(rows) AS n FROM metric_blocks WHERE {where}"
+            + (f" GROUP BY {', '.join(keys)}" if keys else ""))
+        result: dict[SeriesRef, BlockStats] = {}
+        moved: list[SeriesRef] = []
+        for row in counted:
+            ref = SeriesRef(str(row["sr"]), str(row["sn"]))
+            cached = self._block_stats.get(ref)
+            if cached is not None and cached.rows == int(row["n"]):
+                self._block_stats.move_to_end(ref)
+                result[ref] = cached
+            else:
+                moved.append(ref)
+        if moved:
+            fresh = await self._compute_block_stats(sorted({r.run_id for r in moved}),
+                                                    sorted({r.name for r in moved}))
+            for ref in moved:
+                if ref in fresh:
+                    result[ref] = fresh[ref]
+                    self._block_stats[ref] = fresh[ref]
+                    self._block_stats.move_to_end(ref)
+            while len(self._block_stats) > _MAX_CACHED_SERIES:
+                self._block_stats.popitem(last=False)
+        return result
+
+    async def _compute_block_stats(
+        self, run_ids: Sequence[str], names: Sequence[str]
+    ) -> dict[SeriesRef, BlockStats]:
+        identity, keys = _identity(run_ids, names)
         rows = await self._rows(
             "SELECT sr, sn, sum(bn) AS n, sum(bp) AS d, min(bfk) AS lo, max(bzk) AS hi,"
             f" groupArrayIf({_MAX_DIRTY_LISTED + 1})(block, bn != bp) AS dirty FROM ("
@@ -239,7 +276,8 @@ class MetricQueries:
             " groupBitOrMerge(steps_low) AS bml, groupBitOrMerge(steps_high) AS bmh,"
             f" {popcount_sql('bml')} + {popcount_sql('bmh')} AS bp,"
             " minMerge(first_step) AS bfk, maxMerge(last_step) AS bzk"
-            f" FROM metric_blocks WHERE {where} GROUP BY {', '.join([*keys, 'block'])})"
+            f" FROM metric_blocks WHERE run_id IN {quote_list(run_ids)}"
+            f" AND name IN {quote_list(names)} GROUP BY {', '.join([*keys, 'block'])})"
             " GROUP BY sr, sn"
         )
         result: dict[SeriesRef, BlockStats] = {}
