@@ -145,13 +145,11 @@ def assert_same_selection(got: list[Sample], expected: list[Sample]) -> None:
     assert [s.value for s in got] == pytest.approx([s.value for s in expected], rel=1e-9)
 
 
-def reference(samples: list[Sample], method: Method, max_points: int, *,
-              whole_clean: bool = True) -> list[Sample]:
-    """The selection over the plan the server makes: a whole series without duplicates is
-    bucketed by whole blocks when it is long enough, any other by points."""
+def reference(samples: list[Sample], method: Method, max_points: int) -> list[Sample]:
+    """The selection over the plan the server makes for a whole series (`samples`: its latest
+    values): by whole blocks when it is long enough, else by points."""
     lo, hi = samples[0].key, samples[-1].key
-    block_plan = (plan_block_buckets(method, lo, hi, max_points, BLOCK_STEPS)
-                  if whole_clean else None)
+    block_plan = plan_block_buckets(method, lo, hi, max_points, BLOCK_STEPS)
     plan = block_plan or plan_buckets(method, lo, hi, max_points)
     first, last, buckets = bucket_stats(samples, plan, method)
     buckets = [b for b in buckets if b.slot < plan.count]
@@ -195,8 +193,7 @@ async def test_duplicates_collapse_to_the_last_write_on_every_method(
     for method in ("lttb", "minmax"):
         series = await read(queries, "r", "loss", method, 300)
         assert series.total_points == 3000
-        assert as_samples(series.points) == reference(latest, method, 300,
-                                                      whole_clean=False), method
+        assert as_samples(series.points) == reference(latest, method, 300), method
     avg = await read(queries, "r", "loss", "avg", 300)
     assert avg.total_points == 3000 and len(avg.points) == 300
     raw = await read(queries, "r", "loss", "raw", 5000)
@@ -352,10 +349,10 @@ async def test_a_series_rewritten_after_a_read_is_read_through_the_deduplicating
     raw = await read(queries, "r", "loss", "raw", 1000)
     assert as_samples(raw.points) == latest and raw.total_points == 300
     minmax = await read(queries, "r", "loss", "minmax", 50)
-    assert as_samples(minmax.points) == reference(latest, "minmax", 50, whole_clean=False)
+    assert as_samples(minmax.points) == reference(latest, "minmax", 50)
 
 
-async def test_long_clean_series_are_bucketed_from_block_rollups_then_from_points_once_dirty(
+async def test_long_series_are_bucketed_from_block_rollups_and_dirty_blocks_from_points(
     queries: Queries, ch: ClickHouse, pg_dsn: str
 ) -> None:
     rng = random.Random(5)
@@ -371,14 +368,20 @@ async def test_long_clean_series_are_bucketed_from_block_rollups_then_from_point
         assert len(series.points) <= 100
         assert_same_selection(as_samples(series.points), reference(samples, method, 100))
         assert series.points[0].step == 0 and series.points[-1].step == 59_999
-    # One step written again: its block is dirty, the whole series is read from points.
-    await writer.insert("r", "loss", [Sample(12_345, 1e6, T0_MS)])
-    latest = [Sample(12_345, 1e6, T0_MS) if s.key == 12_345 else s for s in samples]
+    # Steps written again (a spike, and the series' first and last step): their blocks are
+    # dirty and computed from their points, the last write winning; the rest from rollups.
+    rewrites = {0: Sample(0, -5.0, T0_MS), 12_345: Sample(12_345, 1e6, T0_MS),
+                59_999: Sample(59_999, 7.0, T0_MS)}
+    await writer.insert("r", "loss", list(rewrites.values()))
+    latest = [rewrites.get(s.key, s) for s in samples]
     for method in ("lttb", "minmax", "avg"):
         series = await read(queries, "r", "loss", method, 100)
-        assert series.total_points == 60_000
-        assert_same_selection(as_samples(series.points),
-                              reference(latest, method, 100, whole_clean=False))
+        assert series.total_points == 60_000 and len(series.points) <= 100
+        assert_same_selection(as_samples(series.points), reference(latest, method, 100))
+        assert as_samples(series.points)[0] == rewrites[0]
+        assert as_samples(series.points)[-1] == rewrites[59_999]
+    spike = await read(queries, "r", "loss", "minmax", 100)
+    assert SeriesPoint(12_345, 1e6, T0_MS) in spike.points
     detail = await queries.get_run(READER, "r")
     assert [(s.name, s.count) for s in detail.metrics_summary] == [("loss", 60_000)]
 
@@ -408,4 +411,4 @@ async def test_compare_of_runs_of_different_lengths_equals_the_reference_per_run
         expected = latest[run.run_id]
         assert series.total_points == len(expected)
         assert as_samples(series.points) == reference(
-            expected, method, 150, whole_clean=run.run_id != "c3"), run.run_id
+            expected, method, 150), run.run_id

@@ -641,15 +641,18 @@ class Queries:
         result: dict[SeriesRef, _SeriesData] = {}
         if large:
             plans: dict[SeriesRef, BucketPlan | BlockPlan] = {}
+            dirty: dict[SeriesRef, tuple[int, ...]] = {}
             for ref in large:
                 st = stats[ref]
-                # A whole series without duplicates is bucketed from its block rollups (64
-                # steps a row) when it is long enough for whole blocks per bucket.
+                # A whole series is bucketed from its block rollups (128 steps a row; dirty
+                # blocks from their points) when it is long enough for whole blocks per bucket.
                 block_plan = (plan_block_buckets(method, st.lo, st.hi, max_points, BLOCK_STEPS)
-                              if st.whole_clean else None)
+                              if st.blocks is not None else None)
+                if block_plan is not None and st.blocks is not None:
+                    dirty[ref] = st.blocks.blocks
                 plans[ref] = block_plan or plan_buckets(method, st.lo, st.hi, max_points)
-            requests = [BucketRequest(ref, plans[ref], method, stats[ref].has_duplicates)
-                        for ref in large]
+            requests = [BucketRequest(ref, plans[ref], method, stats[ref].has_duplicates,
+                                      dirty.get(ref, ())) for ref in large]
             bucketed = await self._metrics.buckets(table, requests)
             for ref, series in bucketed.items():
                 total = series.total

@@ -17,8 +17,9 @@ Invariants:
   deduplicating subquery `argMax(value, version) ... GROUP BY key` unless the block rollups
   prove there is nothing to deduplicate (`dedup=False`, see `MetricQueries.stats`: no block in
   range had a step written twice): a retried or replayed batch is never counted twice.
-- Block rollups are read only for a whole series without any dirty block
-  (`SeriesStats.whole_clean`): then every state in them describes exactly the stored points.
+- Block rollups are read only for a whole series (`SeriesStats.blocks`) and only for its
+  clean blocks, whose states describe exactly the stored points; a dirty block (a step
+  written twice) is computed from its points, deduplicated, in the same statement.
 - Bucketing (`BucketPlan.index_of` as SQL, with the first and last key in buckets of their
   own; or whole blocks under a `BlockPlan`) runs in ClickHouse; only per-bucket statistics
   travel back, never the points of a downsampled series.
@@ -106,15 +107,23 @@ class KeyRange:
 class SeriesStats:
     """One series in the requested range: its rows, its key bounds, and whether any of its
     steps was written twice (then reads must deduplicate). `rows_distinct`: `rows` counts
-    distinct keys (else rows, duplicates included). `whole_clean`: the range is the whole
-    series and it has no duplicate, so its block rollups describe it exactly."""
+    distinct keys (else rows, duplicates included). `blocks`: the range is the whole series,
+    and these of its blocks are dirty (the others can be read from the block rollups); None
+    when the range is not the whole series or its dirty blocks are too many to list."""
 
     rows: int
     lo: int
     hi: int
     has_duplicates: bool
     rows_distinct: bool = False
-    whole_clean: bool = False
+    blocks: DirtyBlocks | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DirtyBlocks:
+    """The dirty blocks of a series (sorted; empty when the series is clean)."""
+
+    blocks: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,19 +173,22 @@ class BucketedSeries:
 @dataclass(frozen=True, slots=True)
 class BucketRequest:
     """A series to bucket: over its points (`BucketPlan`) or over its block rollups
-    (`BlockPlan`, only for a whole series without duplicates: see `SeriesStats.whole_clean`)."""
+    (`BlockPlan`, only for a whole series: see `SeriesStats.blocks`; `dirty` are the blocks
+    to compute from points instead)."""
 
     ref: SeriesRef
     plan: BucketPlan | BlockPlan
     method: Method
     dedup: bool
+    dirty: tuple[int, ...] = ()
 
 
 def whole_series_stats(blocks: dict[SeriesRef, BlockStats]) -> dict[SeriesRef, SeriesStats]:
     """`SeriesStats` of whole series (no key range) from their `BlockStats`."""
     return {
         ref: SeriesStats(rows=b.distinct, lo=b.lo, hi=b.hi, has_duplicates=b.dirty != (),
-                         rows_distinct=True, whole_clean=b.dirty == ())
+                         rows_distinct=True,
+                         blocks=DirtyBlocks(b.dirty) if b.dirty is not None else None)
         for ref, b in blocks.items() if b.distinct > 0
     }
 
@@ -423,6 +435,10 @@ class MetricQueries:
             groups.setdefault((by_blocks, request.dedup, request.method), []).append(request)
         result: dict[SeriesRef, BucketedSeries] = {}
         for (by_blocks, dedup, method), members in groups.items():
+            if by_blocks:
+                for request in (r for r in members if r.dirty):
+                    result[request.ref] = await self._dirty_block_buckets(request)
+                members = [r for r in members if not r.dirty]
             for chunk in _chunks(members, _MAX_SERIES_PER_STATEMENT):
                 if by_blocks:
                     result.update(await self._block_buckets(chunk, method))
@@ -433,6 +449,22 @@ class MetricQueries:
                     if index in series:
                         result[series[index].ref] = _bucketed(method, row)
         return result
+
+    async def _dirty_block_buckets(self, request: BucketRequest) -> BucketedSeries:
+        """Buckets of one series with dirty blocks: clean blocks from their rollups, dirty
+        ones from their points (deduplicated), combined per bucket in one statement that
+        also yields the first and last point (the first bucket's first, the last's last)."""
+        rows = await self._rows(_dirty_block_bucket_statement(request))
+        if not rows:
+            raise BackendError("the block rollups of a series returned no bucket",
+                               backend="clickhouse")
+        row = rows[0]
+        _, buckets, lttb = _bucket_records(request.method, row)
+        first = Sample(int(row["fk_a"][0]), float(row["fv_a"][0]), int(row["fo_a"][0]))
+        last = Sample(int(row["zk_a"][-1]), float(row["zv_a"][-1]), int(row["zo_a"][-1]))
+        total = sum(lttb.sizes) if lttb is not None else sum(b.size for b in buckets)
+        return BucketedSeries(first=first, last=last if last.key != first.key else None,
+                              buckets=buckets, total=total, lttb=lttb)
 
     async def _block_buckets(
         self, requests: Sequence[BucketRequest], method: Method
@@ -512,15 +544,19 @@ def _multi_source(
     key_range: KeyRange,
     after_key: int | None,
     dedup: bool,
+    also: str = "",
 ) -> str:
     """Points of every (run, name) of `refs`' runs x names as (sr, sn, k, v, o); one row
-    per key when `dedup` (last write wins). Callers drop pairs they did not ask for."""
+    per key when `dedup` (last write wins); `also`: a further condition on the table's
+    columns. Callers drop pairs they did not ask for."""
     run_ids = sorted({ref.run_id for ref in refs})
     names = sorted({ref.name for ref in refs})
     where = f"run_id IN {quote_list(run_ids)} AND name IN {quote_list(names)}"
     condition = _range_condition(table.key, key_range, after_key)
     if condition:
         where += f" AND {condition}"
+    if also:
+        where += f" AND {also}"
     identity, keys = _identity(run_ids, names)
     if dedup:
         group = ", ".join([*keys, table.key])
@@ -727,6 +763,53 @@ def _block_bucket_statement(
         " GROUP BY s, b ORDER BY s, b) GROUP BY s"
     )
     return statement, series
+
+
+# The per-block columns of _BLOCK_MERGES computed from points (k, v, o) instead of states, in
+# the same order and types, so the two can be combined with UNION ALL.
+_BLOCK_FROM_POINTS: Final[dict[str, str]] = {
+    "bn": "count()", "bsk": "sum(toFloat64(k))", "bsv": "sum(v)", "bso": "sum(toFloat64(o))",
+    "bfk": "min(k)", "bfv": "argMin(v, k)", "bfo": "argMin(o, k)",
+    "bzk": "max(k)", "bzv": "argMax(v, k)", "bzo": "argMax(o, k)",
+    "blv": "min(v)", "blk": "argMin(k, v)", "blo": "argMin(o, v)",
+    "bhv": "max(v)", "bhk": "argMax(k, v)", "bho": "argMax(o, v)",
+}
+
+
+def _dirty_block_bucket_statement(request: BucketRequest) -> str:
+    """The block bucket statement of one series whose `dirty` blocks are computed from their
+    points, deduplicated (last write wins), rather than from their rollups. Always carries
+    the first/last columns: the series' edges may lie in a dirty block."""
+    plan = request.plan
+    if not isinstance(plan, BlockPlan):
+        raise TypeError("a point plan reached the block bucketing statement")
+    ref, method = request.ref, request.method
+    columns = list(dict.fromkeys([*(n for n, _ in _METHOD_COLUMNS[method] if n != "b"),
+                                  *(n for n, _ in _FIRST + _LAST)]))
+    merges = list(dict.fromkeys(m for c in columns for m in _BLOCK_BUCKET_COLUMNS[c][0]))
+    dirty = quote_list(list(request.dirty))
+    clean_blocks = (
+        "SELECT block, " + ", ".join(f"{_BLOCK_MERGES[m]} AS {m}" for m in merges)
+        + f" FROM metric_blocks WHERE run_id = {quote_string(ref.run_id)}"
+        f" AND name = {quote_string(ref.name)} AND block >= {plan.first_block}"
+        f" AND block <= {plan.last_block} AND block NOT IN {dirty} GROUP BY block"
+    )
+    points = _multi_source(METRICS, [ref], KeyRange(), None, dedup=True,
+                           also=f"intDiv(step, {BLOCK_STEPS}) IN {dirty}")
+    dirty_blocks = (
+        f"SELECT intDiv(k, {BLOCK_STEPS}) AS block, "
+        + ", ".join(f"{_BLOCK_FROM_POINTS[m]} AS {m}" for m in merges)
+        + f" FROM ({points}) GROUP BY block"
+    )
+    aggregates = ", ".join(f"{_BLOCK_BUCKET_COLUMNS[c][1]} AS {c}" for c in columns)
+    arrays = ", ".join(f"groupArray({c}) AS {c}_a" for c in ["b", *columns])
+    return (
+        f"SELECT 1 AS s, {arrays} FROM ("
+        f"SELECT toInt64(intDiv(block - {plan.first_block}, {plan.group})) AS b, {aggregates}"
+        f" FROM ({clean_blocks} UNION ALL {dirty_blocks})"
+        f" WHERE block >= {plan.first_block} AND block <= {plan.last_block}"
+        " GROUP BY b ORDER BY b)"
+    )
 
 
 def _edge_statement(requests: Sequence[BucketRequest]) -> str:
