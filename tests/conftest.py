@@ -11,14 +11,20 @@ import contextlib
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
+from mlrun.server.storage.postgres import Postgres, apply_postgres_migrations, open_postgres
+
+from backends.postgres import fresh_database
 from readback import ClickHouseReader
 from server_process import TEST_API_KEY, ServerProcess, real_backend_env
+
+_MIGRATION_DEADLINE_S = 60
 
 pytest_plugins = [
     "backends.postgres",
@@ -68,3 +74,20 @@ def reachable_tmp_dir() -> Iterator[Path]:
 @pytest.fixture
 def clickhouse_reader(clickhouse_server: Any, clickhouse_database: str) -> ClickHouseReader:
     return ClickHouseReader(clickhouse_server, clickhouse_database)
+
+
+@pytest.fixture
+def pg_dsn(postgres_server: Any) -> Iterator[str]:
+    """A fresh empty database on the Debian PostgreSQL cluster (modules that also test the
+    embedded pgserver override this with a parametrized fixture of the same name)."""
+    with fresh_database(postgres_server.dsn()) as dsn:
+        yield dsn
+
+
+@pytest.fixture
+async def pg(pg_dsn: str) -> AsyncIterator[Postgres]:
+    """`pg_dsn` opened with the migrations applied."""
+    async with open_postgres(pg_dsn, max_connections=4) as opened:
+        with anyio.fail_after(_MIGRATION_DEADLINE_S):
+            await apply_postgres_migrations(opened)
+        yield opened

@@ -6,9 +6,6 @@ Each test gets a fresh database with the migrations applied (Debian PostgreSQL 1
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
-
 import anyio
 import psycopg
 import pytest
@@ -19,28 +16,12 @@ from mlrun.server.ingest import Ingest
 from mlrun.server.pipeline import Pipeline
 from mlrun.server.planner_statistics import PlannerStatistics
 from mlrun.server.storage.metadata import MetadataStore
-from mlrun.server.storage.postgres import Postgres, apply_postgres_migrations, open_postgres
+from mlrun.server.storage.postgres import Postgres
 from mlrun.wire.schemas import InitRun
-
-from backends.postgres import fresh_database
 
 pytestmark = pytest.mark.timeout(120)
 DEADLINE_S = 60
 WRITER = Principal(key_id="writer", scopes=frozenset({"write"}))
-
-
-@pytest.fixture
-def pg_dsn(postgres_server: Any) -> Iterator[str]:
-    with fresh_database(postgres_server.dsn()) as dsn:
-        yield dsn
-
-
-@pytest.fixture
-async def pg(pg_dsn: str) -> AsyncIterator[Postgres]:
-    async with open_postgres(pg_dsn, max_connections=4) as opened:
-        with anyio.fail_after(DEADLINE_S):
-            await apply_postgres_migrations(opened)
-        yield opened
 
 
 def insert_runs(dsn: str, count: int, offset: int = 0) -> None:

@@ -8,7 +8,7 @@ points), and a one-point spike must survive minmax downsampling of a million poi
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -45,12 +45,11 @@ from mlrun.server.storage.metric_queries import (
     MetricQueries,
     SeriesRef,
 )
-from mlrun.server.storage.postgres import Postgres, apply_postgres_migrations, open_postgres
+from mlrun.server.storage.postgres import Postgres
 from mlrun.server.storage.run_queries import RunQueries
 from mlrun.wire.query_schemas import CompareRuns, SeriesPoint
 
 from backends.clickhouse import ClickHouseServer
-from backends.postgres import fresh_database
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -74,20 +73,6 @@ async def ch(request: pytest.FixtureRequest, clickhouse_server: ClickHouseServer
     async with client as opened:
         with anyio.fail_after(DEADLINE_S):
             await apply_clickhouse_migrations(opened)
-        yield opened
-
-
-@pytest.fixture
-def pg_dsn(postgres_server: Any) -> Iterator[str]:
-    with fresh_database(postgres_server.dsn()) as dsn:
-        yield dsn
-
-
-@pytest.fixture
-async def pg(pg_dsn: str) -> AsyncIterator[Postgres]:
-    async with open_postgres(pg_dsn, max_connections=4) as opened:
-        with anyio.fail_after(DEADLINE_S):
-            await apply_postgres_migrations(opened)
         yield opened
 
 

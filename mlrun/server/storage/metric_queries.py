@@ -736,7 +736,6 @@ def _block_bucket_statement(
         )
         condition = f"arrayElement({_int_array(wanted)}, s) = 1"
     columns = [name for name, _ in _METHOD_COLUMNS[method] if name != "b"]
-    merges = list(dict.fromkeys(m for c in columns for m in _BLOCK_BUCKET_COLUMNS[c][0]))
     plans = {(first_block[i - 1], last_block[i - 1], group[i - 1]) for i in series}
     if len(plans) == 1:
         ((lo_block, hi_block, width),) = plans
@@ -748,13 +747,9 @@ def _block_bucket_statement(
     where = (f"run_id IN {quote_list(run_ids)} AND name IN {quote_list(names)}"
              f" AND block >= {min(first_block[i - 1] for i in series)}"
              f" AND block <= {max(last_block[i - 1] for i in series)}")
-    per_block = (
-        f"SELECT {identity}, block, "
-        + ", ".join(f"{_BLOCK_MERGES[m]} AS {m}" for m in merges)
-        + f" FROM metric_blocks WHERE {where} GROUP BY {', '.join([*keys, 'block'])}"
-    )
-    aggregates = ", ".join(f"{_BLOCK_BUCKET_COLUMNS[c][1]} AS {c}" for c in columns)
-    arrays = ", ".join(f"groupArray({c}) AS {c}_a" for c in ["b", *columns])
+    merged, aggregates, arrays = _block_bucket_parts(columns, _BLOCK_MERGES)
+    per_block = (f"SELECT {identity}, block, {merged} FROM metric_blocks WHERE {where}"
+                 f" GROUP BY {', '.join([*keys, 'block'])}")
     statement = (
         f"SELECT s, {arrays} FROM ("
         f"SELECT s, toInt64(intDiv(block - {first_expr}, {group_expr})) AS b, {aggregates}"
@@ -776,6 +771,17 @@ _BLOCK_FROM_POINTS: Final[dict[str, str]] = {
 }
 
 
+def _block_bucket_parts(columns: Sequence[str],
+                        per_block: dict[str, str]) -> tuple[str, str, str]:
+    """SQL pieces of a block bucket statement for bucket `columns`: the per-block columns
+    they need (from `per_block`: states or points), the per-bucket aggregates, and the
+    per-series arrays of those."""
+    needed = dict.fromkeys(m for c in columns for m in _BLOCK_BUCKET_COLUMNS[c][0])
+    return (", ".join(f"{per_block[m]} AS {m}" for m in needed),
+            ", ".join(f"{_BLOCK_BUCKET_COLUMNS[c][1]} AS {c}" for c in columns),
+            ", ".join(f"groupArray({c}) AS {c}_a" for c in ["b", *columns]))
+
+
 def _dirty_block_bucket_statement(request: BucketRequest) -> str:
     """The block bucket statement of one series whose `dirty` blocks are computed from their
     points, deduplicated (last write wins), rather than from their rollups. Always carries
@@ -786,23 +792,18 @@ def _dirty_block_bucket_statement(request: BucketRequest) -> str:
     ref, method = request.ref, request.method
     columns = list(dict.fromkeys([*(n for n, _ in _METHOD_COLUMNS[method] if n != "b"),
                                   *(n for n, _ in _FIRST + _LAST)]))
-    merges = list(dict.fromkeys(m for c in columns for m in _BLOCK_BUCKET_COLUMNS[c][0]))
     dirty = quote_list(list(request.dirty))
+    merged, aggregates, arrays = _block_bucket_parts(columns, _BLOCK_MERGES)
     clean_blocks = (
-        "SELECT block, " + ", ".join(f"{_BLOCK_MERGES[m]} AS {m}" for m in merges)
-        + f" FROM metric_blocks WHERE run_id = {quote_string(ref.run_id)}"
+        f"SELECT block, {merged} FROM metric_blocks WHERE run_id = {quote_string(ref.run_id)}"
         f" AND name = {quote_string(ref.name)} AND block >= {plan.first_block}"
         f" AND block <= {plan.last_block} AND block NOT IN {dirty} GROUP BY block"
     )
     points = _multi_source(METRICS, [ref], KeyRange(), None, dedup=True,
                            also=f"intDiv(step, {BLOCK_STEPS}) IN {dirty}")
-    dirty_blocks = (
-        f"SELECT intDiv(k, {BLOCK_STEPS}) AS block, "
-        + ", ".join(f"{_BLOCK_FROM_POINTS[m]} AS {m}" for m in merges)
-        + f" FROM ({points}) GROUP BY block"
-    )
-    aggregates = ", ".join(f"{_BLOCK_BUCKET_COLUMNS[c][1]} AS {c}" for c in columns)
-    arrays = ", ".join(f"groupArray({c}) AS {c}_a" for c in ["b", *columns])
+    from_points, _, _ = _block_bucket_parts(columns, _BLOCK_FROM_POINTS)
+    dirty_blocks = (f"SELECT intDiv(k, {BLOCK_STEPS}) AS block, {from_points}"
+                    f" FROM ({points}) GROUP BY block")
     return (
         f"SELECT 1 AS s, {arrays} FROM ("
         f"SELECT toInt64(intDiv(block - {plan.first_block}, {plan.group})) AS b, {aggregates}"
