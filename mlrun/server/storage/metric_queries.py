@@ -889,8 +889,8 @@ def _bucketed(method: Method, row: dict[str, Any]) -> BucketedSeries:
         # Buckets are only requested for series with rows at lo (the planned first key).
         raise BackendError("the bucketed series lost its first point", backend="clickhouse")
     last = edges.get(LAST_BUCKET)
-    interior = (sum(size for slot, size in zip(lttb.slots, lttb.sizes, strict=True)
-                    if slot >= 0) if lttb is not None else sum(b.size for b in buckets))
+    # (lttb's columns hold interior buckets only: `_lttb_records` dropped the edge slots.)
+    interior = sum(lttb.sizes) if lttb is not None else sum(b.size for b in buckets)
     return BucketedSeries(first=first, last=last, buckets=buckets,
                           total=interior + 1 + (last is not None), lttb=lttb)
 
@@ -925,8 +925,9 @@ def _lttb_records(row: dict[str, Any]) -> tuple[dict[int, Sample], list[Bucket],
     # -2, -1 first and the rest in order in practice (a slice); never trust it blindly.
     slots = columns.slots
     start = len(edges)
-    if all(slot >= 0 for slot in slots[start:]) and all(
-            a < b for a, b in itertools.pairwise(slots[start:])):
+    interior = slots[start:]
+    if (not interior or interior[0] >= 0) and all(
+            map(operator.lt, interior, itertools.islice(interior, 1, None))):
         if start:
             columns = LttbColumns(*(getattr(columns, f)[start:] for f in _LTTB_FIELDS))
     else:
