@@ -219,6 +219,7 @@ def param_matches(op: str, operand: str) -> Predicate:
 
 FILTERS: list[tuple[dict[str, Any], Predicate]] = [
     ({"project": "beta"}, lambda r: r.project == "beta"),
+    ({"project": "no-such-project"}, lambda r: False),
     ({"statuses": ["failed"]}, lambda r: r.status == "failed"),
     ({"statuses": ["finished", "killed"]}, lambda r: r.status in ("finished", "killed")),
     ({"tags": ["gpu"]}, lambda r: "gpu" in r.tags),
@@ -381,14 +382,18 @@ async def test_a_tag_and_param_filtered_page_over_10k_runs_is_served_by_indexes(
             rows = conn.execute("EXPLAIN " + statement, args).fetchall()
         return "\n".join(row[0] for row in rows)
 
+    # The project as its id, as storage.run_queries sends it (looked up first).
     page_sql = (
-        "SELECT r.run_id FROM runs r WHERE r.project_id = (SELECT id FROM projects WHERE name ="
-        " %s) AND EXISTS (SELECT 1 FROM run_tags t WHERE t.run_id = r.run_id AND t.key = %s"
+        "SELECT r.run_id FROM runs r WHERE r.project_id = %s AND EXISTS (SELECT 1"
+        " FROM run_tags t WHERE t.run_id = r.run_id AND t.key = %s"
         " AND t.value = %s) AND EXISTS (SELECT 1 FROM run_params q WHERE q.run_id = r.run_id"
         f" AND q.key = %s AND {NUMERIC_VALUE} > %s) ORDER BY r.created_at DESC, r.run_id DESC"
         " LIMIT 101")
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT id FROM projects WHERE name = 'alpha'").fetchone()
+    assert row is not None
     plan = await anyio.to_thread.run_sync(
-        lambda: explain(page_sql, "alpha", "team", "cv", "lr", Decimal("0.001")))
+        lambda: explain(page_sql, row[0], "team", "cv", "lr", Decimal("0.001")))
     # Whichever way the planner starts (the project's runs in created_at order, or the tag
     # and numeric param indexes when they are selective), no table is read whole.
     for table in ("runs", "run_tags", "run_params"):

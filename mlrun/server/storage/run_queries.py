@@ -132,14 +132,27 @@ class RunPageRows:
     total: int | None
 
 
-def _where(run_filter: RunFilter) -> tuple[list[str], list[Any]]:
+def _project_id(conn: psycopg.Connection[Any], run_filter: RunFilter) -> int | None:
+    """The filter's project id; -1 (matches nothing) for an unknown project; None without a
+    project filter."""
+    if run_filter.project is None:
+        return None
+    row = conn.execute("SELECT id FROM projects WHERE name = %s", (run_filter.project,)
+                       ).fetchone()
+    return int(row[0]) if row is not None else -1
+
+
+def _where(run_filter: RunFilter, project_id: int | None) -> tuple[list[str], list[Any]]:
+    """WHERE clauses and their arguments. The project comes as its id, looked up first
+    (`_project_id`): with the id as a value the planner reads that project's row count from
+    its statistics. Through a scalar subquery it assumed an average project, and with a few
+    projects it chose to sort every tag match instead of walking the sort index (measured:
+    a page over 10k runs next to 1.5k runs of 5 other projects, 30 ms vs 10 ms)."""
     clauses: list[str] = []
     args: list[Any] = []
-    if run_filter.project is not None:
-        # A scalar subquery (an InitPlan) lets the planner use the (project_id, ...) indexes
-        # for both the filter and the order.
-        clauses.append("r.project_id = (SELECT id FROM projects WHERE name = %s)")
-        args.append(run_filter.project)
+    if project_id is not None:
+        clauses.append("r.project_id = %s")
+        args.append(project_id)
     if run_filter.statuses:
         clauses.append("r.status = ANY(%s)")
         args.append(list(run_filter.statuses))
@@ -236,26 +249,28 @@ class RunQueries:
     ) -> RunPageRows:
         """Up to `limit` runs in `sort` order after `after`; `has_more` when another page
         follows; `total` (every match, ignoring `after`) when asked."""
-        clauses, args = _where(run_filter)
-        page_clauses, page_args = list(clauses), list(args)
-        if after is not None:
-            keyset_sql, keyset_args = _keyset(sort, after)
-            page_clauses.append(keyset_sql)
-            page_args.extend(keyset_args)
-        statement = (
-            f"SELECT {_RUN_COLUMNS} FROM runs r JOIN projects p ON p.id = r.project_id"
-            f"{_where_sql(page_clauses)} ORDER BY {_order(sort)} LIMIT %s"
-        )
-
         def select(conn: psycopg.Connection[Any]) -> RunPageRows:
-            rows = [_record(row) for row in conn.execute(statement, (*page_args, limit + 1))]
+            clauses, args = _where(run_filter, _project_id(conn, run_filter))
+            page_clauses, page_args = list(clauses), list(args)
+            if after is not None:
+                keyset_sql, keyset_args = _keyset(sort, after)
+                page_clauses.append(keyset_sql)
+                page_args.extend(keyset_args)
+            statement = (
+                f"SELECT {_RUN_COLUMNS} FROM runs r JOIN projects p ON p.id = r.project_id"
+                f"{_where_sql(page_clauses)} ORDER BY {_order(sort)} LIMIT %s"
+            )
+            # Never a server-side prepared statement: its generic plan would forget the
+            # project's and the filters' values again (see `_where`).
+            rows = [_record(row) for row in
+                    conn.execute(statement, (*page_args, limit + 1), prepare=False)]
             has_more = len(rows) > limit
             rows = rows[:limit]
             _attach_children(conn, rows)
             total = None
             if include_total:
                 counted = conn.execute(
-                    "SELECT count(*) FROM runs r" + _where_sql(clauses), args
+                    "SELECT count(*) FROM runs r" + _where_sql(clauses), args, prepare=False
                 ).fetchone()
                 total = int(counted[0]) if counted else 0
             return RunPageRows(rows=rows, has_more=has_more, total=total)
@@ -264,11 +279,11 @@ class RunQueries:
 
     async def matching_ids(self, run_filter: RunFilter, *, max_runs: int) -> list[str]:
         """Ids of matching runs, at most `max_runs + 1` (so a caller can tell "too many")."""
-        clauses, args = _where(run_filter)
-        statement = f"SELECT r.run_id FROM runs r{_where_sql(clauses)} LIMIT %s"
-
         def select(conn: psycopg.Connection[Any]) -> list[str]:
-            return [row[0] for row in conn.execute(statement, (*args, max_runs + 1))]
+            clauses, args = _where(run_filter, _project_id(conn, run_filter))
+            statement = f"SELECT r.run_id FROM runs r{_where_sql(clauses)} LIMIT %s"
+            return [row[0] for row in
+                    conn.execute(statement, (*args, max_runs + 1), prepare=False)]
 
         return await self._pg.run(select, timeout_s=self._timeout_s)
 
