@@ -8,6 +8,7 @@ session end. Never mock a database here; fakes belong only where a fault is inje
 from __future__ import annotations
 
 import contextlib
+import shutil
 import subprocess
 import tempfile
 import uuid
@@ -32,11 +33,14 @@ pytest_plugins = [
     "backends.s3",
 ]
 
+
 @pytest.fixture
 def server_env(
-    postgres_dsn: str, clickhouse_server: Any, clickhouse_database: str, s3_server: Any
+    postgres_dsn: str, clickhouse_server: Any, clickhouse_database: str, s3_server: Any,
+    tmp_path: Path,
 ) -> dict[str, str]:
-    """Environment for a server on the session's real backends, with fresh databases."""
+    """Environment for a server on the session's real backends, with fresh databases; its
+    data dir (the bootstrap key file) in the test's pytest temp dir."""
     return {
         "API_HOST": "127.0.0.1",
         "API_HTTP_PORT": "0",
@@ -46,7 +50,7 @@ def server_env(
                            clickhouse_database=clickhouse_database, s3=s3_server,
                            bucket=f"test-{uuid.uuid4().hex[:12]}"),
         "MLRUN_STARTUP_TIMEOUT_S": "20",
-        "MLRUN_DATA_DIR": tempfile.mkdtemp(prefix="mlrun-test-data-"),
+        "MLRUN_DATA_DIR": str(tmp_path / "mlrun-data"),
     }
 
 
@@ -68,7 +72,11 @@ def reachable_tmp_dir() -> Iterator[Path]:
     under a mode-700 directory when run as root)."""
     path = Path(tempfile.mkdtemp(prefix="mlrun-test-"))
     path.chmod(0o755)
-    yield path
+    try:
+        yield path
+    finally:
+        # An embedded server's data (~40 MB of PostgreSQL cluster) must not pile up in /tmp.
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

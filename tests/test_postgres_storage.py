@@ -488,17 +488,6 @@ async def test_advisory_lock_released_on_cancellation(pg_dsn: str) -> None:
 # --- embedded PostgreSQL ----------------------------------------------------------------------
 
 
-@pytest.fixture
-def reachable_tmp_dir() -> Iterator[Path]:
-    """A temp dir user 'pgserver' can reach (pytest's tmp_path is under a mode-700 dir)."""
-    path = Path(tempfile.mkdtemp(prefix="mlrun-test-embedded-"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 async def test_embedded_data_survives_stop_and_start(reachable_tmp_dir: Path) -> None:
     data_dir = reachable_tmp_dir / "mlrun-data"
     with anyio.fail_after(90):

@@ -10,7 +10,6 @@ auth, and the OpenAPI document covering every route.
 
 from __future__ import annotations
 
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,12 +38,14 @@ def module_server_env(postgres_dsn: str, clickhouse_server: Any, s3_server: Any)
                            clickhouse_database=f"test_{uuid.uuid4().hex[:16]}", s3=s3_server,
                            bucket=f"test-{uuid.uuid4().hex[:12]}"),
         "MLRUN_STARTUP_TIMEOUT_S": "30",
-        "MLRUN_DATA_DIR": tempfile.mkdtemp(prefix="mlrun-test-data-"),
     }
 
 
 def start_module_server(env: dict[str, str], log_dir: Path) -> ServerProcess:
-    process = ServerProcess(env, log_dir / "server.log")
+    """The server's data dir (its bootstrap key file) sits in `log_dir`, a pytest temp dir
+    that pytest rotates: nothing is left behind in /tmp."""
+    process = ServerProcess({**env, "MLRUN_DATA_DIR": str(log_dir / "data")},
+                            log_dir / "server.log")
     try:
         process.start()
     except BaseException:
