@@ -84,7 +84,19 @@ def test_containerfile_install_and_start_replayed_outside_a_container(tmp_path: 
     for name in tracked:
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, source / name)
+    # Outside pytest's tmp_path (its parents are mode 700 when run as root, and the embedded
+    # PostgreSQL's user must reach the venv and the data); removed at the end: ~1 GB a run.
     prefix = Path(tempfile.mkdtemp(prefix="mlrun-image-"))
+    workdir = Path(tempfile.mkdtemp(prefix="mlrun-image-data-"))
+    workdir.chmod(0o755)
+    try:
+        _install_and_start(source, prefix, workdir, tmp_path)
+    finally:
+        shutil.rmtree(prefix, ignore_errors=True)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _install_and_start(source: Path, prefix: Path, workdir: Path, tmp_path: Path) -> None:
     prefix.chmod(0o755)  # the embedded PostgreSQL's user must reach the venv (we run as root)
     shutil.rmtree(prefix)
     install = subprocess.run(["sh", "scripts/container-install.sh", str(prefix), str(source)],
@@ -92,8 +104,6 @@ def test_containerfile_install_and_start_replayed_outside_a_container(tmp_path: 
     assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-3000:]
 
     env, entrypoint = containerfile_final_stage()
-    workdir = Path(tempfile.mkdtemp(prefix="mlrun-image-data-"))
-    workdir.chmod(0o755)
     env.update({
         "PATH": f"{prefix}/bin:/usr/bin:/bin",
         "API_HOST": "127.0.0.1",  # the image binds 0.0.0.0; a test stays on loopback
