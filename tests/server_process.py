@@ -7,13 +7,14 @@ failing test can show it. Used by tests only; must not import the server package
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -135,3 +136,16 @@ def wait_for_exit(process: subprocess.Popen[bytes], *, timeout_s: float) -> int:
         process.kill()
         process.wait(timeout=10)
         raise
+
+
+@contextlib.contextmanager
+def clean_server(env: Mapping[str, str], log_path: Path,
+                 servers: list[ServerProcess]) -> Iterator[ServerProcess]:
+    """A started server (registered in `servers`, the conftest fixture that stops leftovers)
+    that must stop cleanly after the `with`: exit status 0 and no traceback in its log."""
+    process = ServerProcess(env, log_path)
+    servers.append(process)
+    process.start()
+    yield process
+    assert process.stop() == 0, process.log_text()[-3000:]
+    assert "Traceback" not in process.log_text()

@@ -23,7 +23,7 @@ import pytest
 
 from mlrun.server.storage.artifacts import LOCAL_ROUTE_PREFIX, sign_local
 
-from server_process import TEST_API_KEY, ServerProcess
+from server_process import TEST_API_KEY, ServerProcess, clean_server
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -50,12 +50,8 @@ def server(store_kind: str, server_env: dict[str, str], tmp_path: Path,
            servers: list[ServerProcess]) -> Iterator[ServerProcess]:
     if store_kind == "local":
         server_env.update(MINIO_ENDPOINT="", MINIO_ACCESS_KEY="", MINIO_SECRET_KEY="")
-    process = ServerProcess(server_env, tmp_path / "server.log")
-    servers.append(process)
-    process.start()
-    yield process
-    assert process.stop() == 0, process.log_text()[-3000:]
-    assert "Traceback" not in process.log_text()
+    with clean_server(server_env, tmp_path / "server.log", servers) as process:
+        yield process
     assert TEST_API_KEY not in process.log_text()
 
 

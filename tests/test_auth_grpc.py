@@ -17,7 +17,7 @@ import pytest
 
 from mlrun.wire.proto.mlrun.v1 import ingest_pb2, query_pb2
 
-from server_process import TEST_API_KEY, ServerProcess
+from server_process import TEST_API_KEY, ServerProcess, clean_server
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -68,12 +68,8 @@ class Caller:
 @pytest.fixture
 def server(server_env: dict[str, str], tmp_path: Path,
            servers: list[ServerProcess]) -> Iterator[ServerProcess]:
-    process = ServerProcess(server_env, tmp_path / "server.log")
-    servers.append(process)
-    process.start()
-    yield process
-    assert process.stop() == 0, process.log_text()[-3000:]
-    assert "Traceback" not in process.log_text()
+    with clean_server(server_env, tmp_path / "server.log", servers) as process:
+        yield process
 
 
 def mint(base_url: str, **payload: Any) -> dict[str, Any]:

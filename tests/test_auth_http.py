@@ -19,7 +19,7 @@ import httpx
 import psycopg
 import pytest
 
-from server_process import TEST_API_KEY, ServerProcess
+from server_process import TEST_API_KEY, ServerProcess, clean_server
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -64,12 +64,8 @@ def error_code(response: httpx.Response) -> str:
 @pytest.fixture
 def server(server_env: dict[str, str], tmp_path: Path,
            servers: list[ServerProcess]) -> Iterator[ServerProcess]:
-    process = ServerProcess(server_env, tmp_path / "server.log")
-    servers.append(process)
-    process.start()
-    yield process
-    assert process.stop() == 0, process.log_text()[-3000:]
-    assert "Traceback" not in process.log_text()
+    with clean_server(server_env, tmp_path / "server.log", servers) as process:
+        yield process
 
 
 def mint(client: Recorder, **payload: Any) -> dict[str, Any]:

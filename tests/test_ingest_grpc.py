@@ -21,7 +21,7 @@ from google.protobuf import struct_pb2
 from mlrun.wire.proto.mlrun.v1 import ingest_grpc, ingest_pb2
 
 from readback import ClickHouseReader
-from server_process import TEST_API_KEY, ServerProcess
+from server_process import TEST_API_KEY, ServerProcess, clean_server
 
 pytestmark = pytest.mark.timeout(120)
 METADATA = (("authorization", f"Bearer {TEST_API_KEY}"),)
@@ -32,12 +32,8 @@ SERVICE = "/mlrun.v1.IngestService/"
 def server(server_env: dict[str, str], tmp_path: Path,
            servers: list[ServerProcess]) -> Iterator[ServerProcess]:
     server_env["MLRUN_PIPELINE_MAX_ROWS"] = "5000"
-    process = ServerProcess(server_env, tmp_path / "server.log")
-    servers.append(process)
-    process.start()
-    yield process
-    assert process.stop() == 0, process.log_text()[-3000:]
-    assert "Traceback" not in process.log_text()
+    with clean_server(server_env, tmp_path / "server.log", servers) as process:
+        yield process
 
 
 @pytest.fixture

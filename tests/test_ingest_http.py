@@ -19,7 +19,7 @@ import psycopg
 import pytest
 
 from readback import ClickHouseReader
-from server_process import TEST_API_KEY, ServerProcess
+from server_process import TEST_API_KEY, ServerProcess, clean_server
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -30,12 +30,8 @@ AUTH = {"Authorization": f"Bearer {TEST_API_KEY}"}
 def server(server_env: dict[str, str], tmp_path: Path,
            servers: list[ServerProcess]) -> Iterator[ServerProcess]:
     server_env["MLRUN_MAX_METRIC_NAMES_PER_RUN"] = "5"
-    process = ServerProcess(server_env, tmp_path / "server.log")
-    servers.append(process)
-    process.start()
-    yield process
-    assert process.stop() == 0, process.log_text()[-3000:]
-    assert "Traceback" not in process.log_text()
+    with clean_server(server_env, tmp_path / "server.log", servers) as process:
+        yield process
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 
 from mlrun.keys_command import UsageError, keys_main, parse_duration_s, parse_scopes
 
-from server_process import TEST_API_KEY, ServerProcess
+from server_process import TEST_API_KEY, ServerProcess, clean_server
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -20,12 +20,8 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture
 def server(server_env: dict[str, str], tmp_path: Path,
            servers: list[ServerProcess]) -> Iterator[ServerProcess]:
-    process = ServerProcess(server_env, tmp_path / "server.log")
-    servers.append(process)
-    process.start()
-    yield process
-    assert process.stop() == 0, process.log_text()[-3000:]
-    assert "Traceback" not in process.log_text()
+    with clean_server(server_env, tmp_path / "server.log", servers) as process:
+        yield process
 
 
 def test_durations_and_scopes() -> None:

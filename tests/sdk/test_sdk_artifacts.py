@@ -23,7 +23,7 @@ from mlrun.sdk.artifacts import ArtifactUploadFailed
 from mlrun.sdk.errors import InvalidArgument
 from mlrun.sdk.settings import Settings
 
-from server_process import TEST_API_KEY, ServerProcess
+from server_process import TEST_API_KEY, ServerProcess, clean_server
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -36,12 +36,8 @@ def server(request: pytest.FixtureRequest, server_env: dict[str, str], tmp_path:
            servers: list[ServerProcess]) -> Iterator[ServerProcess]:
     if request.param == "local":
         server_env.update(MINIO_ENDPOINT="", MINIO_ACCESS_KEY="", MINIO_SECRET_KEY="")
-    process = ServerProcess(server_env, tmp_path / "server.log")
-    servers.append(process)
-    process.start()
-    yield process
-    assert process.stop() == 0, process.log_text()[-3000:]
-    assert "Traceback" not in process.log_text()
+    with clean_server(server_env, tmp_path / "server.log", servers) as process:
+        yield process
 
 
 def sdk_settings(server: ServerProcess, spool_dir: Path) -> Settings:

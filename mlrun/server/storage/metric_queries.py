@@ -17,7 +17,7 @@ Invariants:
   deduplicating subquery `argMax(value, version) ... GROUP BY key` unless the block rollups
   prove there is nothing to deduplicate (`dedup=False`, see `MetricQueries.stats`: no block in
   range had a step written twice): a retried or replayed batch is never counted twice.
-- Block rollups are read only for a whole series (`SeriesStats.blocks`) and only for its
+- Block rollups are read only for a whole series (`SeriesStats.dirty_blocks`) and only for its
   clean blocks, whose states describe exactly the stored points; a dirty block (a step
   written twice) is computed from its points, deduplicated, in the same statement.
 - Bucketing (`BucketPlan.index_of` as SQL, with the first and last key in buckets of their
@@ -107,23 +107,17 @@ class KeyRange:
 class SeriesStats:
     """One series in the requested range: its rows, its key bounds, and whether any of its
     steps was written twice (then reads must deduplicate). `rows_distinct`: `rows` counts
-    distinct keys (else rows, duplicates included). `blocks`: the range is the whole series,
-    and these of its blocks are dirty (the others can be read from the block rollups); None
-    when the range is not the whole series or its dirty blocks are too many to list."""
+    distinct keys (else rows, duplicates included). `dirty_blocks`: the range is the whole
+    series and these of its blocks are dirty, sorted (the others can be read from the block
+    rollups); None when the range is not the whole series or its dirty blocks are too many
+    to list."""
 
     rows: int
     lo: int
     hi: int
     has_duplicates: bool
     rows_distinct: bool = False
-    blocks: DirtyBlocks | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class DirtyBlocks:
-    """The dirty blocks of a series (sorted; empty when the series is clean)."""
-
-    blocks: tuple[int, ...]
+    dirty_blocks: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +167,7 @@ class BucketedSeries:
 @dataclass(frozen=True, slots=True)
 class BucketRequest:
     """A series to bucket: over its points (`BucketPlan`) or over its block rollups
-    (`BlockPlan`, only for a whole series: see `SeriesStats.blocks`; `dirty` are the blocks
+    (`BlockPlan`, only for a whole series: see `SeriesStats.dirty_blocks`; `dirty` are the blocks
     to compute from points instead)."""
 
     ref: SeriesRef
@@ -188,7 +182,7 @@ def whole_series_stats(blocks: dict[SeriesRef, BlockStats]) -> dict[SeriesRef, S
     return {
         ref: SeriesStats(rows=b.distinct, lo=b.lo, hi=b.hi, has_duplicates=b.dirty != (),
                          rows_distinct=True,
-                         blocks=DirtyBlocks(b.dirty) if b.dirty is not None else None)
+                         dirty_blocks=b.dirty)
         for ref, b in blocks.items() if b.distinct > 0
     }
 
@@ -220,12 +214,12 @@ class MetricQueries:
         where = f"run_id IN {quote_list(run_ids)}"
         if names is not None:
             where += f" AND name IN {quote_list(names)}"
-        rows = await self._rows(
-            "SELECT run_id, name, minMerge(min_value) AS mn, maxMerge(max_value) AS mx,"
-            " argMaxMerge(last_value) AS lv, maxMerge(last_step) AS ls"
-            f" FROM metrics_summary WHERE {where} GROUP BY run_id, name ORDER BY run_id, name"
-        )
-        blocks = await self.block_stats(run_ids, names)
+        summary = ("SELECT run_id, name, minMerge(min_value) AS mn, maxMerge(max_value) AS mx,"
+                   " argMaxMerge(last_value) AS lv, maxMerge(last_step) AS ls FROM"
+                   f" metrics_summary WHERE {where} GROUP BY run_id, name ORDER BY run_id, name")
+        # Independent statements: one round trip of latency, not two.
+        rows, blocks = await both(lambda: self._rows(summary),
+                                  lambda: self.block_stats(run_ids, names))
         return [
             SummaryRow(
                 run_id=str(r["run_id"]), name=str(r["name"]), min_value=float(r["mn"]),
@@ -344,21 +338,24 @@ class MetricQueries:
         run_ids = sorted({r.run_id for r in refs})
         names = sorted({r.name for r in refs})
         whole = key_range.start is None and key_range.end is None
-        blocks: dict[SeriesRef, BlockStats] = {}
-        if table.has_blocks:
-            blocks = await self.block_stats(run_ids, names)
-            if whole:
-                return {ref: st for ref, st in whole_series_stats(blocks).items()
-                        if ref in wanted}
+        if table.has_blocks and whole:
+            whole_stats = whole_series_stats(await self.block_stats(run_ids, names))
+            return {ref: st for ref, st in whole_stats.items() if ref in wanted}
         in_range = _range_condition(table.key, key_range, after_key=None)
         where = f"run_id IN {quote_list(run_ids)} AND name IN {quote_list(names)}"
         if in_range:
             where += f" AND {in_range}"
         identity, keys = _identity(run_ids, names)
         group = f" GROUP BY {', '.join(keys)}" if keys else ""
-        rows = await self._rows(
-            f"SELECT {identity}, count() AS n, min({table.key}) AS lo, max({table.key}) AS hi"
-            f" FROM {table.table} WHERE {where}{group}")
+        counted = (f"SELECT {identity}, count() AS n, min({table.key}) AS lo,"
+                   f" max({table.key}) AS hi FROM {table.table} WHERE {where}{group}")
+        blocks: dict[SeriesRef, BlockStats] = {}
+        if table.has_blocks:
+            # The range's rows and the series' dirty blocks are independent: read at once.
+            rows, blocks = await both(lambda: self._rows(counted),
+                                      lambda: self.block_stats(run_ids, names))
+        else:
+            rows = await self._rows(counted)
         result: dict[SeriesRef, SeriesStats] = {}
         for row in rows:
             ref = SeriesRef(str(row["sr"]), str(row["sn"]))
