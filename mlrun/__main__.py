@@ -81,9 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve_command(backend: Backend) -> int:
-    from mlrun.server.config import load_config
     from mlrun.server.errors import ConfigError
-    from mlrun.server.logs import configure_logging
+    from mlrun.server.runtime.config import load_config
+    from mlrun.server.runtime.logs import configure_logging
 
     try:
         config = load_config()
@@ -120,8 +120,8 @@ def _hypercorn_serve(backend: Backend) -> Callable[..., Coroutine[Any, Any, None
 
 
 async def _run_server(config: object, serve_http: Callable[..., Coroutine[Any, Any, None]]) -> int:
-    from mlrun.server.config import Config
-    from mlrun.server.supervisor import StartupError, serve
+    from mlrun.server.runtime.config import Config
+    from mlrun.server.runtime.supervisor import StartupError, serve
 
     assert isinstance(config, Config)
     shutdown_requested = anyio.Event()

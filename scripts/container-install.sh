@@ -13,4 +13,4 @@ cache_flag=""
 python3 -m venv "$prefix"
 "$prefix/bin/pip" install $cache_flag --disable-pip-version-check "$source_dir[embedded]"
 # A wheel, not an editable install: the schemas travel inside the package (mlrun/_sql).
-"$prefix/bin/python" -c "import mlrun.server.migrations as m; assert (m.sql_root() / 'postgres').is_dir(), m.sql_root()"
+"$prefix/bin/python" -c "import mlrun.server.storage.migrations as m; assert (m.sql_root() / 'postgres').is_dir(), m.sql_root()"

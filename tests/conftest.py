@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 import pytest
 
-from mlrun.server.storage.postgres import Postgres, apply_postgres_migrations, open_postgres
+from mlrun.server.storage.postgres.client import Postgres, apply_postgres_migrations, open_postgres
 
 from backends.postgres import fresh_database
 from readback import ClickHouseReader

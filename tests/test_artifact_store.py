@@ -23,7 +23,7 @@ import pytest
 
 from mlrun.server import errors
 from mlrun.server.protocols import s3 as s3proto
-from mlrun.server.storage.artifacts import (
+from mlrun.server.storage.objects.stores import (
     LOCAL_ROUTE_PREFIX,
     MIN_PART_BYTES,
     ArtifactStore,

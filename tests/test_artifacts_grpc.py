@@ -1,5 +1,5 @@
-"""The artifact methods of the gRPC edge (`mlrun.server.grpc.artifact_methods`), spoken to by the
-official grpcio client, over the same use-cases as HTTP, on real PostgreSQL and real S3.
+"""The artifact methods of the gRPC edge (`mlrun.server.edges.grpc.artifact_methods`), spoken
+to by the official grpcio client, over the same use-cases as HTTP, on real PostgreSQL and real S3.
 
 The servicers here plug the translation functions in exactly as the docstring of
 `artifact_methods` says the real servicers do; keys are real keys (KeyManagement on
@@ -22,26 +22,26 @@ import grpc
 import httpx
 import pytest
 
-from mlrun.server.artifacts import Artifacts
-from mlrun.server.auth import (
+from mlrun.server.edges.grpc import artifact_methods
+from mlrun.server.edges.grpc.listener import serve_grpc
+from mlrun.server.runtime.config import CardinalityConfig
+from mlrun.server.storage.objects.stores import open_s3_store
+from mlrun.server.storage.postgres.client import apply_postgres_migrations, open_postgres
+from mlrun.server.storage.postgres.keys import PostgresKeyDirectory
+from mlrun.server.storage.postgres.metadata import MetadataStore
+from mlrun.server.usecases.artifacts import Artifacts
+from mlrun.server.usecases.auth import (
     Authenticator,
     CreateKey,
     KeyManagement,
     Principal,
     serve_key_refresh,
 )
-from mlrun.server.config import CardinalityConfig
-from mlrun.server.grpc import artifact_methods
-from mlrun.server.grpc.listener import serve_grpc
-from mlrun.server.grpc.servicers import IngestServicer, QueryServicer
-from mlrun.server.storage.artifacts import open_s3_store
-from mlrun.server.storage.keys import PostgresKeyDirectory
-from mlrun.server.storage.metadata import MetadataStore
-from mlrun.server.storage.postgres import apply_postgres_migrations, open_postgres
 from mlrun.wire.proto.mlrun.v1 import ingest_pb2, query_pb2
 from mlrun.wire.schemas import InitRun
 
 from backends.s3 import S3Server
+from unimplemented_servicers import IngestServicer, QueryServicer
 
 pytestmark = pytest.mark.timeout(120)
 

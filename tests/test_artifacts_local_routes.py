@@ -16,9 +16,9 @@ import anyio.lowlevel
 import msgspec
 import pytest
 
-from mlrun.server.http.app import App, Router
-from mlrun.server.http.artifact_api import add_local_store_routes
-from mlrun.server.storage.artifacts import (
+from mlrun.server.edges.http.app import App, Router
+from mlrun.server.edges.http.artifact_api import add_local_store_routes
+from mlrun.server.storage.objects.stores import (
     CHUNK_BYTES,
     LocalArtifactStore,
     PresignedRequest,

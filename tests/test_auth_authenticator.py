@@ -10,7 +10,13 @@ from collections.abc import Mapping
 import anyio
 import pytest
 
-from mlrun.server.auth import (
+from mlrun.server.errors import (
+    BackendUnavailable,
+    MlrunError,
+    NotFound,
+    PermissionDenied,
+)
+from mlrun.server.usecases.auth import (
     KEY_PREFIX,
     LAST_USED_RESOLUTION_S,
     LOCAL_CHANGE_GRACE_S,
@@ -26,12 +32,6 @@ from mlrun.server.auth import (
     key_digest,
     new_api_key,
     serve_key_refresh,
-)
-from mlrun.server.errors import (
-    BackendUnavailable,
-    MlrunError,
-    NotFound,
-    PermissionDenied,
 )
 
 BOOTSTRAP = "mlrun_bootstrap-for-unit-tests-0123456789abcdef"

@@ -16,25 +16,25 @@ import anyio
 import pytest
 
 from mlrun.server.errors import BackendError, BackendTimeout, BackendUnavailable, ConfigError
-from mlrun.server.migrations import load_migrations
 from mlrun.server.protocols.clickhouse import (
     METRIC_COLUMNS,
     MetricRow,
     encode_metric_rows,
     quote_string,
 )
-from mlrun.server.storage.clickhouse import (
+from mlrun.server.storage.clickhouse.client import (
     ClickHouse,
     apply_clickhouse_migrations,
     open_embedded_clickhouse,
     open_http_clickhouse,
 )
-from mlrun.server.storage.metric_queries import (
+from mlrun.server.storage.clickhouse.metric_reads import (
     BLOCK_STEPS,
     MetricQueries,
     SeriesRef,
     popcount_sql,
 )
+from mlrun.server.storage.migrations import load_migrations
 
 from backends.clickhouse import ClickHouseServer
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mlrun.server.config import Config, Secret, known_variables, load_config
 from mlrun.server.errors import ConfigError
+from mlrun.server.runtime.config import Config, Secret, known_variables, load_config
 
 
 def test_defaults_select_embedded_backends() -> None:

@@ -20,7 +20,7 @@ import httpx
 import pytest
 import yaml
 
-from mlrun.server.config import known_variables
+from mlrun.server.runtime.config import known_variables
 
 from server_process import wait_for_exit
 

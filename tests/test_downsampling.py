@@ -1,6 +1,6 @@
 """The pure downsampling module against reference implementations on random series.
 
-The references are written here independently of `mlrun.server.downsampling`: textbook LTTB
+The references are written here independently of `mlrun.server.domain.downsampling`: textbook LTTB
 (Steinarsson's algorithm, index buckets), brute-force LTTB over an arbitrary bucket partition,
 and brute-force minmax per bucket. `bucket_stats` plays ClickHouse's part (what
 `storage.metric_queries` computes in SQL), so these tests pin the selection, and
@@ -15,7 +15,7 @@ import random
 
 import pytest
 
-from mlrun.server.downsampling import (
+from mlrun.server.domain.downsampling import (
     FIRST_BUCKET,
     LAST_BUCKET,
     MIN_BLOCKS_PER_BUCKET,
@@ -38,7 +38,7 @@ from mlrun.server.downsampling import (
     select_minmax,
 )
 from mlrun.server.errors import InvalidInput
-from mlrun.server.storage.metric_queries import BLOCK_STEPS
+from mlrun.server.storage.clickhouse.metric_reads import BLOCK_STEPS
 
 # --------------------------------------------------------------------------- references
 

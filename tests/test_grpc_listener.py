@@ -27,12 +27,13 @@ from google.protobuf import (
     message_factory,
 )
 
+from mlrun.server.edges.grpc.health import HealthServicer
+from mlrun.server.edges.grpc.listener import MAX_STATUS_MESSAGE_CHARS, GrpcAbort, serve_grpc
 from mlrun.server.errors import GrpcCode, Overloaded
-from mlrun.server.grpc.health import HealthServicer
-from mlrun.server.grpc.listener import MAX_STATUS_MESSAGE_CHARS, GrpcAbort, serve_grpc
-from mlrun.server.grpc.servicers import IngestServicer, QueryServicer
 from mlrun.wire.proto.grpc.health.v1 import health_grpc, health_pb2
 from mlrun.wire.proto.mlrun.v1 import ingest_pb2, query_pb2
+
+from unimplemented_servicers import IngestServicer, QueryServicer
 
 CALL_TIMEOUT_S = 5.0
 TEST_TIMEOUT_S = 60

@@ -11,8 +11,8 @@ from typing import Any
 import msgspec
 import pytest
 
+from mlrun.server.edges.http.app import App, Request, Response, Router, RouteSpec
 from mlrun.server.errors import BackendError, Overloaded
-from mlrun.server.http.app import App, Request, Response, Router, RouteSpec
 
 
 async def call(app: App, method: str, path: str, body: bytes = b"",

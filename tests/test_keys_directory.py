@@ -12,7 +12,9 @@ import psycopg
 import pytest
 
 from mlrun.server import errors
-from mlrun.server.auth import (
+from mlrun.server.storage.postgres.client import Postgres, apply_postgres_migrations, open_postgres
+from mlrun.server.storage.postgres.keys import PostgresKeyDirectory
+from mlrun.server.usecases.auth import (
     Authenticator,
     CreateKey,
     KeyManagement,
@@ -20,8 +22,6 @@ from mlrun.server.auth import (
     Principal,
     key_digest,
 )
-from mlrun.server.storage.keys import PostgresKeyDirectory
-from mlrun.server.storage.postgres import Postgres, apply_postgres_migrations, open_postgres
 
 from backends.postgres import fresh_database
 

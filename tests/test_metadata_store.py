@@ -19,13 +19,13 @@ import psycopg
 import pytest
 
 from mlrun.server import errors
-from mlrun.server.config import CardinalityConfig
-from mlrun.server.storage.metadata import (
+from mlrun.server.runtime.config import CardinalityConfig
+from mlrun.server.storage.postgres.client import Postgres, apply_postgres_migrations, open_postgres
+from mlrun.server.storage.postgres.metadata import (
     BatchPreparation,
     MetadataStore,
     render_param_value,
 )
-from mlrun.server.storage.postgres import Postgres, apply_postgres_migrations, open_postgres
 from mlrun.wire.schemas import InitRun, Param, Tag
 
 from backends.postgres import fresh_database

@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 from mlrun.server.errors import BackendError, BackendTimeout, BackendUnavailable, Overloaded
-from mlrun.server.pipeline import Pipeline, reserve_all
+from mlrun.server.pipelines.group_commit import Pipeline, reserve_all
 
 
 class ScriptedFlush:

@@ -10,13 +10,13 @@ import anyio
 import psycopg
 import pytest
 
-from mlrun.server.auth import Principal
-from mlrun.server.config import CardinalityConfig
-from mlrun.server.ingest import Ingest
-from mlrun.server.pipeline import Pipeline
-from mlrun.server.planner_statistics import PlannerStatistics
-from mlrun.server.storage.metadata import MetadataStore
-from mlrun.server.storage.postgres import Postgres
+from mlrun.server.pipelines.group_commit import Pipeline
+from mlrun.server.runtime.config import CardinalityConfig
+from mlrun.server.storage.postgres.client import Postgres
+from mlrun.server.storage.postgres.metadata import MetadataStore
+from mlrun.server.storage.postgres.planner_statistics import PlannerStatistics
+from mlrun.server.usecases.auth import Principal
+from mlrun.server.usecases.ingest import Ingest
 from mlrun.wire.schemas import InitRun
 
 pytestmark = pytest.mark.timeout(120)

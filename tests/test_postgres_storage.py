@@ -24,9 +24,9 @@ import psycopg.errors
 import pytest
 
 from mlrun.server import errors
-from mlrun.server.migrations import load_migrations
-from mlrun.server.storage.embedded_postgres import open_embedded_postgres
-from mlrun.server.storage.postgres import Postgres, apply_postgres_migrations, open_postgres
+from mlrun.server.storage.migrations import load_migrations
+from mlrun.server.storage.postgres.client import Postgres, apply_postgres_migrations, open_postgres
+from mlrun.server.storage.postgres.embedded import open_embedded_postgres
 
 from backends.postgres import PostgresCluster, fresh_database, wait_for_exit
 

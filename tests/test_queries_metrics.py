@@ -18,8 +18,7 @@ import psycopg
 import pytest
 from test_downsampling import bucket_stats, random_series
 
-from mlrun.server.auth import Principal
-from mlrun.server.downsampling import (
+from mlrun.server.domain.downsampling import (
     Method,
     Sample,
     plan_block_buckets,
@@ -30,14 +29,13 @@ from mlrun.server.downsampling import (
 )
 from mlrun.server.errors import InvalidInput, NotFound, PermissionDenied
 from mlrun.server.protocols.clickhouse import METRIC_COLUMNS, MetricRow, encode_metric_rows
-from mlrun.server.queries import Queries, SeriesRequest
-from mlrun.server.storage.clickhouse import (
+from mlrun.server.storage.clickhouse.client import (
     ClickHouse,
     apply_clickhouse_migrations,
     open_embedded_clickhouse,
     open_http_clickhouse,
 )
-from mlrun.server.storage.metric_queries import (
+from mlrun.server.storage.clickhouse.metric_reads import (
     BLOCK_STEPS,
     METRICS,
     BucketRequest,
@@ -45,8 +43,10 @@ from mlrun.server.storage.metric_queries import (
     MetricQueries,
     SeriesRef,
 )
-from mlrun.server.storage.postgres import Postgres
-from mlrun.server.storage.run_queries import RunQueries
+from mlrun.server.storage.postgres.client import Postgres
+from mlrun.server.storage.postgres.run_reads import RunQueries
+from mlrun.server.usecases.auth import Principal
+from mlrun.server.usecases.queries import Queries, SeriesRequest
 from mlrun.wire.query_schemas import CompareRuns, SeriesPoint
 
 from backends.clickhouse import ClickHouseServer

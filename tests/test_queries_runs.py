@@ -23,18 +23,18 @@ import anyio.to_thread
 import psycopg
 import pytest
 
-from mlrun.server.auth import Principal
 from mlrun.server.errors import InvalidInput, PermissionDenied
 from mlrun.server.protocols.clickhouse import METRIC_COLUMNS, encode_metric_rows
-from mlrun.server.queries import Queries, RunListing, build_listing
-from mlrun.server.storage.clickhouse import (
+from mlrun.server.storage.clickhouse.client import (
     ClickHouse,
     apply_clickhouse_migrations,
     open_http_clickhouse,
 )
-from mlrun.server.storage.metric_queries import MetricQueries
-from mlrun.server.storage.postgres import Postgres, apply_postgres_migrations, open_postgres
-from mlrun.server.storage.run_queries import NUMERIC_VALUE, RunQueries
+from mlrun.server.storage.clickhouse.metric_reads import MetricQueries
+from mlrun.server.storage.postgres.client import Postgres, apply_postgres_migrations, open_postgres
+from mlrun.server.storage.postgres.run_reads import NUMERIC_VALUE, RunQueries
+from mlrun.server.usecases.auth import Principal
+from mlrun.server.usecases.queries import Queries, RunListing, build_listing
 
 from backends.clickhouse import ClickHouseServer
 from backends.postgres import fresh_database

@@ -62,7 +62,7 @@ class ArtifactUploadFailed(SdkError):
         self.message = message
 
 
-# --- the server's answers (mirrors of mlrun.server.http.artifact_api) ---------------------------
+# --- the server's answers (mirrors of mlrun.server.edges.http.artifact_api) -----------------
 
 
 class _Part(msgspec.Struct, frozen=True):

@@ -8,7 +8,7 @@ unknown parameters, so a misspelt filter is a 400 naming it instead of a silentl
 listing. Their optional fields default to `UNSET`, never None: a query string has no null, and
 `start_step=null` must be a 400, not "no bound". Limits are declared here with `Meta` so they
 appear in the OpenAPI document; the grammar of the filter strings (`tags`, `params`, `sort`)
-is parsed by `mlrun.server.queries`.
+is parsed by `mlrun.server.usecases.queries`.
 
 Must not import anything from `mlrun.server` or `mlrun.sdk`.
 """

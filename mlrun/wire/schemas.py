@@ -24,8 +24,8 @@ T = TypeVar("T")
 # Limits (documented in the README's "Limits" table). Names and values are stored in PostgreSQL
 # columns whose CHECKs count UTF-8 bytes (sql/postgres/0001_initial.sql: they stay below
 # btree's index entry limit); the character caps here are the cheap first filter and the
-# server checks bytes before anything is stored (mlrun.server.storage.metadata), answering 400
-# `value_too_long` naming the field.
+# server checks bytes before anything is stored (mlrun.server.storage.postgres.metadata),
+# answering 400 `value_too_long` naming the field.
 MAX_NAME_CHARS = 250
 MAX_NAME_BYTES = 256
 MAX_TAG_VALUE_CHARS = 2048

@@ -35,7 +35,7 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from mlrun.server.storage.embedded_postgres import open_embedded_postgres
+from mlrun.server.storage.postgres.embedded import open_embedded_postgres
 
 PG_BIN_DIR = Path("/usr/lib/postgresql/15/bin")
 _START_TIMEOUT_S = 30

@@ -1,0 +1,69 @@
+"""`GET /metrics`: the process's telemetry in Prometheus text format.
+
+Public like /health (no API key): it carries counts and latencies, never names, keys or
+payloads, so a scraper needs no credentials; restrict it at the network if that matters.
+Pipeline gauges are read from each pipeline's `statistics()` at scrape time.
+
+Must not import storage drivers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import msgspec
+
+from mlrun.server.edges.http.app import Request, Response, Router, RouteSpec
+from mlrun.server.pipelines.group_commit import Pipeline
+from mlrun.server.telemetry import Exposition, Telemetry, render_counters
+
+_PIPELINE_FAMILIES: tuple[tuple[str, str, str, str], ...] = (
+    # (metric name, type, PipelineStatistics field, help)
+    ("mlrun_pipeline_queued_rows", "gauge", "queued_rows",
+     "Rows admitted to the pipeline and not yet committed or dropped."),
+    ("mlrun_pipeline_queued_bytes", "gauge", "queued_bytes",
+     "Encoded bytes admitted to the pipeline and not yet committed or dropped."),
+    ("mlrun_pipeline_capacity_rows", "gauge", "max_rows", "Pipeline capacity in rows."),
+    ("mlrun_pipeline_capacity_bytes", "gauge", "max_bytes", "Pipeline capacity in bytes."),
+    ("mlrun_pipeline_admitted_total", "counter", "admitted_requests",
+     "Requests admitted to the pipeline."),
+    ("mlrun_pipeline_rejected_total", "counter", "rejected_requests",
+     "Requests refused because the pipeline was full (answered 429 / RESOURCE_EXHAUSTED)."),
+    ("mlrun_pipeline_committed_rows_total", "counter", "committed_rows",
+     "Rows committed to the backend."),
+    ("mlrun_pipeline_flushes_total", "counter", "flushes", "Successful flushes."),
+    ("mlrun_pipeline_flush_errors_total", "counter", "flush_errors",
+     "Failed flush attempts (each is retried while someone waits for it)."),
+    ("mlrun_pipeline_abandoned_total", "counter", "abandoned_requests",
+     "Requests that stopped waiting for their commit (answered a retryable 503)."),
+    ("mlrun_pipeline_drain_rate_rows_per_second", "gauge", "drain_rate_rows_per_s",
+     "Smoothed rows per second of recent flushes (what Retry-After is derived from)."),
+)
+
+
+class PrometheusBody(msgspec.Struct, frozen=True):
+    """Placeholder type for the OpenAPI document: the body is text/plain, not JSON."""
+
+
+def render_metrics(telemetry: Telemetry, pipelines: Sequence[Pipeline]) -> bytes:
+    exposition = Exposition()
+    stats = [pipeline.statistics() for pipeline in pipelines]
+    for name, kind, attribute, help_text in _PIPELINE_FAMILIES:
+        exposition.family(name, kind, help_text,
+                          [((("pipeline", s.name),), getattr(s, attribute)) for s in stats])
+    exposition.histogram(
+        "mlrun_pipeline_flush_duration_seconds", "Duration of successful flushes.",
+        [((("pipeline", p.name),), p.flush_latency) for p in pipelines])
+    render_counters(exposition, telemetry)
+    return exposition.render()
+
+
+def add_metrics_route(router: Router, telemetry: Telemetry, pipelines: Sequence[Pipeline]) -> None:
+    async def metrics(request: Request) -> Response:
+        return Response(status=200, body=render_metrics(telemetry, pipelines),
+                        content_type="text/plain; version=0.0.4; charset=utf-8")
+
+    router.add("GET", "/metrics", metrics, RouteSpec(
+        summary="Prometheus metrics: pipeline depth and capacity, admissions, 429s, flushes, "
+                "flush latency, requests by route and status, gRPC calls by method and code",
+        scope=None, response=None, tags=("health",)))

@@ -1,0 +1,331 @@
+"""PostgreSQL SQL of the read path: run listing with filters, keyset pagination and totals, runs
+by id (with params and tags), run detail (with the artifacts count).
+
+Owns `RunQueries`, every SELECT the read path sends to PostgreSQL, and the typed filter records
+it takes (`RunFilter`, `TagFilter`, `ParamFilter`, `RunSort`, `Keyset`). The filter grammar of
+the API (strings such as `lr>=1e-3`) is parsed by `mlrun.server.usecases.queries`; this module only
+turns typed records into SQL. Every method is ONE `Postgres.run` call (one transaction, one
+snapshot), bounded by `timeout_s`.
+
+Must not import the HTTP/gRPC edges, ClickHouse, or psycopg's async classes. SQL text is built
+only from constants of this module; every value travels as a bound parameter.
+
+Invariants:
+- Pagination is keyset, never OFFSET: a page continues strictly after (sort value, run_id) of
+  the previous page's last row, so rows inserted or updated meanwhile can neither repeat nor
+  push an unseen row past the page boundary (a row whose sort value changes can move, as it
+  would in any live listing). run_id breaks ties, so the order is total.
+- `duration` (finished_at - created_at) is NULL while a run is running; NULLs sort last in
+  both directions, and the keyset handles them explicitly.
+- A numeric param comparison (`lr > 0.01`) only matches params whose stored text is a plain
+  decimal number with at most a 3-digit exponent (`NUMERIC_VALUE`); other values (`true`,
+  `nan`, `adam`) never match and never raise. The same expression is indexed by
+  sql/postgres/0003_read_path.sql, so it must stay byte-identical to the index's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any, Final, Literal
+
+import psycopg
+
+from mlrun.server.storage.postgres.client import Postgres
+
+ParamOp = Literal["=", "!=", ">", ">=", "<", "<="]
+SortColumn = Literal["created_at", "updated_at", "name", "status", "duration"]
+KeysetValue = datetime | str | timedelta | None
+
+# The numeric reading of a stored param value, NULL when it is not a plain number. Mirrors the
+# expression index `run_params_key_numeric_idx` (0003_read_path.sql).
+NUMERIC_VALUE: Final = (
+    "(CASE WHEN q.value ~ '^[-+]?([0-9]+([.][0-9]*)?|[.][0-9]+)([eE][-+]?[0-9]{1,3})?$'"
+    " THEN q.value::numeric END)"
+)
+
+_SORT_EXPRESSIONS: Final[dict[str, str]] = {
+    "created_at": "r.created_at",
+    "updated_at": "r.updated_at",
+    "name": "r.name",
+    "status": "r.status",
+    "duration": "(r.finished_at - r.created_at)",
+}
+_NULLABLE_SORTS: Final = frozenset({"duration"})
+
+_RUN_COLUMNS: Final = (
+    "r.run_id, p.name, r.name, r.status, r.created_at, r.updated_at, r.finished_at,"
+    " r.last_heartbeat_at"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TagFilter:
+    """Has tag `key` (any value when `value` is None)."""
+
+    key: str
+    value: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ParamFilter:
+    """`key op text` for = and != (text comparison), `key op number` for the others."""
+
+    key: str
+    op: ParamOp
+    text: str | None = None
+    number: Decimal | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunFilter:
+    project: str | None = None
+    statuses: tuple[str, ...] = ()
+    tags: tuple[TagFilter, ...] = ()
+    params: tuple[ParamFilter, ...] = ()
+    text: str | None = None
+    created_after: datetime | None = None  # inclusive
+    created_before: datetime | None = None  # exclusive
+
+
+@dataclass(frozen=True, slots=True)
+class RunSort:
+    column: SortColumn = "created_at"
+    descending: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Keyset:
+    """The last row of the previous page: its sort value and run_id."""
+
+    value: KeysetValue
+    run_id: str
+
+
+@dataclass(slots=True)
+class RunRecord:
+    run_id: str
+    project: str
+    name: str
+    status: str
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+    last_heartbeat_at: datetime | None
+    tags: dict[str, str] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+    artifacts_count: int = 0
+
+    def sort_value(self, column: SortColumn) -> KeysetValue:
+        if column == "duration":
+            return None if self.finished_at is None else self.finished_at - self.created_at
+        value: KeysetValue = getattr(self, column)
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class RunPageRows:
+    rows: list[RunRecord]
+    has_more: bool
+    total: int | None
+
+
+def _project_id(conn: psycopg.Connection[Any], run_filter: RunFilter) -> int | None:
+    """The filter's project id; -1 (matches nothing) for an unknown project; None without a
+    project filter."""
+    if run_filter.project is None:
+        return None
+    row = conn.execute("SELECT id FROM projects WHERE name = %s", (run_filter.project,)
+                       ).fetchone()
+    return int(row[0]) if row is not None else -1
+
+
+def _where(run_filter: RunFilter, project_id: int | None) -> tuple[list[str], list[Any]]:
+    """WHERE clauses and their arguments. The project comes as its id, looked up first
+    (`_project_id`): with the id as a value the planner reads that project's row count from
+    its statistics. Through a scalar subquery it assumed an average project, and with a few
+    projects it chose to sort every tag match instead of walking the sort index (measured:
+    a page over 10k runs next to 1.5k runs of 5 other projects, 30 ms vs 10 ms)."""
+    clauses: list[str] = []
+    args: list[Any] = []
+    if project_id is not None:
+        clauses.append("r.project_id = %s")
+        args.append(project_id)
+    if run_filter.statuses:
+        clauses.append("r.status = ANY(%s)")
+        args.append(list(run_filter.statuses))
+    for tag in run_filter.tags:
+        if tag.value is None:
+            clauses.append(
+                "EXISTS (SELECT 1 FROM run_tags t WHERE t.run_id = r.run_id AND t.key = %s)")
+            args.append(tag.key)
+        else:
+            clauses.append("EXISTS (SELECT 1 FROM run_tags t"
+                           " WHERE t.run_id = r.run_id AND t.key = %s AND t.value = %s)")
+            args.extend((tag.key, tag.value))
+    for param in run_filter.params:
+        if param.op in ("=", "!="):
+            comparison = "q.value = %s" if param.op == "=" else "q.value <> %s"
+            value: Any = param.text
+        else:
+            comparison = f"{NUMERIC_VALUE} {param.op} %s"
+            value = param.number
+        clauses.append("EXISTS (SELECT 1 FROM run_params q"
+                       f" WHERE q.run_id = r.run_id AND q.key = %s AND {comparison})")
+        args.extend((param.key, value))
+    if run_filter.text is not None:
+        clauses.append("(strpos(lower(r.name), lower(%s)) > 0"
+                       " OR strpos(lower(r.run_id), lower(%s)) > 0)")
+        args.extend((run_filter.text, run_filter.text))
+    if run_filter.created_after is not None:
+        clauses.append("r.created_at >= %s")
+        args.append(run_filter.created_after)
+    if run_filter.created_before is not None:
+        clauses.append("r.created_at < %s")
+        args.append(run_filter.created_before)
+    return clauses, args
+
+
+def _keyset(sort: RunSort, after: Keyset) -> tuple[str, list[Any]]:
+    expr = _SORT_EXPRESSIONS[sort.column]
+    op = "<" if sort.descending else ">"
+    if sort.column not in _NULLABLE_SORTS:
+        return f"({expr}, r.run_id) {op} (%s, %s)", [after.value, after.run_id]
+    # NULLs come last in both directions.
+    if after.value is None:
+        return f"({expr} IS NULL AND r.run_id {op} %s)", [after.run_id]
+    return (
+        f"({expr} {op} %s OR ({expr} = %s AND r.run_id {op} %s) OR {expr} IS NULL)",
+        [after.value, after.value, after.run_id],
+    )
+
+
+def _order(sort: RunSort) -> str:
+    direction = "DESC" if sort.descending else "ASC"
+    nulls = " NULLS LAST" if sort.column in _NULLABLE_SORTS else ""
+    return f"{_SORT_EXPRESSIONS[sort.column]} {direction}{nulls}, r.run_id {direction}"
+
+
+def _record(row: Sequence[Any]) -> RunRecord:
+    return RunRecord(
+        run_id=row[0], project=row[1], name=row[2], status=row[3], created_at=row[4],
+        updated_at=row[5], finished_at=row[6], last_heartbeat_at=row[7],
+    )
+
+
+def _attach_children(conn: psycopg.Connection[Any], records: Sequence[RunRecord]) -> None:
+    if not records:
+        return
+    by_id = {record.run_id: record for record in records}
+    ids = list(by_id)
+    for run_id, key, value in conn.execute(
+        "SELECT run_id, key, value FROM run_tags WHERE run_id = ANY(%s) ORDER BY run_id, key",
+        (ids,),
+    ):
+        by_id[run_id].tags[key] = value
+    for run_id, key, value in conn.execute(
+        "SELECT run_id, key, value FROM run_params WHERE run_id = ANY(%s)"
+        " ORDER BY run_id, key",
+        (ids,),
+    ):
+        by_id[run_id].params[key] = value
+
+
+class RunQueries:
+    def __init__(self, pg: Postgres, *, timeout_s: float = 5.0) -> None:
+        self._pg = pg
+        self._timeout_s = timeout_s
+
+    async def page(
+        self,
+        run_filter: RunFilter,
+        sort: RunSort,
+        *,
+        after: Keyset | None,
+        limit: int,
+        include_total: bool,
+    ) -> RunPageRows:
+        """Up to `limit` runs in `sort` order after `after`; `has_more` when another page
+        follows; `total` (every match, ignoring `after`) when asked."""
+        def select(conn: psycopg.Connection[Any]) -> RunPageRows:
+            clauses, args = _where(run_filter, _project_id(conn, run_filter))
+            page_clauses, page_args = list(clauses), list(args)
+            if after is not None:
+                keyset_sql, keyset_args = _keyset(sort, after)
+                page_clauses.append(keyset_sql)
+                page_args.extend(keyset_args)
+            statement = (
+                f"SELECT {_RUN_COLUMNS} FROM runs r JOIN projects p ON p.id = r.project_id"
+                f"{_where_sql(page_clauses)} ORDER BY {_order(sort)} LIMIT %s"
+            )
+            # Never a server-side prepared statement: its generic plan would forget the
+            # project's and the filters' values again (see `_where`).
+            rows = [_record(row) for row in
+                    conn.execute(statement, (*page_args, limit + 1), prepare=False)]
+            has_more = len(rows) > limit
+            rows = rows[:limit]
+            _attach_children(conn, rows)
+            total = None
+            if include_total:
+                counted = conn.execute(
+                    "SELECT count(*) FROM runs r" + _where_sql(clauses), args, prepare=False
+                ).fetchone()
+                total = int(counted[0]) if counted else 0
+            return RunPageRows(rows=rows, has_more=has_more, total=total)
+
+        return await self._pg.run(select, timeout_s=self._timeout_s)
+
+    async def matching_ids(self, run_filter: RunFilter, *, max_runs: int) -> list[str]:
+        """Ids of matching runs, at most `max_runs + 1` (so a caller can tell "too many")."""
+        def select(conn: psycopg.Connection[Any]) -> list[str]:
+            clauses, args = _where(run_filter, _project_id(conn, run_filter))
+            statement = f"SELECT r.run_id FROM runs r{_where_sql(clauses)} LIMIT %s"
+            return [row[0] for row in
+                    conn.execute(statement, (*args, max_runs + 1), prepare=False)]
+
+        return await self._pg.run(select, timeout_s=self._timeout_s)
+
+    async def by_ids(
+        self, run_ids: Sequence[str], *, with_children: bool = True
+    ) -> dict[str, RunRecord]:
+        """The runs among `run_ids` that exist (with tags and params when asked)."""
+        if not run_ids:
+            return {}
+        statement = (
+            f"SELECT {_RUN_COLUMNS} FROM runs r JOIN projects p ON p.id = r.project_id"
+            " WHERE r.run_id = ANY(%s)"
+        )
+
+        def select(conn: psycopg.Connection[Any]) -> dict[str, RunRecord]:
+            records = [_record(row) for row in conn.execute(statement, (list(run_ids),))]
+            if with_children:
+                _attach_children(conn, records)
+            return {record.run_id: record for record in records}
+
+        return await self._pg.run(select, timeout_s=self._timeout_s)
+
+    async def detail(self, run_id: str) -> RunRecord | None:
+        """One run with tags, params and its count of finalized artifacts."""
+        statement = (
+            f"SELECT {_RUN_COLUMNS},"
+            " (SELECT count(*) FROM artifacts a WHERE a.run_id = r.run_id"
+            "  AND a.status = 'finalized')"
+            " FROM runs r JOIN projects p ON p.id = r.project_id WHERE r.run_id = %s"
+        )
+
+        def select(conn: psycopg.Connection[Any]) -> RunRecord | None:
+            row = conn.execute(statement, (run_id,)).fetchone()
+            if row is None:
+                return None
+            record = _record(row)
+            record.artifacts_count = int(row[8])
+            _attach_children(conn, [record])
+            return record
+
+        return await self._pg.run(select, timeout_s=self._timeout_s)
+
+
+def _where_sql(clauses: Sequence[str]) -> str:
+    return " WHERE " + " AND ".join(clauses) if clauses else ""

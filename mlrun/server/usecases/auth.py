@@ -1,0 +1,580 @@
+"""Access: who is calling, and may they do this?
+
+Owns:
+- the API key format: `mlrun_` + 32 random bytes as url-safe base64 (43 characters), its
+  digest (`key_digest`) and the short display prefix shown in listings;
+- extracting the key from HTTP headers or gRPC metadata (`Authorization: Bearer <key>` or
+  `X-API-Key`; lower-cased names, as both edges deliver them);
+- `Principal` (scopes and an optional project) with `require(scope)` and `require_project(name)`;
+- `Authenticator`: answers `authenticate(headers)` from memory, with no I/O at all;
+- `serve_key_refresh`: the task that keeps the authenticator's view of the keys fresh and writes
+  last-used times;
+- `KeyManagement`: the create / list / revoke use-cases (HTTP edge, `mlrun keys` CLI);
+- `RunAccess`: the project check for calls that address a run by id;
+- the msgspec payloads of the key API (`CreateKey`, `CreatedKey`, `KeyInfo`, `KeyList`).
+
+Why a SHA-256 digest and not a slow password hash: a key carries 256 random bits, so there is no
+dictionary to try and no way to brute-force the digest back; a slow hash protects low-entropy
+secrets, and would only cost CPU on every request here. Keys are stored (and held in memory) only
+as digests, compared with `hmac.compare_digest`. The in-memory view is a dict keyed by digest:
+the timing of a dict probe can at most reveal bits of a SHA-256 digest, from which no key can be
+derived. Raw keys are never logged, never put in an error message, and leave the server only
+in the answer that creates them.
+
+How authentication stays free of database round trips (and synchronous, so both edges call it
+the same way): every server process holds the set of usable keys (digest -> principal and
+expiry), at most `MAX_USABLE_KEYS` of them, reloaded from PostgreSQL every
+`KEY_REFRESH_INTERVAL_S` by `serve_key_refresh`. A key created or revoked through this process is
+applied to its view at once; other processes see it at their next reload, so revocation wins
+everywhere within ~2 s. Expiry is checked on every call against the stored deadline, so an expired
+key fails at once everywhere. If reloads keep failing for `MAX_STALENESS_S`, the view is no longer
+trusted: database keys get 503 (retryable) until a reload succeeds; the bootstrap key keeps
+working. Last-used times are noted in memory (at most once a minute per key) and written by the
+refresh task, off the request path.
+
+Statuses: 401 `missing_credentials` / `malformed_credentials` / `invalid_credentials` (unknown
+or revoked) / `key_expired`; 403 `missing_scope` / `wrong_project`.
+
+The bootstrap key (`MLRUN_API_KEY`, or the generated one in `<data dir>/bootstrap-api-key`) is a
+global admin that lives only in memory. `MLRUN_AUTH_DISABLED=true` (allowed only on loopback
+listeners, checked by the config) makes every caller the local admin.
+
+Must not import the HTTP or gRPC edges or storage drivers: keys are stored through the
+`KeyDirectory` protocol (`mlrun.server.storage.postgres.keys` implements it on PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import math
+import os
+import re
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal, Protocol
+
+import anyio
+import anyio.abc
+import msgspec
+from msgspec import Meta
+
+from mlrun.server.errors import (
+    BackendUnavailable,
+    InvalidInput,
+    MlrunError,
+    PermissionDenied,
+    Unauthenticated,
+)
+from mlrun.wire.schemas import ProjectName
+
+logger = logging.getLogger("mlrun.auth")
+
+Scope = Literal["read", "write", "admin"]
+SCOPES: tuple[Scope, ...] = ("read", "write", "admin")
+KEY_PREFIX = "mlrun_"
+KEY_RANDOM_BYTES = 32
+# `mlrun_` plus the first 6 characters of the random part: enough to tell keys apart in a
+# listing, and it leaves ~220 unknown random bits.
+DISPLAY_PREFIX_CHARS = len(KEY_PREFIX) + 6
+# Longer presented keys are refused before hashing (ours are 49 characters).
+MAX_PRESENTED_KEY_CHARS = 512
+
+# The reload period of every process's key view: how long a revocation made elsewhere can
+# still be honoured here.
+KEY_REFRESH_INTERVAL_S = 2.0
+KEY_LOAD_TIMEOUT_S = 5.0
+# Past this age without a successful reload, database keys are refused with 503.
+MAX_STALENESS_S = 30.0
+# A local create/revoke overrides reloads for this long, so a reload that started before the
+# change committed cannot undo it.
+LOCAL_CHANGE_GRACE_S = 10.0
+# last_used_at is written at most once per key and interval.
+LAST_USED_RESOLUTION_S = 60.0
+# The bound of every process's key view (creation past it is refused with 409 too_many_keys).
+MAX_USABLE_KEYS = 10_000
+# Keys that expired less than this long ago stay in the view, so their holders learn
+# `key_expired` instead of `invalid_credentials`.
+EXPIRED_KEY_MEMORY_S = 24 * 3600
+MAX_KEY_LIFETIME_S = 10 * 365 * 24 * 3600
+RUN_PROJECT_CACHE_ENTRIES = 50_000
+
+
+# --- principals ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    key_id: str
+    scopes: frozenset[str]
+    project: str | None = None  # None: every project
+
+    def has(self, scope: Scope) -> bool:
+        return "admin" in self.scopes or scope in self.scopes
+
+    def require(self, scope: Scope) -> None:
+        """403 `missing_scope` unless the key has `scope` (admin implies every scope)."""
+        if not self.has(scope):
+            raise PermissionDenied(f"this API key lacks the {scope!r} scope", code="missing_scope")
+
+    def require_project(self, project: str) -> None:
+        """403 `wrong_project` when the key is limited to a project other than `project`."""
+        if self.project is not None and project != self.project:
+            raise PermissionDenied(
+                f"this API key is limited to project {self.project!r}", code="wrong_project"
+            )
+
+
+BOOTSTRAP_PRINCIPAL = Principal(key_id="bootstrap", scopes=frozenset({"admin"}))
+LOCAL_DEV_PRINCIPAL = Principal(key_id="auth-disabled", scopes=frozenset({"admin"}))
+
+
+def key_digest(raw_key: str) -> bytes:
+    return hashlib.sha256(raw_key.encode("utf-8", "surrogatepass")).digest()
+
+
+def new_api_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(KEY_RANDOM_BYTES)
+
+
+def display_prefix(raw_key: str) -> str:
+    return raw_key[:DISPLAY_PREFIX_CHARS]
+
+
+def extract_key(headers: Mapping[str, str]) -> str | None:
+    """The key from lower-cased headers (HTTP) or metadata (gRPC); None when absent."""
+    authorization = headers.get("authorization")
+    if authorization:
+        scheme, _, value = authorization.strip().partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+        raise Unauthenticated(
+            "the Authorization header must be 'Bearer <api key>'", code="malformed_credentials"
+        )
+    api_key = headers.get("x-api-key")
+    if api_key is not None and api_key.strip():
+        return api_key.strip()
+    return None
+
+
+# --- the in-memory key view ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UsableKey:
+    """A key as every process holds it: its digest, never the key."""
+
+    digest: bytes
+    principal: Principal
+    expires_at_s: float | None  # epoch seconds; None: never
+
+
+@dataclass(frozen=True, slots=True)
+class AuthStatistics:
+    keys: int
+    loaded_age_s: float | None  # None: no key directory attached (bootstrap key only)
+    pending_last_used: int
+
+
+class Authenticator:
+    """Checks API keys against the bootstrap key and the in-memory key view. No I/O."""
+
+    def __init__(
+        self,
+        *,
+        bootstrap_key: str | None,
+        disabled: bool,
+        max_staleness_s: float = MAX_STALENESS_S,
+        monotonic: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._bootstrap_digest = key_digest(bootstrap_key) if bootstrap_key else None
+        self._disabled = disabled
+        self._max_staleness_s = max_staleness_s
+        self._monotonic = monotonic
+        self._wall_clock = wall_clock
+        self._keys: dict[bytes, UsableKey] = {}
+        # None until a key directory is attached: then only the bootstrap key exists.
+        self._loaded_at: float | None = None
+        self._local_additions: dict[bytes, tuple[UsableKey, float]] = {}
+        self._local_revocations: dict[str, float] = {}
+        self._last_noted: dict[str, float] = {}
+        self._pending_last_used: dict[str, float] = {}
+
+    # the hot path
+
+    def authenticate(self, headers: Mapping[str, str]) -> Principal:
+        if self._disabled:
+            return LOCAL_DEV_PRINCIPAL
+        raw_key = extract_key(headers)
+        if raw_key is None:
+            raise Unauthenticated(
+                "an API key is required (Authorization: Bearer <key> or X-API-Key)",
+                code="missing_credentials",
+            )
+        if len(raw_key) > MAX_PRESENTED_KEY_CHARS:
+            raise Unauthenticated("the API key is not valid", code="invalid_credentials")
+        digest = key_digest(raw_key)
+        if self._bootstrap_digest is not None and hmac.compare_digest(
+            digest, self._bootstrap_digest
+        ):
+            return BOOTSTRAP_PRINCIPAL
+        if self._is_stale():
+            # The view may miss a revocation (or a new key): neither allow nor deny for sure.
+            raise BackendUnavailable(
+                "API keys cannot be checked right now (the key directory is unreachable)",
+                backend="postgres",
+                code="keys_unavailable",
+            )
+        entry = self._keys.get(digest)
+        if entry is None or not hmac.compare_digest(entry.digest, digest):
+            raise Unauthenticated("the API key is not valid", code="invalid_credentials")
+        if entry.expires_at_s is not None and self._wall_clock() >= entry.expires_at_s:
+            raise Unauthenticated("the API key has expired", code="key_expired")
+        self._note_use(entry.principal.key_id)
+        return entry.principal
+
+    def _is_stale(self) -> bool:
+        if self._loaded_at is None:
+            return False
+        return self._monotonic() - self._loaded_at > self._max_staleness_s
+
+    def _note_use(self, key_id: str) -> None:
+        now = self._monotonic()
+        last = self._last_noted.get(key_id)
+        if last is None or now - last >= LAST_USED_RESOLUTION_S:
+            self._last_noted[key_id] = now
+            self._pending_last_used[key_id] = self._wall_clock()
+
+    # maintenance (called by serve_key_refresh and KeyManagement)
+
+    def attach_directory(self) -> None:
+        """From now on, keys come from a directory; until the first load the view is stale."""
+        if self._loaded_at is None:
+            self._loaded_at = -math.inf
+
+    def replace_keys(self, keys: Iterable[UsableKey]) -> None:
+        """Install a freshly loaded view, keeping recent local changes the load may predate."""
+        now = self._monotonic()
+        self._local_additions = {
+            digest: (key, at)
+            for digest, (key, at) in self._local_additions.items()
+            if now - at < LOCAL_CHANGE_GRACE_S
+        }
+        self._local_revocations = {
+            key_id: at
+            for key_id, at in self._local_revocations.items()
+            if now - at < LOCAL_CHANGE_GRACE_S
+        }
+        view = {key.digest: key for key in keys}
+        for digest, (key, _) in self._local_additions.items():
+            view.setdefault(digest, key)
+        if self._local_revocations:
+            view = {
+                digest: key
+                for digest, key in view.items()
+                if key.principal.key_id not in self._local_revocations
+            }
+        self._keys = view
+        self._loaded_at = now
+        live = {key.principal.key_id for key in view.values()}
+        self._last_noted = {k: v for k, v in self._last_noted.items() if k in live}
+
+    def add_key(self, key: UsableKey) -> None:
+        self._keys[key.digest] = key
+        self._local_additions[key.digest] = (key, self._monotonic())
+
+    def remove_key(self, key_id: str) -> None:
+        self._local_revocations[key_id] = self._monotonic()
+        self._keys = {d: k for d, k in self._keys.items() if k.principal.key_id != key_id}
+        self._pending_last_used.pop(key_id, None)
+
+    def take_last_used(self) -> dict[str, float]:
+        """The last-used times noted since the previous call (key id -> epoch seconds)."""
+        pending, self._pending_last_used = self._pending_last_used, {}
+        return pending
+
+    def restore_last_used(self, pending: Mapping[str, float]) -> None:
+        """Put back times whose write failed (newer notes win)."""
+        for key_id, at in pending.items():
+            self._pending_last_used.setdefault(key_id, at)
+
+    def statistics(self) -> AuthStatistics:
+        age = None if self._loaded_at is None else self._monotonic() - self._loaded_at
+        return AuthStatistics(len(self._keys), age, len(self._pending_last_used))
+
+
+# --- the key API's payloads ----------------------------------------------------------------------
+
+KeyName = Annotated[str, Meta(min_length=1, max_length=100)]
+_KEY_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class CreateKey(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """POST /api/v1/keys. `expires_in_s` None: the key never expires."""
+
+    name: KeyName
+    scopes: Annotated[list[Scope], Meta(min_length=1, max_length=3)]
+    project: ProjectName | None = None
+    expires_in_s: Annotated[int, Meta(ge=1, le=MAX_KEY_LIFETIME_S)] | None = None
+
+
+class KeyInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """A key as listings show it: never the secret, only its first characters."""
+
+    key_id: str
+    name: str
+    display_prefix: str
+    scopes: list[str]
+    project: str | None
+    created_at: str
+    expires_at: str | None
+    last_used_at: str | None
+    revoked_at: str | None
+    status: Literal["active", "expired", "revoked"]
+
+
+class CreatedKey(msgspec.Struct, frozen=True, kw_only=True):
+    """The one answer that carries the raw key; it cannot be shown again."""
+
+    key: str
+    key_id: str
+    name: str
+    display_prefix: str
+    scopes: list[str]
+    project: str | None
+    created_at: str
+    expires_at: str | None
+
+
+class KeyList(msgspec.Struct, frozen=True, kw_only=True):
+    keys: list[KeyInfo]
+
+
+@dataclass(frozen=True, slots=True)
+class NewKeyRecord:
+    """What the directory stores for a new key."""
+
+    key_id: str
+    name: str
+    display_prefix: str
+    digest: bytes
+    scopes: tuple[str, ...]
+    project: str | None
+    expires_in_s: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredKey:
+    """A new key as stored: its listing and its expiry (epoch seconds) for the key view."""
+
+    info: KeyInfo
+    expires_at_s: float | None
+
+
+class KeyDirectory(Protocol):
+    """Where keys live (PostgreSQL: `mlrun.server.storage.keys.PostgresKeyDirectory`)."""
+
+    async def load_usable(self) -> list[UsableKey]:
+        """Every key not revoked and not expired for longer than EXPIRED_KEY_MEMORY_S."""
+        ...
+
+    async def insert(self, record: NewKeyRecord, *, max_usable: int) -> StoredKey:
+        """Store a new key (its project is created on first use); 409 `too_many_keys` when
+        `max_usable` keys are usable already."""
+        ...
+
+    async def list_keys(self, *, project: str | None) -> list[KeyInfo]:
+        """Every key, newest first; only those of `project` when it is given."""
+        ...
+
+    async def revoke(self, key_id: str, *, project: str | None) -> KeyInfo:
+        """Revoke (idempotent); 404 `key_not_found`, also for a key outside `project`."""
+        ...
+
+    async def record_last_used(self, used: Mapping[str, float]) -> None: ...
+
+
+# --- use-cases -----------------------------------------------------------------------------------
+
+
+class KeyManagement:
+    """Create, list and revoke keys. Needs `admin`; a project-scoped admin manages only keys of
+    its own project (it can never mint a global key)."""
+
+    def __init__(self, directory: KeyDirectory, authenticator: Authenticator) -> None:
+        self._directory = directory
+        self._authenticator = authenticator
+
+    async def create(self, principal: Principal, request: CreateKey) -> CreatedKey:
+        principal.require("admin")
+        project = request.project
+        if principal.project is not None:
+            if project is None:
+                project = principal.project
+            principal.require_project(project)
+        scopes = tuple(scope for scope in SCOPES if scope in request.scopes)
+        raw_key = new_api_key()
+        digest = key_digest(raw_key)
+        record = NewKeyRecord(
+            key_id="key_" + secrets.token_hex(8),
+            name=request.name,
+            display_prefix=display_prefix(raw_key),
+            digest=digest,
+            scopes=scopes,
+            project=project,
+            expires_in_s=request.expires_in_s,
+        )
+        stored = await self._directory.insert(record, max_usable=MAX_USABLE_KEYS)
+        self._authenticator.add_key(
+            UsableKey(
+                digest=digest,
+                principal=Principal(record.key_id, frozenset(scopes), project),
+                expires_at_s=stored.expires_at_s,
+            )
+        )
+        info = stored.info
+        logger.info("API key %s (%s) created by %s", info.key_id, info.display_prefix,
+                    principal.key_id)
+        return CreatedKey(
+            key=raw_key,
+            key_id=info.key_id,
+            name=info.name,
+            display_prefix=info.display_prefix,
+            scopes=info.scopes,
+            project=info.project,
+            created_at=info.created_at,
+            expires_at=info.expires_at,
+        )
+
+    async def list_keys(self, principal: Principal) -> list[KeyInfo]:
+        principal.require("admin")
+        return await self._directory.list_keys(project=principal.project)
+
+    async def revoke(self, principal: Principal, key_id: str) -> KeyInfo:
+        principal.require("admin")
+        info = await self._directory.revoke(key_id, project=principal.project)
+        self._authenticator.remove_key(key_id)
+        logger.info("API key %s revoked by %s", key_id, principal.key_id)
+        return info
+
+
+class RunAccess:
+    """The project check for calls addressing a run by id: a project-scoped key may only touch
+    runs of its project. Runs never change project, so run -> project answers are cached (LRU,
+    bounded) and the check costs a database round trip only the first time a run is seen."""
+
+    def __init__(
+        self,
+        run_project: Callable[[str], Awaitable[str]],
+        *,
+        max_entries: int = RUN_PROJECT_CACHE_ENTRIES,
+    ) -> None:
+        self._run_project = run_project
+        self._max_entries = max_entries
+        self._cache: OrderedDict[str, str] = OrderedDict()
+
+    async def require(self, principal: Principal, run_id: str) -> None:
+        """404 `run_not_found` for an unknown run (only looked up for project-scoped keys),
+        403 `wrong_project` for a run of another project."""
+        if principal.project is None:
+            return
+        project = self._cache.get(run_id)
+        if project is None:
+            project = await self._run_project(run_id)
+            self._cache[run_id] = project
+            if len(self._cache) > self._max_entries:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(run_id)
+        principal.require_project(project)
+
+
+# --- the refresh task ----------------------------------------------------------------------------
+
+
+async def serve_key_refresh(
+    authenticator: Authenticator,
+    directory: KeyDirectory,
+    *,
+    interval_s: float = KEY_REFRESH_INTERVAL_S,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Load the key view, report started, then reload every `interval_s` until cancelled.
+
+    A periodic reload (a timer, not a poll for an event: other processes' changes produce no
+    event this process could wait for) is what bounds how long a revocation elsewhere takes
+    to reach here. Failures are logged once per outage and retried at the next tick. On
+    cancellation, last-used times still pending are written (shielded, bounded)."""
+    authenticator.attach_directory()
+    healthy = await _refresh_once(authenticator, directory, healthy=True)
+    task_status.started()
+    try:
+        while True:
+            await anyio.sleep(interval_s)
+            healthy = await _refresh_once(authenticator, directory, healthy=healthy)
+    finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(KEY_LOAD_TIMEOUT_S):
+            await _flush_last_used(authenticator, directory)
+
+
+async def _refresh_once(
+    authenticator: Authenticator, directory: KeyDirectory, *, healthy: bool
+) -> bool:
+    try:
+        with anyio.fail_after(KEY_LOAD_TIMEOUT_S):
+            keys = await directory.load_usable()
+    except (MlrunError, TimeoutError) as exc:
+        if healthy:
+            logger.warning("cannot reload API keys: %s (keeping the current view for up to"
+                           " %g s)", getattr(exc, "code", "timeout"), MAX_STALENESS_S)
+        return False
+    authenticator.replace_keys(keys)
+    if not healthy:
+        logger.info("API keys reloaded (%d usable)", len(keys))
+    await _flush_last_used(authenticator, directory)
+    return True
+
+
+async def _flush_last_used(authenticator: Authenticator, directory: KeyDirectory) -> None:
+    used = authenticator.take_last_used()
+    if not used:
+        return
+    try:
+        with anyio.fail_after(KEY_LOAD_TIMEOUT_S):
+            await directory.record_last_used(used)
+    except (MlrunError, TimeoutError):
+        authenticator.restore_last_used(used)
+
+
+# --- the bootstrap key ---------------------------------------------------------------------------
+
+
+def load_or_create_bootstrap_key(data_dir: Path) -> tuple[str, Path, bool]:
+    """When no MLRUN_API_KEY is configured, keep a generated admin key in the data dir (mode
+    0600) so a fresh server is usable without a key ever appearing in a log line.
+
+    Returns (key, path, created)."""
+    path = data_dir / "bootstrap-api-key"
+    try:
+        return path.read_text(encoding="utf-8").strip(), path, False
+    except FileNotFoundError:
+        pass
+    key = new_api_key()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(key + "\n")
+    return key, path, True
+
+
+def validate_key_id(key_id: str) -> str:
+    """A key id from a path: refuse anything that cannot be one (400, field key_id)."""
+    if not _KEY_ID.match(key_id):
+        raise InvalidInput("not a valid key id", code="invalid_field", field="key_id")
+    return key_id
