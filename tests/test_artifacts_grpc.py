@@ -24,7 +24,7 @@ import pytest
 
 from mlrun.server.edges.grpc import artifact_methods
 from mlrun.server.edges.grpc.listener import serve_grpc
-from mlrun.server.runtime.config import CardinalityConfig
+from mlrun.server.ports.run_metadata import CardinalityLimits
 from mlrun.server.storage.objects.stores import open_s3_store
 from mlrun.server.storage.postgres.client import apply_postgres_migrations, open_postgres
 from mlrun.server.storage.postgres.keys import PostgresKeyDirectory
@@ -120,7 +120,7 @@ class Stack:
 
     async def new_run(self, project: str) -> str:
         created, _ = await self.metadata.init_run(InitRun(project=project),
-                                                  limits=CardinalityConfig())
+                                                  limits=CardinalityLimits())
         return created.run_id
 
 

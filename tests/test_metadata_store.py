@@ -19,13 +19,9 @@ import psycopg
 import pytest
 
 from mlrun.server import errors
-from mlrun.server.runtime.config import CardinalityConfig
+from mlrun.server.ports.run_metadata import BatchPreparation, CardinalityLimits
 from mlrun.server.storage.postgres.client import Postgres, apply_postgres_migrations, open_postgres
-from mlrun.server.storage.postgres.metadata import (
-    BatchPreparation,
-    MetadataStore,
-    render_param_value,
-)
+from mlrun.server.storage.postgres.metadata import MetadataStore, render_param_value
 from mlrun.wire.schemas import InitRun, Param, Tag
 
 from backends.postgres import fresh_database
@@ -33,7 +29,7 @@ from backends.postgres import fresh_database
 pytestmark = pytest.mark.timeout(120)
 
 TEST_DEADLINE_S = 60
-LIMITS = CardinalityConfig()
+LIMITS = CardinalityLimits()
 HASH_A = b"\x01" * 32
 HASH_B = b"\x02" * 32
 
@@ -90,7 +86,8 @@ async def _prepare(
     names: Sequence[str] = ("loss",),
     params: Sequence[Param] = (),
     tags: Sequence[Tag] = (),
-    limits: CardinalityConfig = LIMITS,
+    limits: CardinalityLimits = LIMITS,
+    first_version: int = 1000,
 ) -> BatchPreparation:
     return await store.prepare_batch(
         run_id=run_id,
@@ -98,6 +95,7 @@ async def _prepare(
         payload_hash=payload_hash,
         seq=1,
         points=10,
+        first_version=first_version,
         metric_names=names,
         params=params,
         tags=tags,
@@ -211,7 +209,7 @@ def test_render_param_value_round_trips() -> None:
 
 async def test_init_run_tags_are_limited_per_run(pg: Postgres) -> None:
     store = MetadataStore(pg)
-    limits = CardinalityConfig(max_tag_keys_per_run=2)
+    limits = CardinalityLimits(max_tag_keys_per_run=2)
     with anyio.fail_after(TEST_DEADLINE_S):
         _, warnings = await store.init_run(
             InitRun(project="p", run_id="r1", tags={"c": "3", "a": "1", "b": "2"}), limits=limits
@@ -275,7 +273,9 @@ async def test_batch_outcomes(pg: Postgres) -> None:
     with anyio.fail_after(TEST_DEADLINE_S):
         run_id = await _new_run(store)
         new = await _prepare(store, run_id)
-        retry = await _prepare(store, run_id)  # the first attempt never reached mark_committed
+        # The first attempt never reached mark_committed; the retry is told to write the
+        # versions the first attempt was given, not its own.
+        retry = await _prepare(store, run_id, first_version=2000)
         await store.mark_batch_committed(run_id, "b1")
         duplicate = await _prepare(store, run_id)
         with pytest.raises(errors.Conflict) as conflict:
@@ -283,9 +283,9 @@ async def test_batch_outcomes(pg: Postgres) -> None:
         unnamed = await _prepare(store, run_id, batch_id=None)
         await store.mark_batch_committed(run_id, None)  # a no-op, not an error
         ledger = await _rows(pg, "SELECT batch_id, payload_hash, state, points FROM ingest_batches")
-    assert new == BatchPreparation("new", frozenset({"loss"}), [])
-    assert retry == BatchPreparation("retry", frozenset({"loss"}), [])
-    assert duplicate == BatchPreparation("duplicate", frozenset(), [])
+    assert new == BatchPreparation("new", frozenset({"loss"}), [], 1000)
+    assert retry == BatchPreparation("retry", frozenset({"loss"}), [], 1000)
+    assert duplicate == BatchPreparation("duplicate", frozenset(), [], 1000)
     assert conflict.value.code == "batch_conflict" and conflict.value.field == "batch_id"
     assert unnamed.outcome == "new"
     assert [(w.code, w.field) for w in unnamed.warnings] == [("not_deduplicated", "batch_id")]
@@ -382,7 +382,7 @@ async def test_ledger_survives_reopening_the_pool(postgres_dsn: str) -> None:
 
 async def test_metric_names_limit(pg: Postgres) -> None:
     store = MetadataStore(pg)
-    limits = CardinalityConfig(max_metric_names_per_run=3)
+    limits = CardinalityLimits(max_metric_names_per_run=3)
     with anyio.fail_after(TEST_DEADLINE_S):
         run_id = await _new_run(store)
         first = await _prepare(store, run_id, "1", names=["b", "a"], limits=limits)
@@ -425,7 +425,7 @@ async def test_params_are_write_once(pg: Postgres) -> None:
 
 async def test_tags_upsert_and_limits(pg: Postgres) -> None:
     store = MetadataStore(pg)
-    limits = CardinalityConfig(max_tag_keys_per_run=3, max_tags_per_project=4)
+    limits = CardinalityLimits(max_tag_keys_per_run=3, max_tags_per_project=4)
     with anyio.fail_after(TEST_DEADLINE_S):
         run1 = await _new_run(store, "p")
         run2 = await _new_run(store, "p")
@@ -457,7 +457,7 @@ async def test_tags_upsert_and_limits(pg: Postgres) -> None:
 
 async def test_cardinality_limits_hold_across_two_server_processes(postgres_dsn: str) -> None:
     """Two pools with their own stores stand in for two server processes racing for names."""
-    limits = CardinalityConfig(
+    limits = CardinalityLimits(
         max_metric_names_per_run=10, max_tag_keys_per_run=1000, max_tags_per_project=7
     )
     admitted: list[frozenset[str]] = []

@@ -10,8 +10,8 @@ import anyio
 import psycopg
 import pytest
 
-from mlrun.server.pipelines.group_commit import Pipeline
-from mlrun.server.runtime.config import CardinalityConfig
+from mlrun.server.ports.run_metadata import CardinalityLimits
+from mlrun.server.ports.write_path import BatchWrite, PointColumns, WriteReservation
 from mlrun.server.storage.postgres.client import Postgres
 from mlrun.server.storage.postgres.metadata import MetadataStore
 from mlrun.server.storage.postgres.planner_statistics import PlannerStatistics
@@ -76,14 +76,21 @@ async def test_analyzes_after_a_burst_of_new_runs_and_not_before(
             group.cancel_scope.cancel()
 
 
+class NoMetricWrites:
+    """A write path for use-cases that must not write metrics here: any use fails the test."""
+
+    def reserve_nowait(self, run_id: str, metrics: PointColumns,
+                       system_metrics: PointColumns) -> WriteReservation:
+        raise AssertionError("init_run wrote metrics")
+
+    async def holds(self, write: BatchWrite, *, timeout_s: float) -> bool:
+        raise AssertionError("init_run read metrics")
+
+
 async def test_the_write_path_reports_only_runs_it_created(pg: Postgres) -> None:
     created: list[int] = []
-    ingest = Ingest(
-        MetadataStore(pg), metrics=Pipeline("metrics", backend="clickhouse", max_rows=10,
-                                            max_bytes=1000),
-        system_metrics=Pipeline("system_metrics", backend="clickhouse", max_rows=10,
-                                max_bytes=1000),
-        cardinality=CardinalityConfig(), on_runs_created=created.append)
+    ingest = Ingest(MetadataStore(pg), write_path=NoMetricWrites(),
+                    cardinality=CardinalityLimits(), on_runs_created=created.append)
     with anyio.fail_after(DEADLINE_S):
         first, _ = await ingest.init_run(WRITER, InitRun(project="p", run_id="a"))
         again, _ = await ingest.init_run(WRITER, InitRun(project="p", run_id="a"))

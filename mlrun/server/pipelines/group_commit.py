@@ -1,4 +1,5 @@
-"""Bounded ingest pipelines and their group-commit writers.
+"""Bounded ingest pipelines and their group-commit writers: the engine of the in-process write
+path (`mlrun.server.pipelines.clickhouse_write_path`), independent of what it flushes into.
 
 Owns: admission (capacity reserved in rows and bytes, never waited for), the bounded queue
 between request handlers and one writer task per sink, group commit, and the answer each
@@ -24,6 +25,10 @@ Invariants:
 Retry-After is derived from the observed drain rate: queued rows / rows-per-second of recent
 flushes, in whole seconds, at least 1; with no successful flush lately it is a fixed 5 s.
 
+Each item may carry an opaque `tag`; after a flush committed, the writer hands the tags of its
+items to `on_committed` (the write path uses it to mark ledger rows from the writer's side, not
+the request's, so a request that stopped waiting still gets its batch marked).
+
 Must not import storage drivers or the HTTP/gRPC edges: a writer flushes through an injected
 `flush(payload, rows)` coroutine function.
 """
@@ -46,6 +51,7 @@ from mlrun.server.telemetry import Histogram
 logger = logging.getLogger("mlrun.pipeline")
 
 Flush = Callable[[bytes, int], Awaitable[None]]
+OnCommitted = Callable[[list[object]], None]
 
 _STALE_DRAIN_S = 5.0
 _MAX_RETRY_AFTER_S = 30
@@ -72,6 +78,7 @@ class _Item:
     payload: bytes
     rows: int
     reservation: Reservation
+    tag: object = None
     done: anyio.Event = field(default_factory=anyio.Event)
     error: Exception | None = None
     abandoned: bool = False
@@ -184,8 +191,10 @@ class Pipeline:
         self._queued_bytes += nbytes
         return Reservation(self, rows, nbytes)
 
-    def submit_nowait(self, reservation: Reservation, payload: bytes, rows: int) -> Ticket:
-        """Queue a payload under its reservation (shrunk to the payload's real size)."""
+    def submit_nowait(self, reservation: Reservation, payload: bytes, rows: int,
+                      tag: object = None) -> Ticket:
+        """Queue a payload under its reservation (shrunk to the payload's real size). `tag`
+        comes back through the writer's `on_committed` once the payload is committed."""
         if reservation._pipeline is not self:
             raise ValueError("reservation belongs to another pipeline")
         # The payload may be smaller than reserved (names dropped by guardrails, or the
@@ -195,7 +204,7 @@ class Pipeline:
             self._queued_bytes -= reservation.nbytes - min(len(payload), reservation.nbytes)
             reservation.rows = min(rows, reservation.rows)
             reservation.nbytes = min(len(payload), reservation.nbytes)
-        item = _Item(payload=payload, rows=rows, reservation=reservation)
+        item = _Item(payload=payload, rows=rows, reservation=reservation, tag=tag)
         self._items_in_queue += 1
         self._send.send_nowait(item)
         self._admitted += 1
@@ -237,6 +246,7 @@ class Pipeline:
         self,
         flush: Flush,
         *,
+        on_committed: OnCommitted | None = None,
         max_flush_bytes: int = 32 * 1024 * 1024,
         flush_timeout_s: float = 5.0,
         max_backoff_s: float = 2.0,
@@ -261,13 +271,15 @@ class Pipeline:
                     batch_bytes += len(item.payload)
                 self._items_in_queue -= len(batch)
                 await self._flush_with_retry(
-                    batch, flush, flush_timeout_s=flush_timeout_s, max_backoff_s=max_backoff_s
+                    batch, flush, on_committed,
+                    flush_timeout_s=flush_timeout_s, max_backoff_s=max_backoff_s,
                 )
 
     async def _flush_with_retry(
         self,
         batch: Sequence[_Item],
         flush: Flush,
+        on_committed: OnCommitted | None,
         *,
         flush_timeout_s: float,
         max_backoff_s: float,
@@ -306,6 +318,10 @@ class Pipeline:
                     return
                 duration_s = anyio.current_time() - started
                 self._record_flush(rows, duration_s)
+                # Abandoned items were committed too (a timed-out request's batch may have
+                # been in this flush): their tags go to on_committed like everyone's.
+                if on_committed is not None:
+                    on_committed([item.tag for item in pending if item.tag is not None])
                 for item in pending:
                     item.finish()
                 pending = []

@@ -12,7 +12,8 @@ so mixed configurations (say only `DATABASE_URL` set) just work.
 Secrets (`MLRUN_API_KEY`, passwords) are kept in `Secret` wrappers whose repr hides them, so a
 config that ends up in a log line or a traceback leaks nothing.
 
-Must not import anything beyond the standard library, msgspec and `mlrun.server.errors`.
+Must not import anything beyond the standard library, msgspec, `mlrun.server.errors` and the
+records of `mlrun.server.ports`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from mlrun.server.errors import ConfigError
+from mlrun.server.ports.run_metadata import CardinalityLimits
 
 T = TypeVar("T")
 
@@ -56,12 +58,6 @@ class ListenConfig(msgspec.Struct, frozen=True):
 class AuthConfig(msgspec.Struct, frozen=True):
     bootstrap_api_key: Secret | None = None
     disabled: bool = False
-
-
-class CardinalityConfig(msgspec.Struct, frozen=True):
-    max_tag_keys_per_run: int = 100
-    max_metric_names_per_run: int = 1000
-    max_tags_per_project: int = 10000
 
 
 class PostgresConfig(msgspec.Struct, frozen=True):
@@ -104,7 +100,7 @@ class IngestConfig(msgspec.Struct, frozen=True):
 class Config(msgspec.Struct, frozen=True):
     listen: ListenConfig = ListenConfig()
     auth: AuthConfig = AuthConfig()
-    cardinality: CardinalityConfig = CardinalityConfig()
+    cardinality: CardinalityLimits = CardinalityLimits()
     postgres: PostgresConfig = PostgresConfig()
     clickhouse: ClickHouseConfig = ClickHouseConfig()
     artifacts: ArtifactStoreConfig = ArtifactStoreConfig()
@@ -306,7 +302,7 @@ def _load(env: _Reader) -> Config:
         bootstrap_api_key=Secret(bootstrap) if bootstrap else None,
         disabled=env.get("MLRUN_AUTH_DISABLED", _bool, False),
     )
-    cardinality = CardinalityConfig(
+    cardinality = CardinalityLimits(
         max_tag_keys_per_run=env.get(
             "MLRUN_MAX_TAG_KEYS_PER_RUN", _positive_int, defaults.cardinality.max_tag_keys_per_run
         ),

@@ -41,11 +41,10 @@ from mlrun.server.edges.http.artifact_api import add_artifact_routes, add_local_
 from mlrun.server.edges.http.health import add_health_routes
 from mlrun.server.edges.http.key_api import add_key_routes
 from mlrun.server.edges.http.openapi import add_openapi_route
-from mlrun.server.edges.http.prometheus import add_metrics_route
+from mlrun.server.edges.http.prometheus import PipelineGauges, add_metrics_route
 from mlrun.server.edges.http.query_api import add_query_routes
 from mlrun.server.errors import BackendUnavailable, ConfigError, MlrunError
-from mlrun.server.pipelines.group_commit import Pipeline
-from mlrun.server.protocols.clickhouse import METRIC_COLUMNS
+from mlrun.server.pipelines.clickhouse_write_path import ClickHouseWritePath
 from mlrun.server.runtime.config import Config
 from mlrun.server.runtime.readiness import Readiness
 from mlrun.server.storage.clickhouse.client import (
@@ -277,7 +276,7 @@ class Services:
     readiness: Readiness
     authenticator: Authenticator
     ingest: Ingest
-    pipelines: tuple[Pipeline, ...]
+    pipelines: tuple[PipelineGauges, ...]
     telemetry: Telemetry
     keys: KeyManagement
     artifacts: Artifacts
@@ -311,13 +310,6 @@ def build_authenticator(config: Config) -> Authenticator:
     logger.info("no MLRUN_API_KEY set: %s the bootstrap admin key in %s",
                 "generated" if created else "using", path)
     return Authenticator(bootstrap_key=key, disabled=False)
-
-
-def metric_flush(clickhouse: ClickHouse, table: str) -> Callable[[bytes, int], Awaitable[None]]:
-    async def flush(payload: bytes, rows: int) -> None:
-        await clickhouse.insert_rowbinary(table, METRIC_COLUMNS, payload, timeout_s=5.0)
-
-    return flush
 
 
 async def serve(
@@ -361,16 +353,12 @@ async def _run_listeners(
     shutdown_requested: anyio.Event,
     task_status: anyio.abc.TaskStatus[BoundAddresses],
 ) -> None:
-    pipelines = {
-        table: Pipeline(
-            table,
-            backend="clickhouse",
-            max_rows=config.ingest.pipeline_max_rows,
-            max_bytes=config.ingest.pipeline_max_bytes,
-        )
-        for table in ("metrics", "system_metrics")
-    }
     metadata = MetadataStore(storage.postgres, timeout_s=IngestTimeouts().metadata_s)
+    write_path = ClickHouseWritePath(
+        storage.clickhouse, metadata,
+        max_rows=config.ingest.pipeline_max_rows,
+        max_bytes=config.ingest.pipeline_max_bytes,
+    )
     planner_statistics = PlannerStatistics(storage.postgres)
     authenticator = build_authenticator(config)
     key_directory = PostgresKeyDirectory(storage.postgres)
@@ -379,12 +367,11 @@ async def _run_listeners(
         authenticator=authenticator,
         ingest=Ingest(
             metadata,
-            metrics=pipelines["metrics"],
-            system_metrics=pipelines["system_metrics"],
+            write_path=write_path,
             cardinality=config.cardinality,
             on_runs_created=planner_statistics.note_runs_created,
         ),
-        pipelines=tuple(pipelines.values()),
+        pipelines=write_path.pipelines,
         telemetry=Telemetry(),
         keys=KeyManagement(key_directory, authenticator),
         artifacts=Artifacts(storage.artifacts, metadata),
@@ -414,10 +401,9 @@ async def _run_listeners(
     keys_scope = anyio.CancelScope()
     statistics_scope = anyio.CancelScope()
     # Writers outlive listeners: on shutdown the listeners stop first (in-flight requests
-    # finish, still served by the writers), then the pipelines close and the writers drain.
+    # finish, still served by the writers), then the write path closes and drains.
     async with anyio.create_task_group() as writers:
-        for table, pipeline in pipelines.items():
-            await writers.start(pipeline.serve_writer, metric_flush(storage.clickhouse, table))
+        await writers.start(write_path.serve)
         # The key view is loaded before the listeners accept anything (usecases.auth).
         await writers.start(_serve_key_refresh_until_cancelled, authenticator, key_directory,
                             keys_scope)
@@ -444,10 +430,11 @@ async def _run_listeners(
         finally:
             keys_scope.cancel()
             statistics_scope.cancel()
-            for pipeline in pipelines.values():
-                pipeline.close()
-    logger.info("writers drained: %s", ", ".join(
-        f"{p.name} committed {p.statistics().committed_rows} rows" for p in pipelines.values()))
+            write_path.close()
+    pipeline_statistics, marks = write_path.statistics()
+    logger.info("writers drained: %s; ledger marks written %d, left %d", ", ".join(
+        f"{p.name} committed {p.committed_rows} rows" for p in pipeline_statistics),
+        marks.marked, marks.pending)
 
 
 async def _serve_key_refresh_until_cancelled(

@@ -3,21 +3,28 @@
 Owns the order of a batch's journey, which is what makes "acknowledged = stored exactly once"
 true:
 
-    validate + flatten points          (400/413 before anything is touched)
-    reserve capacity in every sink     (all or none; 429 when full; nothing touched yet)
-    PostgreSQL, one transaction:       run is running · ledger claim (new | retry | duplicate |
-                                       409 conflict) · cardinality · params · tags
-    encode rows, submit to pipelines   (cannot fail: capacity was reserved)
-    await the flushes that carry them  (group commit; 503 commit_timeout when too slow)
-    mark the ledger row committed      (best effort: the data is already durable)
-    answer 200
+    validate + flatten points into columns (400/413 before anything is touched)
+    assign row versions                    (first_version + i, kept in the ledger row)
+    reserve write-path capacity            (all or none; 429 when full; nothing touched yet)
+    PostgreSQL, one transaction:           run is running · ledger claim (new | retry |
+                                           duplicate | 409 conflict) · cardinality · params · tags
+    a 'pending' resend: does storage hold its rows already?  yes -> answer duplicate
+    submit to the write path               (cannot fail: capacity was reserved)
+    await durability                       (group commit; 503 commit_timeout when too slow)
+    answer 200                             (the write path marks the ledger row committed)
 
 Why this order: the ledger claim comes before any metric write, so a batch id reused with a
-different payload is refused before it can touch stored data. A claim left 'pending' by a crash
-or a timeout does not block the client's retry: the retry writes again, which is harmless
-because ClickHouse keeps one row per (run, metric, step) — the highest version — and every query
-deduplicates. Concurrent copies of one batch inside this process wait for the first instead of
-writing again, so 50 simultaneous submissions write once.
+different payload is refused before it can touch stored data. A claim left 'pending' (a crash,
+a timeout, a ledger mark that did not land) does not block the client's retry: the retry asks
+the write path whether every row of the batch (known by its versions) is stored; if so it is a
+duplicate, otherwise the same rows are written again, which is harmless because ClickHouse
+keeps one row per (run, metric, step) — the highest version — and every query deduplicates.
+Concurrent copies of one batch inside this process wait for the first instead of writing
+again, so 50 simultaneous submissions write once.
+
+The answer bound: one deadline, `IngestTimeouts.answer_s` (9.5 s, under the README's 10 s),
+covers the whole request on the server's clock — waiting for a concurrent copy, PostgreSQL, the
+storage check and the commit — and each step gets what is left of it.
 
 Semantics decided here (documented in the README):
 - NaN and ±Infinity are dropped point by point with a `non_finite_value` warning: they cannot
@@ -26,11 +33,12 @@ Semantics decided here (documented in the README):
 - Missing timestamps are filled with the server's clock at admission.
 
 Access: every use-case checks the key's scope, and a project-scoped key may only touch its own
-project (`Principal.require_project`; for calls naming a run, `auth.RunAccess` finds the run's
+project (`Principal.require_project`; for calls naming a run, `RunAccess` finds the run's
 project, cached, so a scoped key costs one lookup per run and process). Global keys skip that.
 
-The HTTP and gRPC edges both call `Ingest`; neither holds any of this logic.
-Must not import the edges, hypercorn or purerpc.
+The HTTP and gRPC edges both call `Ingest`; neither holds any of this logic. It reaches storage
+only through the ports (`RunMetadata`, `WritePath`). Must not import the edges, storage,
+pipelines, hypercorn or purerpc.
 """
 
 from __future__ import annotations
@@ -39,16 +47,21 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import anyio
 
-from mlrun.server.errors import InvalidInput, MlrunError, PayloadTooLarge
-from mlrun.server.pipelines.group_commit import Pipeline, Ticket, reserve_all
-from mlrun.server.protocols.clickhouse import encode_metric_rows
-from mlrun.server.runtime.config import CardinalityConfig
-from mlrun.server.storage.postgres.metadata import MetadataStore
+from mlrun.server.errors import BackendTimeout, InvalidInput, MlrunError, PayloadTooLarge
+from mlrun.server.ports.run_metadata import CardinalityLimits, RunMetadata
+from mlrun.server.ports.write_path import (
+    EMPTY_COLUMNS,
+    BatchIdentity,
+    BatchWrite,
+    PointColumns,
+    WritePath,
+)
 from mlrun.server.usecases.auth import Principal, RunAccess
 from mlrun.wire.schemas import (
     MAX_POINTS_PER_BATCH,
@@ -59,6 +72,7 @@ from mlrun.wire.schemas import (
     IngestWarning,
     InitRun,
     MetricPoint,
+    MetricSeries,
     Project,
     RunCreated,
     RunState,
@@ -67,21 +81,17 @@ from mlrun.wire.schemas import (
 
 logger = logging.getLogger("mlrun.ingest")
 
-# (name, step, value, timestamp_ms or None)
-Point = tuple[str, int, float, int | None]
-
-# RowBinary size of one metric row beyond its two strings: 4 x 8-byte numbers + 2 length bytes.
-_ROW_OVERHEAD_BYTES = 34
-
 
 @dataclass(frozen=True, slots=True)
 class IngestTimeouts:
-    """Deadlines of one ingest request; their sum bounds the time to an answer (< 10 s).
-    `metadata_s` is the MetadataStore's own per-call deadline (set where it is built)."""
+    """Deadlines of one ingest request. `answer_s` bounds the whole request (the README promises
+    an answer within 10 s); the others bound single steps inside it. `metadata_s` is the
+    metadata store's own per-call deadline (set where it is built)."""
 
+    answer_s: float = 9.5
     metadata_s: float = 3.0
     commit_s: float = 5.0
-    mark_committed_s: float = 1.5
+    holds_s: float = 1.5
 
 
 class VersionClock:
@@ -97,42 +107,80 @@ class VersionClock:
         return base
 
 
-def flatten_points(points: Sequence[MetricPoint], batch: IngestBatch | None = None
-                   ) -> list[Point]:
-    """Row points plus, when `batch` is given, its columnar `series`, as one list."""
-    flat: list[Point] = [(p.name, p.step, p.value, p.timestamp) for p in points]
-    if batch is not None:
-        for index, series in enumerate(batch.series):
-            count = len(series.steps)
-            if len(series.values) != count:
-                raise InvalidInput(
-                    f"series[{index}] has {count} steps but {len(series.values)} values",
-                    code="series_length_mismatch",
-                    field=f"series[{index}].values",
-                )
-            if series.timestamps is not None and len(series.timestamps) != count:
-                raise InvalidInput(
-                    f"series[{index}] has {count} steps but {len(series.timestamps)} timestamps",
-                    code="series_length_mismatch",
-                    field=f"series[{index}].timestamps",
-                )
-            timestamps: list[int | None] = (
-                list(series.timestamps) if series.timestamps is not None else [None] * count
+@dataclass(slots=True)
+class _Columns:
+    """Points being gathered into columns (versions are added once the count is known)."""
+
+    names: list[str]
+    steps: list[int]
+    values: list[float]
+    timestamps_ms: list[int]
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def with_versions(self, first_version: int) -> PointColumns:
+        return PointColumns(names=self.names, steps=self.steps, values=self.values,
+                            timestamps_ms=self.timestamps_ms,
+                            versions=range(first_version, first_version + len(self.steps)))
+
+
+def gather_columns(points: Sequence[MetricPoint], series: Sequence[MetricSeries], *,
+                   field: str, now_ms: int, warnings: list[IngestWarning]) -> _Columns:
+    """Row points, then columnar `series`, as columns; non-finite values dropped with a warning
+    and missing timestamps filled with `now_ms`."""
+    columns = _Columns([], [], [], [])
+    for p in points:
+        columns.names.append(p.name)
+        columns.steps.append(p.step)
+        columns.values.append(p.value)
+        columns.timestamps_ms.append(now_ms if p.timestamp is None else p.timestamp)
+    for index, one in enumerate(series):
+        count = len(one.steps)
+        if len(one.values) != count:
+            raise InvalidInput(
+                f"series[{index}] has {count} steps but {len(one.values)} values",
+                code="series_length_mismatch",
+                field=f"series[{index}].values",
             )
-            flat.extend(zip([series.name] * count, series.steps, series.values, timestamps,
-                            strict=True))
-    return flat
+        if one.timestamps is not None and len(one.timestamps) != count:
+            raise InvalidInput(
+                f"series[{index}] has {count} steps but {len(one.timestamps)} timestamps",
+                code="series_length_mismatch",
+                field=f"series[{index}].timestamps",
+            )
+        columns.names.extend([one.name] * count)
+        columns.steps.extend(one.steps)
+        columns.values.extend(one.values)
+        columns.timestamps_ms.extend(one.timestamps if one.timestamps is not None
+                                     else [now_ms] * count)
+    return _drop_non_finite(columns, field=field, warnings=warnings)
 
 
-def drop_non_finite(points: list[Point], *, field: str,
-                    warnings: list[IngestWarning]) -> list[Point]:
-    finite = [p for p in points if math.isfinite(p[2])]
-    dropped = len(points) - len(finite)
-    if dropped:
-        warnings.append(IngestWarning(
-            code="non_finite_value", field=field, dropped=dropped,
-            message=f"{dropped} NaN or infinite values were dropped"))
-    return finite
+def _drop_non_finite(columns: _Columns, *, field: str,
+                     warnings: list[IngestWarning]) -> _Columns:
+    isfinite = math.isfinite
+    if all(isfinite(v) for v in columns.values):
+        return columns
+    keep = [i for i, v in enumerate(columns.values) if isfinite(v)]
+    dropped = len(columns) - len(keep)
+    warnings.append(IngestWarning(
+        code="non_finite_value", field=field, dropped=dropped,
+        message=f"{dropped} NaN or infinite values were dropped"))
+    return _Columns([columns.names[i] for i in keep], [columns.steps[i] for i in keep],
+                    [columns.values[i] for i in keep], [columns.timestamps_ms[i] for i in keep])
+
+
+def only_names(columns: PointColumns, admitted: frozenset[str]) -> PointColumns:
+    """The points whose name is admitted, each keeping its version."""
+    if all(name in admitted for name in set(columns.names)):
+        return columns
+    keep = [i for i, name in enumerate(columns.names) if name in admitted]
+    return PointColumns(names=[columns.names[i] for i in keep],
+                        steps=[columns.steps[i] for i in keep],
+                        values=[columns.values[i] for i in keep],
+                        timestamps_ms=[columns.timestamps_ms[i] for i in keep],
+                        versions=[columns.versions[i] for i in keep])
 
 
 def payload_hash(batch: IngestBatch) -> bytes:
@@ -144,18 +192,16 @@ def payload_hash(batch: IngestBatch) -> bytes:
 class Ingest:
     def __init__(
         self,
-        metadata: MetadataStore,
+        metadata: RunMetadata,
         *,
-        metrics: Pipeline,
-        system_metrics: Pipeline,
-        cardinality: CardinalityConfig,
+        write_path: WritePath,
+        cardinality: CardinalityLimits,
         timeouts: IngestTimeouts = IngestTimeouts(),
         on_runs_created: Callable[[int], None] | None = None,
     ) -> None:
         self._metadata = metadata
         self._on_runs_created = on_runs_created
-        self._metrics = metrics
-        self._system_metrics = system_metrics
+        self._write_path = write_path
         self._cardinality = cardinality
         self._timeouts = timeouts
         self._versions = VersionClock()
@@ -199,107 +245,115 @@ class Ingest:
     # --- batches ------------------------------------------------------------------------------
 
     async def log_batch(self, principal: Principal, batch: IngestBatch) -> IngestResult:
+        deadline = anyio.current_time() + self._timeouts.answer_s
         principal.require("write")
         await self._run_access.require(principal, batch.run_id)
         key = (batch.run_id, batch.batch_id) if batch.batch_id is not None else None
         if key is not None and (inflight := self._inflight.get(key)) is not None:
             # The same batch is being written by another request of this process: wait for
-            # it, then the ledger answers "duplicate" (or "retry" if it failed).
-            with anyio.move_on_after(self._timeouts.commit_s + self._timeouts.metadata_s):
+            # it (leaving time for our own ledger look-up), then the ledger answers
+            # "duplicate" (or "retry" if it failed).
+            with anyio.move_on_after(_left(deadline) - self._timeouts.metadata_s):
                 await inflight.wait()
         if key is None:
-            return await self._log_batch(batch)
+            return await self._log_batch(batch, deadline)
         done = anyio.Event()
         self._inflight.setdefault(key, done)
         try:
-            return await self._log_batch(batch)
+            return await self._log_batch(batch, deadline)
         finally:
             if self._inflight.get(key) is done:
                 del self._inflight[key]
             done.set()
 
-    async def _log_batch(self, batch: IngestBatch) -> IngestResult:
+    async def _log_batch(self, batch: IngestBatch, deadline: float) -> IngestResult:
         warnings: list[IngestWarning] = []
-        metric_points = drop_non_finite(
-            flatten_points(batch.metrics, batch), field="metrics",
-            warnings=warnings)
-        system_points = drop_non_finite(
-            flatten_points(batch.system_metrics),
-            field="system_metrics", warnings=warnings)
-        total = len(metric_points) + len(system_points)
+        now_ms = time.time_ns() // 1_000_000
+        metric_columns = gather_columns(batch.metrics, batch.series, field="metrics",
+                                        now_ms=now_ms, warnings=warnings)
+        system_columns = gather_columns(batch.system_metrics, (), field="system_metrics",
+                                        now_ms=now_ms, warnings=warnings)
+        total = len(metric_columns) + len(system_columns)
         if total > MAX_POINTS_PER_BATCH:
             raise PayloadTooLarge(
                 f"a batch carries at most {MAX_POINTS_PER_BATCH} points (got {total})",
                 code="too_many_points", field="metrics")
 
-        run_id_bytes = len(batch.run_id.encode())
-        work = [
-            (pipeline, points)
-            for pipeline, points in ((self._metrics, metric_points),
-                                     (self._system_metrics, system_points))
-            if points
-        ]
-        reservations = reserve_all(
-            [(pipeline, len(points), _estimate_bytes(points, run_id_bytes))
-             for pipeline, points in work]
-        )
-        tickets: list[Ticket] = []
-        stored = 0
-        handed_over = 0  # reservations submitted or released so far, in order
+        first_version = self._versions.reserve(total)
+        reservation = self._write_path.reserve_nowait(
+            batch.run_id, metric_columns.with_versions(first_version),
+            system_columns.with_versions(first_version + len(metric_columns)))
+        submitted = False
         try:
-            preparation = await self._metadata.prepare_batch(
-                run_id=batch.run_id,
-                batch_id=batch.batch_id,
-                payload_hash=payload_hash(batch),
-                seq=batch.seq,
-                points=total,
-                metric_names={p[0] for p in metric_points},
-                params=batch.params,
-                tags=batch.tags,
-                limits=self._cardinality,
-            )
+            with _answer_deadline(deadline, "postgres"):
+                preparation = await self._metadata.prepare_batch(
+                    run_id=batch.run_id,
+                    batch_id=batch.batch_id,
+                    payload_hash=payload_hash(batch),
+                    seq=batch.seq,
+                    points=total,
+                    first_version=first_version,
+                    metric_names=set(metric_columns.names),
+                    params=batch.params,
+                    tags=batch.tags,
+                    limits=self._cardinality,
+                )
             warnings.extend(preparation.warnings)
             if preparation.outcome == "duplicate":
                 return IngestResult(accepted=0, duplicate=True, warnings=warnings)
-            admitted = preparation.admitted_metric_names
-            for (pipeline, points), reservation in zip(work, reservations, strict=True):
-                if pipeline is self._metrics:
-                    points = [p for p in points if p[0] in admitted]
-                if points:
-                    tickets.append(pipeline.submit_nowait(
-                        reservation, self._encode(batch.run_id, points), len(points)))
-                    stored += len(points)
-                else:
-                    reservation.release()
-                handed_over += 1
+            first_version = preparation.first_version
+            write = BatchWrite(
+                identity=BatchIdentity(batch.run_id, batch.batch_id, first_version),
+                metrics=only_names(metric_columns.with_versions(first_version),
+                                   preparation.admitted_metric_names),
+                system_metrics=(system_columns.with_versions(first_version + len(metric_columns))
+                                if len(system_columns) else EMPTY_COLUMNS),
+            )
+            if preparation.outcome == "retry" and await self._stored_already(write, deadline):
+                return IngestResult(accepted=0, duplicate=True, warnings=warnings)
+            durability = reservation.submit_nowait(write)
+            submitted = True
         finally:
-            # Failed (or answered "duplicate") before every reservation was handed over.
-            for reservation in reservations[handed_over:]:
+            if not submitted:  # failed, or answered "duplicate", before handing the rows over
                 reservation.release()
-        for ticket in tickets:
-            await ticket.wait(self._timeouts.commit_s)
-        if batch.batch_id is not None:
-            await self._mark_committed(batch.run_id, batch.batch_id)
-        return IngestResult(accepted=stored, duplicate=False, warnings=warnings)
+        await durability.wait(min(self._timeouts.commit_s, _left(deadline)))
+        return IngestResult(accepted=write.rows, duplicate=False, warnings=warnings)
 
-    def _encode(self, run_id: str, points: list[Point]) -> bytes:
-        now_ms = time.time_ns() // 1_000_000
-        version = self._versions.reserve(len(points))
-        return encode_metric_rows(
-            (run_id, name, step, value, now_ms if ts is None else ts, version + i)
-            for i, (name, step, value, ts) in enumerate(points)
-        )
-
-    async def _mark_committed(self, run_id: str, batch_id: str) -> None:
+    async def _stored_already(self, write: BatchWrite, deadline: float) -> bool:
+        """A resend of a batch whose ledger row is still 'pending': its first attempt may have
+        been committed without the ledger mark landing. If storage holds every row, repair the
+        mark (best effort) and answer duplicate; if the check itself fails, write again."""
         try:
-            with anyio.fail_after(self._timeouts.mark_committed_s):
-                await self._metadata.mark_batch_committed(run_id, batch_id)
+            with anyio.fail_after(min(self._timeouts.holds_s, _left(deadline))):
+                if not await self._write_path.holds(write, timeout_s=self._timeouts.holds_s):
+                    return False
         except (MlrunError, TimeoutError) as exc:
-            # The points are durable already; a retry of this batch will write them again,
-            # which storage deduplicates. Not worth failing the request for.
-            logger.warning("could not mark batch %s of run %s committed: %s", batch_id, run_id,
+            logger.warning("could not check whether batch %s of run %s is stored (%s); "
+                           "writing it again", write.identity.batch_id, write.identity.run_id,
                            getattr(exc, "code", "timeout"))
+            return False
+        try:
+            with anyio.fail_after(min(self._timeouts.metadata_s, _left(deadline))):
+                await self._metadata.mark_batches_committed(
+                    [(write.identity.run_id, write.identity.batch_id)])
+        except (MlrunError, TimeoutError) as exc:
+            logger.warning("could not mark batch %s of run %s committed: %s",
+                           write.identity.batch_id, write.identity.run_id,
+                           getattr(exc, "code", "timeout"))
+        return True
 
 
-def _estimate_bytes(points: list[Point], run_id_bytes: int) -> int:
-    return sum(len(p[0]) for p in points) * 4 + len(points) * (run_id_bytes + _ROW_OVERHEAD_BYTES)
+def _left(deadline: float) -> float:
+    return max(deadline - anyio.current_time(), 0.0)
+
+
+@contextmanager
+def _answer_deadline(deadline: float, backend: str) -> Iterator[None]:
+    """Cancels the step at the request's answer deadline and reports it as a retryable
+    `backend_timeout` naming the backend that was being waited for."""
+    try:
+        with anyio.fail_after(_left(deadline)):
+            yield
+    except TimeoutError as exc:
+        raise BackendTimeout(f"{backend} did not answer in time; retry with the same batch_id",
+                             backend=backend) from exc

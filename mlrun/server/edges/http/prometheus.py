@@ -4,18 +4,32 @@ Public like /health (no API key): it carries counts and latencies, never names, 
 payloads, so a scraper needs no credentials; restrict it at the network if that matters.
 Pipeline gauges are read from each pipeline's `statistics()` at scrape time.
 
-Must not import storage drivers.
+Must not import storage drivers or pipelines: it reads whatever has the `PipelineGauges` shape.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import msgspec
 
 from mlrun.server.edges.http.app import Request, Response, Router, RouteSpec
-from mlrun.server.pipelines.group_commit import Pipeline
-from mlrun.server.telemetry import Exposition, Telemetry, render_counters
+from mlrun.server.telemetry import Exposition, Histogram, Telemetry, render_counters
+
+
+class PipelineGauges(Protocol):
+    """A write pipeline as /metrics sees it: `statistics()` returns a record with the fields of
+    `_PIPELINE_FAMILIES`."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def flush_latency(self) -> Histogram: ...
+
+    def statistics(self) -> object: ...
+
 
 _PIPELINE_FAMILIES: tuple[tuple[str, str, str, str], ...] = (
     # (metric name, type, PipelineStatistics field, help)
@@ -45,12 +59,13 @@ class PrometheusBody(msgspec.Struct, frozen=True):
     """Placeholder type for the OpenAPI document: the body is text/plain, not JSON."""
 
 
-def render_metrics(telemetry: Telemetry, pipelines: Sequence[Pipeline]) -> bytes:
+def render_metrics(telemetry: Telemetry, pipelines: Sequence[PipelineGauges]) -> bytes:
     exposition = Exposition()
-    stats = [pipeline.statistics() for pipeline in pipelines]
+    stats = [(pipeline.name, pipeline.statistics()) for pipeline in pipelines]
     for name, kind, attribute, help_text in _PIPELINE_FAMILIES:
         exposition.family(name, kind, help_text,
-                          [((("pipeline", s.name),), getattr(s, attribute)) for s in stats])
+                          [((("pipeline", pipeline),), getattr(s, attribute))
+                           for pipeline, s in stats])
     exposition.histogram(
         "mlrun_pipeline_flush_duration_seconds", "Duration of successful flushes.",
         [((("pipeline", p.name),), p.flush_latency) for p in pipelines])
@@ -58,7 +73,8 @@ def render_metrics(telemetry: Telemetry, pipelines: Sequence[Pipeline]) -> bytes
     return exposition.render()
 
 
-def add_metrics_route(router: Router, telemetry: Telemetry, pipelines: Sequence[Pipeline]) -> None:
+def add_metrics_route(router: Router, telemetry: Telemetry,
+                      pipelines: Sequence[PipelineGauges]) -> None:
     async def metrics(request: Request) -> Response:
         return Response(status=200, body=render_metrics(telemetry, pipelines),
                         content_type="text/plain; version=0.0.4; charset=utf-8")

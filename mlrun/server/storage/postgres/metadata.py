@@ -5,13 +5,13 @@ once `mlrun.server.usecases.artifacts` verified the object).
 
 Owns: `MetadataStore`, whose methods each make exactly ONE `Postgres.run` call (one worker-thread
 hop, one transaction), and the canonical text form of param values (`render_param_value`).
-The ingest orchestration (pipelines, ClickHouse writes, the HTTP/gRPC edges) calls it.
+It implements the `RunMetadata` port (`mlrun.server.ports.run_metadata`) of the ingest use-case.
 
 Must not import: trio or asyncio, the HTTP/gRPC edges, ClickHouse or artifact storage. It may
-import `errors`, `config` (for CardinalityConfig, the limits record), `wire.schemas` and
+import `errors`, `ports` (the records it shares with the use-cases), `wire.schemas` and
 `storage.postgres`.
 
-The batch protocol (issue 3, items 5-7):
+The batch protocol:
 1. `prepare_batch` checks the run (404 `run_not_found`, 409 `run_finished`) and claims
    (run_id, batch_id) in the ledger as 'pending' with INSERT .. ON CONFLICT DO NOTHING. A clash
    compares the stored payload hash: different -> 409 `batch_conflict`; same and 'committed' ->
@@ -20,8 +20,11 @@ The batch protocol (issue 3, items 5-7):
    metric and step). Concurrent identical submissions serialise on the ledger's primary key: the
    first claims ("new"), the others wait for it to commit and then see its row ("retry" or
    "duplicate"), never an error.
-2. The caller writes the points, then calls `mark_batch_committed` ('pending' -> 'committed').
-   A crash between the two leaves 'pending', so the client's retry is written again, never lost.
+2. The write path makes the points durable, then marks the row (`mark_batches_committed`,
+   'pending' -> 'committed', grouped and retried by `pipelines.ledger_marker`). A crash between
+   the two leaves 'pending'; the client's resend is then checked against ClickHouse by the
+   versions recorded at the claim (`first_version`) and answered duplicate if all its rows are
+   there, or written again (the same rows), never lost.
    A batch without batch_id gets no ledger row, outcome "new" and a `not_deduplicated` warning.
 
 Invariants:
@@ -68,7 +71,7 @@ from typing import Any, Literal
 import psycopg
 
 from mlrun.server import errors
-from mlrun.server.runtime.config import CardinalityConfig
+from mlrun.server.ports.run_metadata import BatchOutcome, BatchPreparation, CardinalityLimits
 from mlrun.server.storage.postgres.client import Postgres
 from mlrun.wire.schemas import (
     FinalStatus,
@@ -83,13 +86,6 @@ from mlrun.wire.schemas import (
     Tag,
 )
 
-# The cardinality limits. CardinalityConfig (built from MLRUN_MAX_TAG_KEYS_PER_RUN,
-# MLRUN_MAX_METRIC_NAMES_PER_RUN, MLRUN_MAX_TAGS_PER_PROJECT) is already the small frozen record
-# these methods need, so it is used as is rather than copied into a twin.
-CardinalityLimits = CardinalityConfig
-
-BatchOutcome = Literal["new", "retry", "duplicate"]
-
 # Column limits of sql/postgres/0001_initial.sql, in UTF-8 bytes (the CHECKs use octet_length,
 # kept below btree's index-entry limit). The wire schema counts characters, which can be more.
 MAX_KEY_BYTES = 256
@@ -100,16 +96,6 @@ MAX_PROJECT_NAME_CHARS = 256
 MAX_DESCRIPTION_BYTES = 8192
 
 _RUN_ID_HEX_CHARS = 32
-
-
-@dataclass(frozen=True, slots=True)
-class BatchPreparation:
-    """What `prepare_batch` decided. "duplicate": write nothing, answer duplicate. "new" or
-    "retry": write the points of `admitted_metric_names` only, then `mark_batch_committed`."""
-
-    outcome: BatchOutcome
-    admitted_metric_names: frozenset[str]
-    warnings: list[IngestWarning]
 
 
 def render_param_value(value: ScalarValue | None) -> str:
@@ -274,6 +260,7 @@ class MetadataStore:
         payload_hash: bytes,
         seq: int | None,
         points: int,
+        first_version: int,
         metric_names: Collection[str],
         params: Sequence[Param],
         tags: Sequence[Tag],
@@ -300,6 +287,7 @@ class MetadataStore:
                     "hash": payload_hash,
                     "seq": seq,
                     "points": points,
+                    "first_version": first_version,
                     "names": sorted(names),
                     "tag_keys": tag_keys,
                 },
@@ -310,6 +298,10 @@ class MetadataStore:
             if status != "running":
                 raise _run_finished(run_id, status)
             warnings: list[IngestWarning] = []
+            # A retry rewrites the rows its first attempt was given: the same versions, so it
+            # cannot outrank a later write of the same steps (ledger rows from before versions
+            # were kept have none; then the new ones are used).
+            versions_from = first_version
             if batch_id is None:
                 outcome: BatchOutcome = "new"
                 warnings.append(
@@ -322,11 +314,13 @@ class MetadataStore:
             elif claimed:
                 outcome = "new"
             else:
-                outcome = _compare_claim(conn, run_id, batch_id, payload_hash)
+                outcome, stored_first_version = _compare_claim(conn, run_id, batch_id,
+                                                               payload_hash)
+                if stored_first_version is not None:
+                    versions_from = stored_first_version
                 if outcome == "duplicate":
-                    return BatchPreparation(
-                        outcome="duplicate", admitted_metric_names=frozenset(), warnings=[]
-                    )
+                    return BatchPreparation(outcome="duplicate", admitted_metric_names=frozenset(),
+                                            warnings=[], first_version=first_version)
             admitted, data_warnings = _write_run_data(
                 conn,
                 run_id=run_id,
@@ -342,6 +336,7 @@ class MetadataStore:
                 outcome=outcome,
                 admitted_metric_names=admitted,
                 warnings=warnings + param_warnings + data_warnings,
+                first_version=versions_from,
             )
 
         return await self._pg.run(prepare, timeout_s=self._timeout_s)
@@ -511,9 +506,10 @@ _CLAIM_SQL = """
 WITH run AS (
     SELECT run_id, project_id, status FROM runs WHERE run_id = %(run_id)s
 ), claim AS (
-    INSERT INTO ingest_batches (run_id, batch_id, payload_hash, seq, points, state)
+    INSERT INTO ingest_batches (run_id, batch_id, payload_hash, seq, points, state,
+        first_version)
     SELECT run_id, %(batch_id)s::text, %(hash)s::bytea, %(seq)s::bigint, %(points)s::integer,
-        'pending'
+        'pending', %(first_version)s::bigint
     FROM run WHERE status = 'running' AND %(batch_id)s::text IS NOT NULL
     ON CONFLICT (run_id, batch_id) DO NOTHING
     RETURNING 1
@@ -598,22 +594,24 @@ def _run_status(conn: psycopg.Connection[Any], run_id: str) -> RunStatus:
 
 def _compare_claim(
     conn: psycopg.Connection[Any], run_id: str, batch_id: str, payload_hash: bytes
-) -> BatchOutcome:
-    """The ledger already holds (run_id, batch_id): same payload or not, finished or not?"""
+) -> tuple[BatchOutcome, int | None]:
+    """The ledger already holds (run_id, batch_id): same payload or not, finished or not? With
+    the versions its first attempt was given (None on rows older than that column)."""
     row = conn.execute(
-        "SELECT payload_hash, state FROM ingest_batches WHERE run_id = %s AND batch_id = %s",
+        "SELECT payload_hash, state, first_version FROM ingest_batches"
+        " WHERE run_id = %s AND batch_id = %s",
         (run_id, batch_id),
     ).fetchone()
     if row is None:  # pragma: no cover - a ledger row is never deleted while its run is running
         raise errors.BackendError("ledger row vanished", backend="postgres", detail=batch_id)
-    stored_hash, state = row
+    stored_hash, state, stored_first_version = row
     if bytes(stored_hash) != payload_hash:
         raise errors.Conflict(
             f"batch {batch_id!r} was already received with a different payload",
             code="batch_conflict",
             field="batch_id",
         )
-    return "duplicate" if state == "committed" else "retry"
+    return ("duplicate" if state == "committed" else "retry"), stored_first_version
 
 
 def _write_run_data(
