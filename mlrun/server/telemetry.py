@@ -28,6 +28,8 @@ class Histogram:
     counts: list[int] = field(default_factory=list)
     total: int = 0
     sum_s: float = 0.0
+    # The slowest observation since start: the answer-time bound is checked against it.
+    max_s: float = 0.0
 
     def __post_init__(self) -> None:
         self.counts = [0] * len(self.buckets_s)
@@ -38,6 +40,7 @@ class Histogram:
             self.counts[index] += 1
         self.total += 1
         self.sum_s += value_s
+        self.max_s = max(self.max_s, value_s)
 
     def cumulative(self) -> list[tuple[str, int]]:
         running = 0
@@ -108,6 +111,10 @@ def render_counters(exposition: Exposition, telemetry: Telemetry) -> None:
     exposition.histogram("mlrun_http_request_duration_seconds",
                          "HTTP request handling time, by route template and method.",
                          sorted(telemetry.http_latency.items()))
+    exposition.family("mlrun_http_request_duration_max_seconds", "gauge",
+                      "Slowest HTTP request handling time since start, by route and method.",
+                      [(labels, histogram.max_s)
+                       for labels, histogram in sorted(telemetry.http_latency.items())])
     exposition.family("mlrun_grpc_calls_total", "counter",
                       "gRPC calls answered, by method and status code.",
                       sorted(telemetry.grpc_calls.items()))

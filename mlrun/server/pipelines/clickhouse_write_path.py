@@ -19,7 +19,7 @@ Must not import the edges or the use-cases.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import repeat
 
 import anyio
@@ -119,12 +119,12 @@ class _Reservation:
 
 class ClickHouseWritePath:
     def __init__(self, clickhouse: ClickHouse, ledger: BatchLedger, *, max_rows: int,
-                 max_bytes: int) -> None:
+                 max_bytes: int, before_ledger_mark: Callable[[], None] | None = None) -> None:
         self._clickhouse = clickhouse
         self.pipelines = tuple(
             Pipeline(table, backend="clickhouse", max_rows=max_rows, max_bytes=max_bytes)
             for table in TABLES)
-        self.marker = LedgerMarker(ledger)
+        self.marker = LedgerMarker(ledger, before_mark=before_ledger_mark)
 
     # --- the port ------------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ Must not import storage drivers or the edges: the ledger is the `BatchLedger` po
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import anyio
 import anyio.abc
@@ -43,8 +44,11 @@ class LedgerMarkerStatistics(msgspec.Struct, frozen=True):
 
 class LedgerMarker:
     def __init__(self, ledger: BatchLedger, *, max_pending: int = 100_000,
-                 statement_timeout_s: float = 3.0, final_attempt_s: float = 3.0) -> None:
+                 statement_timeout_s: float = 3.0, final_attempt_s: float = 3.0,
+                 before_mark: Callable[[], None] | None = None) -> None:
         self._ledger = ledger
+        # A fault hook for the crash tests (MLRUN_FAULT_INJECTION); None in production.
+        self._before_mark = before_mark
         self._max_pending = max_pending
         self._statement_timeout_s = statement_timeout_s
         self._final_attempt_s = final_attempt_s
@@ -112,6 +116,8 @@ class LedgerMarker:
 
     async def _mark_some(self, timeout_s: float) -> bool:
         keys = list(self._pending)[:_MAX_MARKS_PER_STATEMENT]
+        if self._before_mark is not None:
+            self._before_mark()
         try:
             with anyio.fail_after(max(timeout_s, 0.01)):
                 await self._ledger.mark_batches_committed(keys)

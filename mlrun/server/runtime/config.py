@@ -35,6 +35,11 @@ T = TypeVar("T")
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
+# Faults the crash tests inject on cue (MLRUN_FAULT_INJECTION; never set it in production):
+# `kill_before_ledger_mark` kills the process with SIGKILL when the write path is about to mark
+# its first committed batch in the ledger, i.e. between the ClickHouse commit and the ledger
+# update.
+FaultInjection = Literal["kill_before_ledger_mark"]
 IngestMode = Literal["direct", "queued"]
 
 
@@ -112,6 +117,7 @@ class Config(msgspec.Struct, frozen=True):
     # its databases and the server together), and how long shutdown may take in total.
     startup_timeout_s: float = 60.0
     shutdown_timeout_s: float = 8.0
+    fault_injection: FaultInjection | None = None
 
     @property
     def listeners_are_loopback(self) -> bool:
@@ -192,6 +198,10 @@ def _log_level(name: str, raw: str) -> LogLevel:
 
 def _log_format(name: str, raw: str) -> LogFormat:
     return cast(LogFormat, _choice("text", "json")(name, raw))
+
+
+def _fault_injection(name: str, raw: str) -> FaultInjection:
+    return cast(FaultInjection, _choice("kill_before_ledger_mark")(name, raw))
 
 
 def _host(name: str, raw: str) -> str:
@@ -368,6 +378,7 @@ def _load(env: _Reader) -> Config:
         shutdown_timeout_s=env.get(
             "MLRUN_SHUTDOWN_TIMEOUT_S", _positive_float, defaults.shutdown_timeout_s
         ),
+        fault_injection=env.optional("MLRUN_FAULT_INJECTION", _fault_injection),
     )
     _check_combinations(config)
     return config

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import signal
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -358,6 +359,8 @@ async def _run_listeners(
         storage.clickhouse, metadata,
         max_rows=config.ingest.pipeline_max_rows,
         max_bytes=config.ingest.pipeline_max_bytes,
+        before_ledger_mark=(_kill_self if config.fault_injection == "kill_before_ledger_mark"
+                            else None),
     )
     planner_statistics = PlannerStatistics(storage.postgres)
     authenticator = build_authenticator(config)
@@ -435,6 +438,12 @@ async def _run_listeners(
     logger.info("writers drained: %s; ledger marks written %d, left %d", ", ".join(
         f"{p.name} committed {p.committed_rows} rows" for p in pipeline_statistics),
         marks.marked, marks.pending)
+
+
+def _kill_self() -> None:
+    """MLRUN_FAULT_INJECTION=kill_before_ledger_mark: die as a power cut would, mid-write."""
+    logger.warning("fault injection: SIGKILL before the ledger mark")
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 async def _serve_key_refresh_until_cancelled(
