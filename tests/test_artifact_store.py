@@ -22,14 +22,13 @@ import httpx
 import pytest
 
 from mlrun.server import errors
+from mlrun.server.ports.objects import ArtifactStore, PresignedRequest
 from mlrun.server.protocols import s3 as s3proto
 from mlrun.server.storage.objects.stores import (
     LOCAL_ROUTE_PREFIX,
     MIN_PART_BYTES,
-    ArtifactStore,
     LocalArtifactStore,
     LocalGrant,
-    PresignedRequest,
     S3ArtifactStore,
     open_local_store,
     open_s3_store,

@@ -24,19 +24,15 @@ import pytest
 
 from mlrun.server.edges.grpc import artifact_methods
 from mlrun.server.edges.grpc.listener import serve_grpc
+from mlrun.server.ports.keys import Principal
 from mlrun.server.ports.run_metadata import CardinalityLimits
 from mlrun.server.storage.objects.stores import open_s3_store
 from mlrun.server.storage.postgres.client import apply_postgres_migrations, open_postgres
 from mlrun.server.storage.postgres.keys import PostgresKeyDirectory
 from mlrun.server.storage.postgres.metadata import MetadataStore
 from mlrun.server.usecases.artifacts import Artifacts
-from mlrun.server.usecases.auth import (
-    Authenticator,
-    CreateKey,
-    KeyManagement,
-    Principal,
-    serve_key_refresh,
-)
+from mlrun.server.usecases.auth import Authenticator, KeyManagement, serve_key_refresh
+from mlrun.wire.keys import CreateKey
 from mlrun.wire.proto.mlrun.v1 import ingest_pb2, query_pb2
 from mlrun.wire.schemas import InitRun
 

@@ -18,12 +18,8 @@ import pytest
 
 from mlrun.server.edges.http.app import App, Router
 from mlrun.server.edges.http.artifact_api import add_local_store_routes
-from mlrun.server.storage.objects.stores import (
-    CHUNK_BYTES,
-    LocalArtifactStore,
-    PresignedRequest,
-    open_local_store,
-)
+from mlrun.server.ports.objects import PresignedRequest
+from mlrun.server.storage.objects.stores import CHUNK_BYTES, LocalArtifactStore, open_local_store
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -16,23 +16,20 @@ from mlrun.server.errors import (
     NotFound,
     PermissionDenied,
 )
+from mlrun.server.ports.keys import NewKeyRecord, Principal, StoredKey, UsableKey
 from mlrun.server.usecases.auth import (
     KEY_PREFIX,
     LAST_USED_RESOLUTION_S,
     LOCAL_CHANGE_GRACE_S,
     MAX_STALENESS_S,
     Authenticator,
-    KeyInfo,
-    NewKeyRecord,
-    Principal,
     RunAccess,
-    StoredKey,
-    UsableKey,
     display_prefix,
     key_digest,
     new_api_key,
     serve_key_refresh,
 )
+from mlrun.wire.keys import KeyInfo
 
 BOOTSTRAP = "mlrun_bootstrap-for-unit-tests-0123456789abcdef"
 

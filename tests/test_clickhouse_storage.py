@@ -16,6 +16,7 @@ import anyio
 import pytest
 
 from mlrun.server.errors import BackendError, BackendTimeout, BackendUnavailable, ConfigError
+from mlrun.server.ports.metric_reads import BLOCK_STEPS, SeriesRef
 from mlrun.server.protocols.clickhouse import (
     METRIC_COLUMNS,
     MetricRow,
@@ -28,12 +29,7 @@ from mlrun.server.storage.clickhouse.client import (
     open_embedded_clickhouse,
     open_http_clickhouse,
 )
-from mlrun.server.storage.clickhouse.metric_reads import (
-    BLOCK_STEPS,
-    MetricQueries,
-    SeriesRef,
-    popcount_sql,
-)
+from mlrun.server.storage.clickhouse.metric_reads import MetricQueries, popcount_sql
 from mlrun.server.storage.migrations import load_migrations
 
 from backends.clickhouse import ClickHouseServer

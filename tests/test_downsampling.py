@@ -38,7 +38,7 @@ from mlrun.server.domain.downsampling import (
     select_minmax,
 )
 from mlrun.server.errors import InvalidInput
-from mlrun.server.storage.clickhouse.metric_reads import BLOCK_STEPS
+from mlrun.server.ports.metric_reads import BLOCK_STEPS
 
 # --------------------------------------------------------------------------- references
 

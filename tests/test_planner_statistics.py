@@ -10,12 +10,12 @@ import anyio
 import psycopg
 import pytest
 
+from mlrun.server.ports.keys import Principal
 from mlrun.server.ports.run_metadata import CardinalityLimits
 from mlrun.server.ports.write_path import BatchWrite, PointColumns, WriteReservation
 from mlrun.server.storage.postgres.client import Postgres
 from mlrun.server.storage.postgres.metadata import MetadataStore
 from mlrun.server.storage.postgres.planner_statistics import PlannerStatistics
-from mlrun.server.usecases.auth import Principal
 from mlrun.server.usecases.ingest import Ingest
 from mlrun.wire.schemas import InitRun
 

@@ -28,6 +28,8 @@ from mlrun.server.domain.downsampling import (
     select_minmax,
 )
 from mlrun.server.errors import InvalidInput, NotFound, PermissionDenied
+from mlrun.server.ports.keys import Principal
+from mlrun.server.ports.metric_reads import BLOCK_STEPS, METRICS, BucketRequest, KeyRange, SeriesRef
 from mlrun.server.protocols.clickhouse import METRIC_COLUMNS, MetricRow, encode_metric_rows
 from mlrun.server.storage.clickhouse.client import (
     ClickHouse,
@@ -35,17 +37,9 @@ from mlrun.server.storage.clickhouse.client import (
     open_embedded_clickhouse,
     open_http_clickhouse,
 )
-from mlrun.server.storage.clickhouse.metric_reads import (
-    BLOCK_STEPS,
-    METRICS,
-    BucketRequest,
-    KeyRange,
-    MetricQueries,
-    SeriesRef,
-)
+from mlrun.server.storage.clickhouse.metric_reads import MetricQueries
 from mlrun.server.storage.postgres.client import Postgres
 from mlrun.server.storage.postgres.run_reads import RunQueries
-from mlrun.server.usecases.auth import Principal
 from mlrun.server.usecases.queries import Queries, SeriesRequest
 from mlrun.wire.query_schemas import CompareRuns, SeriesPoint
 

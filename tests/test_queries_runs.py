@@ -24,6 +24,7 @@ import psycopg
 import pytest
 
 from mlrun.server.errors import InvalidInput, PermissionDenied
+from mlrun.server.ports.keys import Principal
 from mlrun.server.protocols.clickhouse import METRIC_COLUMNS, encode_metric_rows
 from mlrun.server.storage.clickhouse.client import (
     ClickHouse,
@@ -33,7 +34,6 @@ from mlrun.server.storage.clickhouse.client import (
 from mlrun.server.storage.clickhouse.metric_reads import MetricQueries
 from mlrun.server.storage.postgres.client import Postgres, apply_postgres_migrations, open_postgres
 from mlrun.server.storage.postgres.run_reads import NUMERIC_VALUE, RunQueries
-from mlrun.server.usecases.auth import Principal
 from mlrun.server.usecases.queries import Queries, RunListing, build_listing
 
 from backends.clickhouse import ClickHouseServer

@@ -46,8 +46,8 @@ from mlrun.server.edges.http.prometheus import PipelineGauges, add_metrics_route
 from mlrun.server.edges.http.query_api import add_query_routes
 from mlrun.server.errors import BackendUnavailable, ConfigError, MlrunError
 from mlrun.server.pipelines.clickhouse_write_path import ClickHouseWritePath
+from mlrun.server.ports.objects import ArtifactStore
 from mlrun.server.runtime.config import Config
-from mlrun.server.runtime.readiness import Readiness
 from mlrun.server.storage.clickhouse.client import (
     ClickHouse,
     apply_clickhouse_migrations,
@@ -55,12 +55,7 @@ from mlrun.server.storage.clickhouse.client import (
     open_http_clickhouse,
 )
 from mlrun.server.storage.clickhouse.metric_reads import MetricQueries
-from mlrun.server.storage.objects.stores import (
-    ArtifactStore,
-    LocalArtifactStore,
-    open_local_store,
-    open_s3_store,
-)
+from mlrun.server.storage.objects.stores import LocalArtifactStore, open_local_store, open_s3_store
 from mlrun.server.storage.postgres.client import Postgres, apply_postgres_migrations, open_postgres
 from mlrun.server.storage.postgres.embedded import open_embedded_postgres
 from mlrun.server.storage.postgres.keys import PostgresKeyDirectory
@@ -77,6 +72,7 @@ from mlrun.server.usecases.auth import (
 )
 from mlrun.server.usecases.ingest import Ingest, IngestTimeouts
 from mlrun.server.usecases.queries import Queries
+from mlrun.server.usecases.readiness import Readiness
 
 logger = logging.getLogger("mlrun.server")
 

@@ -56,10 +56,11 @@ from mlrun.server.errors import (
     MlrunError,
     NotFound,
 )
+from mlrun.server.ports.artifact_rows import ArtifactRow, ArtifactRows
+from mlrun.server.ports.keys import Principal
+from mlrun.server.ports.objects import ArtifactStore, PresignedRequest
 from mlrun.server.protocols.s3 import MAX_PART_NUMBER, validate_artifact_key
-from mlrun.server.storage.objects.stores import ArtifactStore, PresignedRequest
-from mlrun.server.storage.postgres.metadata import ArtifactRow, MetadataStore
-from mlrun.server.usecases.auth import Principal, RunAccess
+from mlrun.server.usecases.auth import RunAccess
 
 logger = logging.getLogger("mlrun.artifacts")
 
@@ -150,7 +151,7 @@ class Artifacts:
     def __init__(
         self,
         store: ArtifactStore,
-        metadata: MetadataStore,
+        metadata: ArtifactRows,
         *,
         limits: ArtifactLimits = ArtifactLimits(),
         run_access: RunAccess | None = None,

@@ -57,25 +57,21 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal, Protocol
 
 import anyio
 import anyio.abc
-import msgspec
-from msgspec import Meta
 
 from mlrun.server.errors import (
     BackendUnavailable,
     InvalidInput,
     MlrunError,
-    PermissionDenied,
     Unauthenticated,
 )
-from mlrun.wire.schemas import ProjectName
+from mlrun.server.ports.keys import KeyDirectory, NewKeyRecord, Principal, UsableKey
+from mlrun.wire.keys import CreatedKey, CreateKey, KeyInfo, Scope
 
 logger = logging.getLogger("mlrun.auth")
 
-Scope = Literal["read", "write", "admin"]
 SCOPES: tuple[Scope, ...] = ("read", "write", "admin")
 KEY_PREFIX = "mlrun_"
 KEY_RANDOM_BYTES = 32
@@ -98,36 +94,10 @@ LOCAL_CHANGE_GRACE_S = 10.0
 LAST_USED_RESOLUTION_S = 60.0
 # The bound of every process's key view (creation past it is refused with 409 too_many_keys).
 MAX_USABLE_KEYS = 10_000
-# Keys that expired less than this long ago stay in the view, so their holders learn
-# `key_expired` instead of `invalid_credentials`.
-EXPIRED_KEY_MEMORY_S = 24 * 3600
-MAX_KEY_LIFETIME_S = 10 * 365 * 24 * 3600
 RUN_PROJECT_CACHE_ENTRIES = 50_000
 
 
 # --- principals ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Principal:
-    key_id: str
-    scopes: frozenset[str]
-    project: str | None = None  # None: every project
-
-    def has(self, scope: Scope) -> bool:
-        return "admin" in self.scopes or scope in self.scopes
-
-    def require(self, scope: Scope) -> None:
-        """403 `missing_scope` unless the key has `scope` (admin implies every scope)."""
-        if not self.has(scope):
-            raise PermissionDenied(f"this API key lacks the {scope!r} scope", code="missing_scope")
-
-    def require_project(self, project: str) -> None:
-        """403 `wrong_project` when the key is limited to a project other than `project`."""
-        if self.project is not None and project != self.project:
-            raise PermissionDenied(
-                f"this API key is limited to project {self.project!r}", code="wrong_project"
-            )
 
 
 BOOTSTRAP_PRINCIPAL = Principal(key_id="bootstrap", scopes=frozenset({"admin"}))
@@ -163,15 +133,6 @@ def extract_key(headers: Mapping[str, str]) -> str | None:
 
 
 # --- the in-memory key view ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class UsableKey:
-    """A key as every process holds it: its digest, never the key."""
-
-    digest: bytes
-    principal: Principal
-    expires_at_s: float | None  # epoch seconds; None: never
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,93 +272,7 @@ class Authenticator:
 
 # --- the key API's payloads ----------------------------------------------------------------------
 
-KeyName = Annotated[str, Meta(min_length=1, max_length=100)]
 _KEY_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
-
-class CreateKey(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
-    """POST /api/v1/keys. `expires_in_s` None: the key never expires."""
-
-    name: KeyName
-    scopes: Annotated[list[Scope], Meta(min_length=1, max_length=3)]
-    project: ProjectName | None = None
-    expires_in_s: Annotated[int, Meta(ge=1, le=MAX_KEY_LIFETIME_S)] | None = None
-
-
-class KeyInfo(msgspec.Struct, frozen=True, kw_only=True):
-    """A key as listings show it: never the secret, only its first characters."""
-
-    key_id: str
-    name: str
-    display_prefix: str
-    scopes: list[str]
-    project: str | None
-    created_at: str
-    expires_at: str | None
-    last_used_at: str | None
-    revoked_at: str | None
-    status: Literal["active", "expired", "revoked"]
-
-
-class CreatedKey(msgspec.Struct, frozen=True, kw_only=True):
-    """The one answer that carries the raw key; it cannot be shown again."""
-
-    key: str
-    key_id: str
-    name: str
-    display_prefix: str
-    scopes: list[str]
-    project: str | None
-    created_at: str
-    expires_at: str | None
-
-
-class KeyList(msgspec.Struct, frozen=True, kw_only=True):
-    keys: list[KeyInfo]
-
-
-@dataclass(frozen=True, slots=True)
-class NewKeyRecord:
-    """What the directory stores for a new key."""
-
-    key_id: str
-    name: str
-    display_prefix: str
-    digest: bytes
-    scopes: tuple[str, ...]
-    project: str | None
-    expires_in_s: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class StoredKey:
-    """A new key as stored: its listing and its expiry (epoch seconds) for the key view."""
-
-    info: KeyInfo
-    expires_at_s: float | None
-
-
-class KeyDirectory(Protocol):
-    """Where keys live (PostgreSQL: `mlrun.server.storage.keys.PostgresKeyDirectory`)."""
-
-    async def load_usable(self) -> list[UsableKey]:
-        """Every key not revoked and not expired for longer than EXPIRED_KEY_MEMORY_S."""
-        ...
-
-    async def insert(self, record: NewKeyRecord, *, max_usable: int) -> StoredKey:
-        """Store a new key (its project is created on first use); 409 `too_many_keys` when
-        `max_usable` keys are usable already."""
-        ...
-
-    async def list_keys(self, *, project: str | None) -> list[KeyInfo]:
-        """Every key, newest first; only those of `project` when it is given."""
-        ...
-
-    async def revoke(self, key_id: str, *, project: str | None) -> KeyInfo:
-        """Revoke (idempotent); 404 `key_not_found`, also for a key outside `project`."""
-        ...
-
-    async def record_last_used(self, used: Mapping[str, float]) -> None: ...
 
 
 # --- use-cases -----------------------------------------------------------------------------------

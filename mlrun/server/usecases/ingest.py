@@ -54,6 +54,7 @@ from dataclasses import dataclass
 import anyio
 
 from mlrun.server.errors import BackendTimeout, InvalidInput, MlrunError, PayloadTooLarge
+from mlrun.server.ports.keys import Principal
 from mlrun.server.ports.run_metadata import CardinalityLimits, RunMetadata
 from mlrun.server.ports.write_path import (
     EMPTY_COLUMNS,
@@ -62,7 +63,7 @@ from mlrun.server.ports.write_path import (
     PointColumns,
     WritePath,
 )
-from mlrun.server.usecases.auth import Principal, RunAccess
+from mlrun.server.usecases.auth import RunAccess
 from mlrun.wire.schemas import (
     MAX_POINTS_PER_BATCH,
     CreateProject,

@@ -61,32 +61,32 @@ from mlrun.server.domain.downsampling import (
     select_minmax,
 )
 from mlrun.server.errors import InvalidInput, NotFound
-from mlrun.server.storage.clickhouse.metric_reads import (
+from mlrun.server.ports.keys import Principal
+from mlrun.server.ports.metric_reads import (
     BLOCK_STEPS,
     METRICS,
     SYSTEM_METRICS,
     BucketRequest,
     Columns,
     KeyRange,
-    MetricQueries,
+    MetricReads,
     SeriesRef,
     SeriesStats,
     SeriesTable,
     whole_series_stats,
 )
-from mlrun.server.storage.postgres.run_reads import (
+from mlrun.server.ports.run_reads import (
     Keyset,
     KeysetValue,
     ParamFilter,
     ParamOp,
     RunFilter,
-    RunQueries,
+    RunReads,
     RunRecord,
     RunSort,
     SortColumn,
     TagFilter,
 )
-from mlrun.server.usecases.auth import Principal
 from mlrun.wire.query_schemas import (
     DEFAULT_MAX_POINTS,
     DEFAULT_RAW_PAGE_POINTS,
@@ -421,7 +421,7 @@ class _SeriesData:
 class Queries:
     """The read use-cases. Built once per process; both edges call it."""
 
-    def __init__(self, runs: RunQueries, metrics: MetricQueries) -> None:
+    def __init__(self, runs: RunReads, metrics: MetricReads) -> None:
         self._runs = runs
         self._metrics = metrics
 

@@ -32,14 +32,15 @@ from typing import Any, TypeVar
 
 from mlrun.server.edges import payloads
 from mlrun.server.errors import InvalidInput
-from mlrun.server.storage.postgres.metadata import ArtifactRow
+from mlrun.server.ports.artifact_rows import ArtifactRow
+from mlrun.server.ports.keys import Principal
 from mlrun.server.usecases.artifacts import (
     Artifacts,
     CreateArtifact,
     FinalizeArtifact,
     UploadGrant,
 )
-from mlrun.server.usecases.auth import Authenticator, Principal
+from mlrun.server.usecases.auth import Authenticator
 from mlrun.wire.proto.mlrun.v1 import ingest_pb2, query_pb2
 
 T = TypeVar("T")

@@ -23,8 +23,9 @@ from google.protobuf import struct_pb2
 from mlrun.server.edges import payloads
 from mlrun.server.edges.grpc import artifact_methods
 from mlrun.server.errors import InvalidInput
+from mlrun.server.ports.keys import Principal
 from mlrun.server.usecases.artifacts import Artifacts
-from mlrun.server.usecases.auth import Authenticator, Principal
+from mlrun.server.usecases.auth import Authenticator
 from mlrun.server.usecases.ingest import Ingest
 from mlrun.wire.proto.mlrun.v1 import ingest_grpc, ingest_pb2
 from mlrun.wire.schemas import IngestBatch, IngestResult, IngestWarning, InitRun, RunStatus

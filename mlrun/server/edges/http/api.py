@@ -14,7 +14,8 @@ import msgspec
 
 from mlrun.server.edges import payloads
 from mlrun.server.edges.http.app import Request, Response, Router, RouteSpec
-from mlrun.server.usecases.auth import Authenticator, Principal
+from mlrun.server.ports.keys import Principal
+from mlrun.server.usecases.auth import Authenticator
 from mlrun.server.usecases.ingest import Ingest
 from mlrun.wire.schemas import (
     CreateProject,

@@ -25,12 +25,12 @@ import msgspec
 from mlrun.server.edges.http.api import decode_body, path_run_id
 from mlrun.server.edges.http.app import Request, Response, Router, RouteSpec
 from mlrun.server.errors import InvalidInput, PayloadTooLarge, PermissionDenied
+from mlrun.server.ports.artifact_rows import ArtifactRow
 from mlrun.server.storage.objects.stores import (
     LOCAL_ROUTE_PREFIX,
     LocalArtifactStore,
     verify_local_signature,
 )
-from mlrun.server.storage.postgres.metadata import ArtifactRow
 from mlrun.server.usecases.artifacts import (
     MAX_PART_BYTES,
     MAX_SINGLE_PUT_BYTES,

@@ -5,7 +5,7 @@ orchestrator never restarts a server because a database is slow. `/ready` render
 `Readiness` report: 200 when every backend answers, else 503 with each backend's state, e.g.
 `{"status": "unavailable", "backends": {"clickhouse": {"ok": false, "code": ..., ...}}}`.
 
-Must not import storage drivers; it sees only `mlrun.server.runtime.readiness`.
+Must not import storage drivers; it sees only `mlrun.server.usecases.readiness`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import msgspec
 
 from mlrun.server.edges.http.app import Request, Response, Router, RouteSpec
-from mlrun.server.runtime.readiness import BackendStatus, Readiness
+from mlrun.server.usecases.readiness import BackendStatus, Readiness
 
 
 class HealthBody(msgspec.Struct, frozen=True):

@@ -13,15 +13,8 @@ from __future__ import annotations
 
 from mlrun.server.edges.http.api import decode_body
 from mlrun.server.edges.http.app import Request, Response, Router, RouteSpec
-from mlrun.server.usecases.auth import (
-    Authenticator,
-    CreatedKey,
-    CreateKey,
-    KeyInfo,
-    KeyList,
-    KeyManagement,
-    validate_key_id,
-)
+from mlrun.server.usecases.auth import Authenticator, KeyManagement, validate_key_id
+from mlrun.wire.keys import CreatedKey, CreateKey, KeyInfo, KeyList
 
 
 def add_key_routes(router: Router, keys: KeyManagement, authenticator: Authenticator) -> None:

@@ -40,7 +40,6 @@ import itertools
 import operator
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any, Final
 
 from mlrun.server.concurrently import both
@@ -55,6 +54,20 @@ from mlrun.server.domain.downsampling import (
     Sample,
 )
 from mlrun.server.errors import BackendError
+from mlrun.server.ports.metric_reads import (
+    BLOCK_STEPS,
+    METRICS,
+    BlockStats,
+    BucketedSeries,
+    BucketRequest,
+    Columns,
+    KeyRange,
+    SeriesRef,
+    SeriesStats,
+    SeriesTable,
+    SummaryRow,
+    whole_series_stats,
+)
 from mlrun.server.protocols.clickhouse import quote_list, quote_string
 from mlrun.server.storage.clickhouse.client import ClickHouse
 
@@ -64,127 +77,10 @@ _MAX_SERIES_PER_STATEMENT: Final = 500
 # `run_id IN (...)` lists longer than this read the whole name instead (a 10k-id literal would
 # pass max_query_size).
 _MAX_IN_LIST: Final = 2000
-# Steps per row of `metric_blocks` (sql/clickhouse/0002_metric_blocks.sql: intDiv(step, 128)).
-BLOCK_STEPS: Final = 128
 # Dirty blocks listed per series; beyond this the whole series counts as dirty.
 _MAX_DIRTY_LISTED: Final = 1000
 # Series whose BlockStats are cached (LRU; a few hundred bytes each, more with dirty blocks).
 _MAX_CACHED_SERIES: Final = 20_000
-
-
-@dataclass(frozen=True, slots=True)
-class SeriesTable:
-    """A table of points: `key` is the axis a series is ordered and deduplicated by;
-    `has_blocks`: the table has a summary and block rollups (metrics, not system metrics)."""
-
-    table: str
-    key: str
-    other: str
-    has_blocks: bool
-
-
-METRICS: Final = SeriesTable("metrics", key="step", other="timestamp_ms", has_blocks=True)
-SYSTEM_METRICS: Final = SeriesTable(
-    "system_metrics", key="timestamp_ms", other="step", has_blocks=False
-)
-
-
-@dataclass(frozen=True, slots=True, order=True)
-class SeriesRef:
-    run_id: str
-    name: str
-
-
-@dataclass(frozen=True, slots=True)
-class KeyRange:
-    """Inclusive bounds on the key; None is unbounded."""
-
-    start: int | None = None
-    end: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class SeriesStats:
-    """One series in the requested range: its rows, its key bounds, and whether any of its
-    steps was written twice (then reads must deduplicate). `rows_distinct`: `rows` counts
-    distinct keys (else rows, duplicates included). `dirty_blocks`: the range is the whole
-    series and these of its blocks are dirty, sorted (the others can be read from the block
-    rollups); None when the range is not the whole series or its dirty blocks are too many
-    to list."""
-
-    rows: int
-    lo: int
-    hi: int
-    has_duplicates: bool
-    rows_distinct: bool = False
-    dirty_blocks: tuple[int, ...] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class BlockStats:
-    """A series as its block rollups see it: rows ever written, distinct steps, first and last
-    step, and the dirty blocks (a step written twice), None when more than we list."""
-
-    rows: int
-    distinct: int
-    lo: int
-    hi: int
-    dirty: tuple[int, ...] | None
-
-
-@dataclass(frozen=True, slots=True)
-class SummaryRow:
-    run_id: str
-    name: str
-    min_value: float
-    max_value: float
-    last_value: float
-    last_step: int
-    count: int
-
-
-@dataclass(frozen=True, slots=True)
-class Columns:
-    """Points of a series in key order, column by column."""
-
-    keys: list[int]
-    values: list[float]
-    others: list[int]
-
-
-@dataclass(frozen=True, slots=True)
-class BucketedSeries:
-    """Bucket statistics of one series: as `Bucket` records, or for lttb as columns
-    (`lttb`, with `buckets` empty)."""
-
-    first: Sample
-    last: Sample | None
-    buckets: list[Bucket]
-    total: int  # points of the series in the planned range
-    lttb: LttbColumns | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class BucketRequest:
-    """A series to bucket: over its points (`BucketPlan`) or over its block rollups
-    (`BlockPlan`, only for a whole series: see `SeriesStats.dirty_blocks`; `dirty` are the blocks
-    to compute from points instead)."""
-
-    ref: SeriesRef
-    plan: BucketPlan | BlockPlan
-    method: Method
-    dedup: bool
-    dirty: tuple[int, ...] = ()
-
-
-def whole_series_stats(blocks: dict[SeriesRef, BlockStats]) -> dict[SeriesRef, SeriesStats]:
-    """`SeriesStats` of whole series (no key range) from their `BlockStats`."""
-    return {
-        ref: SeriesStats(rows=b.distinct, lo=b.lo, hi=b.hi, has_duplicates=b.dirty != (),
-                         rows_distinct=True,
-                         dirty_blocks=b.dirty)
-        for ref, b in blocks.items() if b.distinct > 0
-    }
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:

@@ -38,25 +38,28 @@ import shutil
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO
 from urllib.parse import urlencode
 
 import anyio
 import httpx
 
 from mlrun.server import errors
+from mlrun.server.ports.objects import (
+    DEFAULT_COMPLETE_TIMEOUT_S,
+    DEFAULT_HASH_TIMEOUT_S,
+    DEFAULT_TIMEOUT_S,
+    ArtifactStore,
+    ObjectInfo,
+    PresignedRequest,
+)
 from mlrun.server.protocols import s3 as s3proto
 
 BACKEND = "artifacts"
 
-DEFAULT_TIMEOUT_S = 10.0
-# Completing a multipart upload of many GB can take S3 a while; it is still bounded.
-DEFAULT_COMPLETE_TIMEOUT_S = 120.0
-# Hashing reads the whole object: give it long, but not forever (10 GB at ~20 MB/s).
-DEFAULT_HASH_TIMEOUT_S = 600.0
 CONNECT_TIMEOUT_S = 5.0
 # Below the idle timeout of common S3 servers, so a pooled connection is not reused as it dies.
 KEEPALIVE_EXPIRY_S = 4.0
@@ -78,67 +81,6 @@ _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
 _HEX_SIGNATURE = re.compile(r"^[0-9a-f]{64}$")
 _DIGITS = re.compile(r"^[0-9]{1,12}$")
-
-
-@dataclass(frozen=True, slots=True)
-class PresignedRequest:
-    """A request a client may make without credentials until `expires_at`.
-
-    `headers` must be sent exactly as given (they are part of the signature); often empty.
-    """
-
-    url: str
-    method: str
-    expires_at: datetime
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class ObjectInfo:
-    size_bytes: int
-    etag: str
-
-
-class ArtifactStore(Protocol):
-    """What the artifact use-cases need from a store; both implementations provide it."""
-
-    @property
-    def backend_name(self) -> str: ...
-
-    async def ping(self, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None: ...
-
-    async def ensure_bucket(self, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None: ...
-
-    def presign_put(self, key: str, *, expires_s: int) -> PresignedRequest: ...
-
-    def presign_get(self, key: str, *, expires_s: int) -> PresignedRequest: ...
-
-    async def create_multipart(self, key: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> str: ...
-
-    def presign_upload_part(
-        self, key: str, upload_id: str, part_number: int, *, expires_s: int
-    ) -> PresignedRequest: ...
-
-    async def complete_multipart(
-        self,
-        key: str,
-        upload_id: str,
-        parts: Sequence[tuple[int, str]],
-        *,
-        timeout_s: float = DEFAULT_COMPLETE_TIMEOUT_S,
-    ) -> None: ...
-
-    async def abort_multipart(
-        self, key: str, upload_id: str, *, timeout_s: float = DEFAULT_TIMEOUT_S
-    ) -> None: ...
-
-    async def head_object(
-        self, key: str, *, timeout_s: float = DEFAULT_TIMEOUT_S
-    ) -> ObjectInfo | None: ...
-
-    async def sha256_of(self, key: str, *, timeout_s: float = DEFAULT_HASH_TIMEOUT_S) -> str: ...
-
-    async def delete_object(self, key: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None: ...
 
 
 # --- S3 -----------------------------------------------------------------------------------------

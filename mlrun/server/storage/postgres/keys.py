@@ -28,16 +28,16 @@ from typing import Any, Literal
 import psycopg
 
 from mlrun.server import errors
-from mlrun.server.storage.postgres.client import Postgres
-from mlrun.server.storage.postgres.metadata import ensure_project
-from mlrun.server.usecases.auth import (
+from mlrun.server.ports.keys import (
     EXPIRED_KEY_MEMORY_S,
-    KeyInfo,
     NewKeyRecord,
     Principal,
     StoredKey,
     UsableKey,
 )
+from mlrun.server.storage.postgres.client import Postgres
+from mlrun.server.storage.postgres.metadata import ensure_project
+from mlrun.wire.keys import KeyInfo
 
 # pg_advisory_xact_lock key serialising key creation ("mlrunKEY" in ASCII).
 KEY_CREATION_LOCK_KEY = 0x6D6C72756E4B4559

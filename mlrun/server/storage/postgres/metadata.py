@@ -66,11 +66,12 @@ import uuid
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 import psycopg
 
 from mlrun.server import errors
+from mlrun.server.ports.artifact_rows import ArtifactRow
 from mlrun.server.ports.run_metadata import BatchOutcome, BatchPreparation, CardinalityLimits
 from mlrun.server.storage.postgres.client import Postgres
 from mlrun.wire.schemas import (
@@ -465,26 +466,6 @@ class MetadataStore:
             return [_artifact_row(row) for row in rows]
 
         return await self._pg.run(select, timeout_s=self._timeout_s)
-
-
-@dataclass(frozen=True, slots=True)
-class ArtifactRow:
-    """One row of `artifacts`. `size_bytes` is the verified size (0 until finalized);
-    `declared_size_bytes` what the client announced, if anything."""
-
-    artifact_id: str
-    run_id: str
-    name: str
-    type: str
-    mime_type: str
-    storage_key: str
-    sha256: str | None
-    upload_id: str | None
-    declared_size_bytes: int | None
-    size_bytes: int = 0
-    status: Literal["pending", "finalized"] = "pending"
-    created_at: datetime | None = None
-    finalized_at: datetime | None = None
 
 
 _ARTIFACT_COLUMNS = (

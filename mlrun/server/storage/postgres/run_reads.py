@@ -26,18 +26,18 @@ Invariants:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from decimal import Decimal
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import psycopg
 
+from mlrun.server.ports.run_reads import (
+    Keyset,
+    RunFilter,
+    RunPageRows,
+    RunRecord,
+    RunSort,
+)
 from mlrun.server.storage.postgres.client import Postgres
-
-ParamOp = Literal["=", "!=", ">", ">=", "<", "<="]
-SortColumn = Literal["created_at", "updated_at", "name", "status", "duration"]
-KeysetValue = datetime | str | timedelta | None
 
 # The numeric reading of a stored param value, NULL when it is not a plain number. Mirrors the
 # expression index `run_params_key_numeric_idx` (0003_read_path.sql).
@@ -59,77 +59,6 @@ _RUN_COLUMNS: Final = (
     "r.run_id, p.name, r.name, r.status, r.created_at, r.updated_at, r.finished_at,"
     " r.last_heartbeat_at"
 )
-
-
-@dataclass(frozen=True, slots=True)
-class TagFilter:
-    """Has tag `key` (any value when `value` is None)."""
-
-    key: str
-    value: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ParamFilter:
-    """`key op text` for = and != (text comparison), `key op number` for the others."""
-
-    key: str
-    op: ParamOp
-    text: str | None = None
-    number: Decimal | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class RunFilter:
-    project: str | None = None
-    statuses: tuple[str, ...] = ()
-    tags: tuple[TagFilter, ...] = ()
-    params: tuple[ParamFilter, ...] = ()
-    text: str | None = None
-    created_after: datetime | None = None  # inclusive
-    created_before: datetime | None = None  # exclusive
-
-
-@dataclass(frozen=True, slots=True)
-class RunSort:
-    column: SortColumn = "created_at"
-    descending: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class Keyset:
-    """The last row of the previous page: its sort value and run_id."""
-
-    value: KeysetValue
-    run_id: str
-
-
-@dataclass(slots=True)
-class RunRecord:
-    run_id: str
-    project: str
-    name: str
-    status: str
-    created_at: datetime
-    updated_at: datetime
-    finished_at: datetime | None
-    last_heartbeat_at: datetime | None
-    tags: dict[str, str] = field(default_factory=dict)
-    params: dict[str, str] = field(default_factory=dict)
-    artifacts_count: int = 0
-
-    def sort_value(self, column: SortColumn) -> KeysetValue:
-        if column == "duration":
-            return None if self.finished_at is None else self.finished_at - self.created_at
-        value: KeysetValue = getattr(self, column)
-        return value
-
-
-@dataclass(frozen=True, slots=True)
-class RunPageRows:
-    rows: list[RunRecord]
-    has_more: bool
-    total: int | None
 
 
 def _project_id(conn: psycopg.Connection[Any], run_filter: RunFilter) -> int | None:

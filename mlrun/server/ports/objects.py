@@ -1,0 +1,82 @@
+"""The object-store port: where artifact bytes live (S3 / MinIO, or the local directory), and
+the records that cross it. `mlrun.server.usecases.artifacts` talks to an `ArtifactStore`;
+`mlrun.server.storage.objects.stores` implements it twice. Must not import storage or edges.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+DEFAULT_TIMEOUT_S = 10.0
+
+
+# Completing a multipart upload of many GB can take S3 a while; it is still bounded.
+DEFAULT_COMPLETE_TIMEOUT_S = 120.0
+
+
+# Hashing reads the whole object: give it long, but not forever (10 GB at ~20 MB/s).
+DEFAULT_HASH_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class PresignedRequest:
+    """A request a client may make without credentials until `expires_at`.
+
+    `headers` must be sent exactly as given (they are part of the signature); often empty.
+    """
+
+    url: str
+    method: str
+    expires_at: datetime
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    size_bytes: int
+    etag: str
+
+
+class ArtifactStore(Protocol):
+    """What the artifact use-cases need from a store; both implementations provide it."""
+
+    @property
+    def backend_name(self) -> str: ...
+
+    async def ping(self, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None: ...
+
+    async def ensure_bucket(self, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None: ...
+
+    def presign_put(self, key: str, *, expires_s: int) -> PresignedRequest: ...
+
+    def presign_get(self, key: str, *, expires_s: int) -> PresignedRequest: ...
+
+    async def create_multipart(self, key: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> str: ...
+
+    def presign_upload_part(
+        self, key: str, upload_id: str, part_number: int, *, expires_s: int
+    ) -> PresignedRequest: ...
+
+    async def complete_multipart(
+        self,
+        key: str,
+        upload_id: str,
+        parts: Sequence[tuple[int, str]],
+        *,
+        timeout_s: float = DEFAULT_COMPLETE_TIMEOUT_S,
+    ) -> None: ...
+
+    async def abort_multipart(
+        self, key: str, upload_id: str, *, timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> None: ...
+
+    async def head_object(
+        self, key: str, *, timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> ObjectInfo | None: ...
+
+    async def sha256_of(self, key: str, *, timeout_s: float = DEFAULT_HASH_TIMEOUT_S) -> str: ...
+
+    async def delete_object(self, key: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None: ...
