@@ -416,6 +416,9 @@ async def test_malformed_protobuf_is_invalid_argument_and_server_keeps_serving()
     assert bad_batch.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "mlrun.v1.LogBatchRequest" in bad_batch.details
     assert bad_truncated.code == grpc.StatusCode.INVALID_ARGUMENT
+    # Like every other error, these carry the machine code.
+    assert {o.trailing.get("mlrun-error-code") for o in (bad_check, bad_batch, bad_truncated)} \
+        == {"invalid_argument"}
 
 
 @pytest.mark.parametrize(
@@ -649,8 +652,9 @@ async def test_reset_of_a_half_uploaded_request_ends_its_handler() -> None:
 
 async def test_oversized_request_fails_alone_not_its_connection() -> None:
     """purerpc ends the whole connection (every call on it) when one message is over the limit;
-    here only that call fails, RESOURCE_EXHAUSTED, and a call in flight on the same connection
-    completes."""
+    here only that call fails, and a call in flight on the same connection completes. It fails
+    INVALID_ARGUMENT `payload_too_large`, not RESOURCE_EXHAUSTED: that one tells clients to
+    wait and resend, and the same message can never fit."""
     probe = Probe()
     outcomes: dict[str, Outcome] = {}
     with anyio.fail_after(TEST_TIMEOUT_S - 5):
@@ -670,8 +674,9 @@ async def test_oversized_request_fails_alone_not_its_connection() -> None:
             assert await client.check() == SERVING
             await client.aclose()
             tg.cancel_scope.cancel()
-    assert outcomes["big"].code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert outcomes["big"].code == grpc.StatusCode.INVALID_ARGUMENT
     assert outcomes["big"].details == "request message over 65536 bytes"
+    assert outcomes["big"].trailing["mlrun-error-code"] == "payload_too_large"
     assert outcomes["slow"].code == grpc.StatusCode.OK
 
 

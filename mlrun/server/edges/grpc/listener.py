@@ -34,8 +34,11 @@ What is reused from purerpc 0.8.0 and what is replaced, and why:
   reading, e.g. rejected; a request reset or ended inside a message), so a long-lived connection
   stalls for good once they add up to its window; and one message over `max_message_bytes` ends
   the whole connection. `_H2Connection`, `_Stream.end_call` and `_Inbox` acknowledge all of it,
-  end a reset request (its handler stops waiting), and fail only the oversized call
-  (RESOURCE_EXHAUSTED).
+  end a reset request (its handler stops waiting), and fail only the oversized call:
+  INVALID_ARGUMENT with `mlrun-error-code: payload_too_large` (never RESOURCE_EXHAUSTED, which
+  clients are told to wait on and resend: the same message can never fit).
+- Every error status carries `mlrun-error-code` (malformed protobuf, deadlines and internal
+  errors included), so a client can always branch on the machine code.
 
 Shutdown (cancel the task running `serve_grpc`): the listening socket closes at once; calls in
 flight keep running for up to `grace_period_s` while new calls on open connections are answered
@@ -158,6 +161,11 @@ class GrpcAbort(Exception):
             trailing_metadata=metadata,
             retry_after_ms=retry_after_ms,
         )
+
+
+def _error_code_trailer(code: str) -> Metadata:
+    """The `mlrun-error-code` trailer of a status the listener itself answers."""
+    return (("mlrun-error-code", code),)
 
 
 def _checked_metadata(key: str, value: str | bytes) -> tuple[str, str | bytes]:
@@ -347,8 +355,9 @@ class _H2Connection(GRPCConnection):  # type: ignore[misc]
             self.release_unparsed(event.stream_id)
             del self.message_read_buffers[event.stream_id]
             limit = self.config.max_message_length
-            status = Status(StatusCode.RESOURCE_EXHAUSTED, f"request message over {limit} bytes")
-            self.respond_status(event.stream_id, status)
+            status = Status(StatusCode.INVALID_ARGUMENT, f"request message over {limit} bytes")
+            self.respond_status(event.stream_id, status,
+                                custom_metadata=_error_code_trailer("payload_too_large"))
             return [RequestEnded(event.stream_id)]
 
     def _stream_ended(self, event: Any) -> list[Any]:
@@ -539,25 +548,33 @@ class _GrpcServer:
                 stream,
                 GrpcCode.INVALID_ARGUMENT,
                 f"request is not a valid {request_type.DESCRIPTOR.full_name} message",
+                _error_code_trailer("invalid_argument"),
             )
-        except MessageTooLargeError:
-            await self._finish(stream, GrpcCode.RESOURCE_EXHAUSTED, "response too large")
+        except MessageTooLargeError:  # our answer is over the client's limit: our bug
+            log.error("grpc call /%s/%s: response too large", event.service_name,
+                      event.method_name)
+            await self._finish(stream, GrpcCode.INTERNAL, "response too large",
+                               _error_code_trailer("internal"))
         except ProtocolError:
             await self._finish(
-                stream, GrpcCode.INVALID_ARGUMENT, "malformed request stream for this method"
+                stream, GrpcCode.INVALID_ARGUMENT, "malformed request stream for this method",
+                _error_code_trailer("invalid_argument"),
             )
         except h2.exceptions.H2Error as exc:  # the client reset the stream or the connection
             log.debug("grpc call /%s/%s dropped: %r", event.service_name, event.method_name, exc)
         except RpcFailedError as failed:  # purerpc's own status exceptions, kept working
             await self._finish(
-                stream, GrpcCode(failed.status.int_value), failed.status.status_message or ""
+                stream, GrpcCode(failed.status.int_value), failed.status.status_message or "",
+                _error_code_trailer("internal"),
             )
         except Exception:
             log.exception("grpc call /%s/%s failed", event.service_name, event.method_name)
-            await self._finish(stream, GrpcCode.INTERNAL, "internal error")
+            await self._finish(stream, GrpcCode.INTERNAL, "internal error",
+                               _error_code_trailer("internal"))
         else:
             if deadline.cancelled_caught:
-                await self._finish(stream, GrpcCode.DEADLINE_EXCEEDED, "deadline exceeded")
+                await self._finish(stream, GrpcCode.DEADLINE_EXCEEDED, "deadline exceeded",
+                                   _error_code_trailer("deadline_exceeded"))
 
     async def _finish(
         self, stream: _Stream, code: GrpcCode, message: str, metadata: Metadata = ()
