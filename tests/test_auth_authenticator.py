@@ -176,10 +176,12 @@ async def test_run_access_caches_run_projects() -> None:
     await access.require(scoped, "a1")
     await access.require(scoped, "a1")
     assert lookups == ["a1"]
-    with pytest.raises(PermissionDenied):
+    # Another project's run and a missing run answer alike: no existence oracle.
+    with pytest.raises(NotFound) as other_project:
         await access.require(scoped, "b1")
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFound) as missing:
         await access.require(scoped, "missing")
+    assert other_project.value.code == missing.value.code == "run_not_found"
     await access.require(scoped, "a2")
     await access.require(scoped, "a1")  # evicted by the bound of 2 entries: looked up again
     assert lookups == ["a1", "b1", "missing", "a2", "a1"]

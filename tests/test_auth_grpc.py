@@ -26,6 +26,7 @@ PROPAGATION_DEADLINE_S = 8.0
 OK = grpc.StatusCode.OK
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 DENIED = grpc.StatusCode.PERMISSION_DENIED
+NOT_FOUND = grpc.StatusCode.NOT_FOUND
 
 METHODS: dict[str, tuple[str, Any]] = {
     "InitRun": ("/mlrun.v1.IngestService/InitRun", ingest_pb2.InitRunResponse),
@@ -73,6 +74,9 @@ def server(server_env: dict[str, str], tmp_path: Path,
 
 
 def mint(base_url: str, **payload: Any) -> dict[str, Any]:
+    if payload.get("project"):  # a key's project must exist first
+        httpx.post(f"{base_url}/api/v1/projects", json={"name": payload["project"]}, timeout=10,
+                   headers={"Authorization": f"Bearer {TEST_API_KEY}"})
     response = httpx.post(f"{base_url}/api/v1/keys", json=payload, timeout=10,
                           headers={"Authorization": f"Bearer {TEST_API_KEY}"})
     assert response.status_code == 201, response.text
@@ -131,16 +135,16 @@ def test_auth_matrix_over_grpc(server: ServerProcess) -> None:
             ("project A key in A", writer_a["key"], "LogBatch", batch(a), OK, None),
             ("project A key inits in B", writer_a["key"], "InitRun", init_b, DENIED,
              "wrong_project"),
-            ("project A key logs to B", writer_a["key"], "LogBatch", batch(b), DENIED,
-             "wrong_project"),
+            ("project A key logs to B", writer_a["key"], "LogBatch", batch(b), NOT_FOUND,
+             "run_not_found"),
             ("project A key heartbeats B", writer_a["key"], "Heartbeat",
-             ingest_pb2.HeartbeatRequest(run_id=b), DENIED, "wrong_project"),
+             ingest_pb2.HeartbeatRequest(run_id=b), NOT_FOUND, "run_not_found"),
             ("project A key reads B", writer_a["key"], "GetRun",
-             query_pb2.GetRunRequest(run_id=b), DENIED, "wrong_project"),
+             query_pb2.GetRunRequest(run_id=b), NOT_FOUND, "run_not_found"),
             ("project A key uploads to B", writer_a["key"], "CreateArtifactUpload", artifact_b,
-             DENIED, "wrong_project"),
+             NOT_FOUND, "run_not_found"),
             ("project A key lists B's artifacts", writer_a["key"], "ListArtifacts",
-             query_pb2.ListArtifactsRequest(run_id=b), DENIED, "wrong_project"),
+             query_pb2.ListArtifactsRequest(run_id=b), NOT_FOUND, "run_not_found"),
             ("admin key", admin["key"], "LogBatch", batch(a), OK, None),
             ("admin key reads", admin["key"], "GetRun", query_pb2.GetRunRequest(run_id=a), OK,
              None),

@@ -70,7 +70,10 @@ def server(server_env: dict[str, str], tmp_path: Path,
 
 def mint(client: Recorder, **payload: Any) -> dict[str, Any]:
     """Create a key with the bootstrap admin key; the answer is not recorded (it is the one
-    place a key may appear)."""
+    place a key may appear). A key's project must exist first."""
+    if payload.get("project"):
+        client.call("POST", "/api/v1/projects", TEST_API_KEY, json={"name": payload["project"]},
+                    record=False)
     response = client.call("POST", "/api/v1/keys", TEST_API_KEY, json=payload, record=False)
     assert response.status_code == 201, response.text
     assert response.headers["cache-control"] == "no-store"
@@ -143,15 +146,15 @@ def test_auth_matrix_over_http(server: ServerProcess, server_env: dict[str, str]
             ("project A key inits in B", writer_a["key"], "POST", "/api/v1/runs",
              {"project": "proj-b"}, 403, "wrong_project"),
             ("project A key logs to B", writer_a["key"], "POST", "/api/v1/ingest/batch",
-             batch(run_b), 403, "wrong_project"),
+             batch(run_b), 404, "run_not_found"),
             ("project A key finishes B", writer_a["key"], "POST", f"/api/v1/runs/{run_b}/finish",
-             {"status": "finished"}, 403, "wrong_project"),
+             {"status": "finished"}, 404, "run_not_found"),
             ("project A key heartbeats B", writer_a["key"], "POST",
-             f"/api/v1/runs/{run_b}/heartbeat", None, 403, "wrong_project"),
+             f"/api/v1/runs/{run_b}/heartbeat", None, 404, "run_not_found"),
             ("project A key uploads to B", writer_a["key"], "POST",
-             f"/api/v1/runs/{run_b}/artifacts", artifact, 403, "wrong_project"),
+             f"/api/v1/runs/{run_b}/artifacts", artifact, 404, "run_not_found"),
             ("project A key lists B's artifacts", writer_a["key"], "GET",
-             f"/api/v1/runs/{run_b}/artifacts", None, 403, "wrong_project"),
+             f"/api/v1/runs/{run_b}/artifacts", None, 404, "run_not_found"),
             ("project A key creates project B", writer_a["key"], "POST", "/api/v1/projects",
              {"name": "proj-b2"}, 403, "wrong_project"),
             ("project A key, unknown run", writer_a["key"], "POST",

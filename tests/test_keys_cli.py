@@ -43,6 +43,8 @@ def test_create_list_revoke_against_a_live_server(
     monkeypatch.setenv("MLRUN_SERVER_URL", server.base_url)
     monkeypatch.setenv("MLRUN_API_KEY", TEST_API_KEY)
 
+    httpx.post(f"{server.base_url}/api/v1/projects", json={"name": "vision"}, timeout=10,
+               headers={"Authorization": f"Bearer {TEST_API_KEY}"})  # a key's project must exist
     assert keys_main(["create", "--name", "ci runner", "--scope", "read,write",
                       "--project", "vision", "--expires-in", "30d"]) == 0
     out, err = capsys.readouterr()

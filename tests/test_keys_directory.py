@@ -68,10 +68,16 @@ async def test_insert_load_list_revoke(pg: Postgres) -> None:
         assert (stored.info.key_id, stored.info.status, stored.info.scopes) == (
             "k1", "active", ["read", "write"])
         assert stored.info.created_at.endswith("Z") and stored.info.revoked_at is None
+        # A key is scoped to a project that exists; a typo does not create one.
+        with pytest.raises(errors.NotFound) as unknown:
+            await directory.insert(record("k2", "mlrun_two", project="proj-a",
+                                          expires_in_s=3600), max_usable=10)
+        assert (unknown.value.code, unknown.value.field) == ("project_not_found", "project")
+        assert await sql(pg, "SELECT name FROM projects") == []
+        await sql(pg, "INSERT INTO projects (name) VALUES ('proj-a')")
         scoped = await directory.insert(record("k2", "mlrun_two", project="proj-a",
                                                expires_in_s=3600), max_usable=10)
         assert scoped.info.project == "proj-a" and scoped.expires_at_s is not None
-        assert await sql(pg, "SELECT name FROM projects") == [("proj-a",)]
 
         loaded = {k.principal.key_id: k for k in await directory.load_usable()}
         assert set(loaded) == {"k1", "k2"}
@@ -153,6 +159,7 @@ async def test_key_management_rules(pg: Postgres) -> None:
         assert created.key.encode() not in encoded and created.display_prefix.encode() in encoded
 
         team_admin = Principal("t", frozenset({"admin"}), "proj-a")
+        await sql(pg, "INSERT INTO projects (name) VALUES ('proj-a')")  # a key's project exists
         scoped = await keys.create(team_admin, CreateKey(name="a", scopes=["read"]))
         assert scoped.project == "proj-a"  # defaults to the admin's own project
         with pytest.raises(errors.PermissionDenied):

@@ -117,7 +117,18 @@ def display_prefix(raw_key: str) -> str:
 
 
 def extract_key(headers: Mapping[str, str]) -> str | None:
-    """The key from lower-cased headers (HTTP) or metadata (gRPC); None when absent."""
+    """The key from lower-cased headers (HTTP) or metadata (gRPC); None when absent.
+
+    Repeated headers arrive joined by ", " (RFC 9110; the edges do so), and no API key contains
+    a comma. More than one credential — a repeated header, or both `Authorization` and
+    `X-API-Key` — is refused (400 `duplicate_credentials`): a proxy that checks the first value
+    and a server that uses the last must never disagree about who is calling."""
+    given = [name for name in ("authorization", "x-api-key") if headers.get(name, "").strip()]
+    if len(given) > 1 or any("," in headers[name] for name in given):
+        raise InvalidInput(
+            "send exactly one credential: one Authorization or one X-API-Key header",
+            code="duplicate_credentials", field=given[0] if len(given) == 1 else "authorization",
+        )
     authorization = headers.get("authorization")
     if authorization:
         scheme, _, value = authorization.strip().partition(" ")
@@ -355,8 +366,8 @@ class RunAccess:
         self._cache: OrderedDict[str, str] = OrderedDict()
 
     async def require(self, principal: Principal, run_id: str) -> None:
-        """404 `run_not_found` for an unknown run (only looked up for project-scoped keys),
-        403 `wrong_project` for a run of another project."""
+        """404 `run_not_found` for an unknown run and for a run of another project (only
+        looked up for project-scoped keys)."""
         if principal.project is None:
             return
         project = self._cache.get(run_id)
@@ -367,7 +378,7 @@ class RunAccess:
                 self._cache.popitem(last=False)
         else:
             self._cache.move_to_end(run_id)
-        principal.require_project(project)
+        principal.require_run_visible(run_id, project)
 
 
 # --- the refresh task ----------------------------------------------------------------------------

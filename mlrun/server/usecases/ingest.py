@@ -65,6 +65,7 @@ from mlrun.server.ports.write_path import (
 )
 from mlrun.server.usecases.auth import RunAccess
 from mlrun.wire.schemas import (
+    MAX_NAME_BYTES,
     MAX_POINTS_PER_BATCH,
     CreateProject,
     FinalStatus,
@@ -131,12 +132,14 @@ def gather_columns(points: Sequence[MetricPoint], series: Sequence[MetricSeries]
     """Row points, then columnar `series`, as columns; non-finite values dropped with a warning
     and missing timestamps filled with `now_ms`."""
     columns = _Columns([], [], [], [])
-    for p in points:
+    for index, p in enumerate(points):
+        _check_name_bytes(p.name, f"{field}[{index}].name")
         columns.names.append(p.name)
         columns.steps.append(p.step)
         columns.values.append(p.value)
         columns.timestamps_ms.append(now_ms if p.timestamp is None else p.timestamp)
     for index, one in enumerate(series):
+        _check_name_bytes(one.name, f"series[{index}].name")
         count = len(one.steps)
         if len(one.values) != count:
             raise InvalidInput(
@@ -156,6 +159,14 @@ def gather_columns(points: Sequence[MetricPoint], series: Sequence[MetricSeries]
         columns.timestamps_ms.extend(one.timestamps if one.timestamps is not None
                                      else [now_ms] * count)
     return _drop_non_finite(columns, field=field, warnings=warnings)
+
+
+def _check_name_bytes(name: str, field: str) -> None:
+    """The wire schema caps names in characters; storage in UTF-8 bytes. Checked here, where
+    the exact field path is known (a name of at most MAX_NAME_BYTES / 4 characters fits)."""
+    if len(name) > MAX_NAME_BYTES // 4 and len(name.encode()) > MAX_NAME_BYTES:
+        raise InvalidInput(f"{field} is longer than {MAX_NAME_BYTES} bytes (UTF-8)",
+                           code="value_too_long", field=field)
 
 
 def _drop_non_finite(columns: _Columns, *, field: str,

@@ -501,7 +501,7 @@ class Queries:
         if record is None:
             raise NotFound(f"run {run_id!r} does not exist", code="run_not_found",
                            field="run_id")
-        principal.require_project(record.project)
+        principal.require_run_visible(run_id, record.project)
         return RunDetail(
             run_id=record.run_id, project=record.project, name=record.name,
             status=cast(RunStatus, record.status), created_at=iso_utc(record.created_at),
@@ -527,7 +527,8 @@ class Queries:
             if record is None:
                 raise NotFound(f"run {run_id!r} does not exist", code="run_not_found",
                                field=field if len(run_ids) == 1 else f"{field}[{index}]")
-            principal.require_project(record.project)
+            principal.require_run_visible(
+                run_id, record.project, field=field if len(run_ids) == 1 else f"{field}[{index}]")
         return records
 
     # --- series ------------------------------------------------------------------------------

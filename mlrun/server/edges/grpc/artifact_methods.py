@@ -31,6 +31,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from mlrun.server.edges import payloads
+from mlrun.server.edges.headers import joined_headers
 from mlrun.server.errors import InvalidInput
 from mlrun.server.ports.artifact_rows import ArtifactRow
 from mlrun.server.ports.keys import Principal
@@ -52,11 +53,8 @@ def principal_from_metadata(
     authenticator: Authenticator, metadata: Iterable[tuple[str, Any]]
 ) -> Principal:
     """Authenticate a call from its custom metadata (`authorization` or `x-api-key`)."""
-    headers = {
-        str(name).lower(): value
-        for name, value in metadata
-        if isinstance(value, str)
-    }
+    headers = joined_headers(
+        (str(name), value) for name, value in metadata if isinstance(value, str))
     return authenticator.authenticate(headers)
 
 

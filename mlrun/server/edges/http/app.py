@@ -49,6 +49,7 @@ from urllib.parse import parse_qs
 import anyio
 import msgspec
 
+from mlrun.server.edges.headers import joined_headers
 from mlrun.server.errors import InvalidInput, MlrunError, NotFound, Overloaded, PayloadTooLarge
 from mlrun.server.telemetry import Telemetry
 
@@ -68,6 +69,7 @@ _json_encoder = msgspec.json.Encoder()
 
 
 @dataclass(slots=True)
+
 class Request:
     method: str
     path: str
@@ -249,10 +251,8 @@ class App:
         method: str = scope["method"]
         path: str = scope["path"]
         started = time.perf_counter()
-        headers = {
-            name.decode("latin-1").lower(): value.decode("latin-1")
-            for name, value in scope["headers"]
-        }
+        headers = joined_headers(
+            (name.decode("latin-1"), value.decode("latin-1")) for name, value in scope["headers"])
         request_id = headers.get("x-request-id", "")
         if not _REQUEST_ID.match(request_id):
             request_id = secrets.token_hex(8)

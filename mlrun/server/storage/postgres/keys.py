@@ -36,7 +36,6 @@ from mlrun.server.ports.keys import (
     UsableKey,
 )
 from mlrun.server.storage.postgres.client import Postgres
-from mlrun.server.storage.postgres.metadata import ensure_project
 from mlrun.wire.keys import KeyInfo
 
 # pg_advisory_xact_lock key serialising key creation ("mlrunKEY" in ASCII).
@@ -89,7 +88,7 @@ class PostgresKeyDirectory:
                     f"there are already {max_usable} usable API keys; revoke some first",
                     code="too_many_keys",
                 )
-            project_id = ensure_project(conn, record.project) if record.project else None
+            project_id = _project_id(conn, record.project) if record.project else None
             row = conn.execute(
                 "INSERT INTO api_keys"
                 " (key_id, name, display_prefix, key_hash, scopes, project_id, expires_at)"
@@ -195,3 +194,14 @@ def _key_info(row: tuple[Any, ...]) -> KeyInfo:
 
 def _iso_utc(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _project_id(conn: psycopg.Connection[Any], name: str) -> int:
+    """A key is scoped to a project that exists: a typo must not create a project silently
+    (404 `project_not_found`; create the project first)."""
+    row = conn.execute("SELECT id FROM projects WHERE name = %s", (name,)).fetchone()
+    if row is None:
+        raise errors.NotFound(f"project {name!r} does not exist; create it first",
+                              code="project_not_found", field="project")
+    project_id: int = row[0]
+    return project_id

@@ -186,7 +186,7 @@ class MetadataStore:
                         )
             if stored.project_name != req.project:
                 raise errors.Conflict(
-                    f"run {run_id!r} belongs to another project",
+                    f"run_id {run_id!r} is already used by another run; choose another run_id",
                     code="run_project_mismatch",
                     field="project",
                 )
