@@ -120,3 +120,13 @@ async def test_internal_errors_leak_no_driver_text(path: str) -> None:
     text = msgspec.json.encode(body).decode()
     assert "psycopg" not in text and "secret_user" not in text and "Code: 62" not in text
     assert body["error"]["code"] in ("internal", "backend_error")
+
+
+async def test_request_head_over_16_kib_is_431_and_just_under_is_served() -> None:
+    app = make_app()
+    big = [(b"x-padding", b"p" * (16 * 1024))]
+    status, _, body = await call(app, "POST", "/runs/a/echo", b"{}", headers=big)
+    assert status == 431 and body["error"]["code"] == "headers_too_large"
+    fits = [(b"x-padding", b"p" * (15 * 1024))]
+    status, _, _ = await call(app, "POST", "/runs/a/echo", b"{}", headers=fits)
+    assert status == 200

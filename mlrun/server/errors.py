@@ -8,7 +8,8 @@ text never reaches a client.
 
     MlrunError                      500  INTERNAL            internal
     ├── InvalidInput                400  INVALID_ARGUMENT    invalid_argument (field names it)
-    │   └── PayloadTooLarge         413  INVALID_ARGUMENT    payload_too_large
+    │   ├── PayloadTooLarge         413  INVALID_ARGUMENT    payload_too_large
+    │   └── HeadersTooLarge         431  INVALID_ARGUMENT    headers_too_large
     ├── Unauthenticated             401  UNAUTHENTICATED     unauthenticated
     ├── PermissionDenied            403  PERMISSION_DENIED   permission_denied
     ├── NotFound                    404  NOT_FOUND           not_found
@@ -80,6 +81,13 @@ class InvalidInput(MlrunError):
 class PayloadTooLarge(InvalidInput):
     http_status = 413
     default_code = "payload_too_large"
+
+
+class HeadersTooLarge(InvalidInput):
+    """The request line and headers together are over the documented limit (16 KiB)."""
+
+    http_status = 431
+    default_code = "headers_too_large"
 
 
 class Unauthenticated(MlrunError):
