@@ -116,6 +116,12 @@ METRIC_SORT_PREFIX = "metric:"
 # Sorting by a metric orders the matching runs in this process: beyond this many, narrow the
 # filter (400 `too_many_runs`).
 MAX_METRIC_SORT_RUNS = 50_000
+# Filter terms per listing, for tags and for params each: every term is one semi-join for
+# PostgreSQL to plan and run, so their number is what makes a listing expensive (the probe kept
+# PostgreSQL busy for seconds with 100-200 terms). Names and values within the stored limits.
+MAX_FILTER_TERMS = 16
+MAX_FILTER_NAME_CHARS = 250
+MAX_FILTER_VALUE_CHARS = 2048
 # Series per comparison (runs x metrics), and metrics compared when none are named.
 MAX_COMPARE_SERIES = 1000
 DEFAULT_COMPARE_METRICS = 20
@@ -186,17 +192,35 @@ def split_item(item: str, operators: Sequence[str], *, field: str) -> tuple[str,
     return None
 
 
+def _check_terms(items: Sequence[str], field: str) -> None:
+    if len(items) > MAX_FILTER_TERMS:
+        raise InvalidInput(f"{field}: at most {MAX_FILTER_TERMS} terms per listing (got "
+                           f"{len(items)}); narrow the filter", code="too_many_filter_terms",
+                           field=field)
+
+
+def _check_term_lengths(field: str, key: str, value: str | None) -> None:
+    if len(key) > MAX_FILTER_NAME_CHARS or (value is not None
+                                            and len(value) > MAX_FILTER_VALUE_CHARS):
+        raise InvalidInput(f"{field}: names are at most {MAX_FILTER_NAME_CHARS} characters and "
+                           f"values {MAX_FILTER_VALUE_CHARS}", code="value_too_long", field=field)
+
+
 def parse_tag_filters(items: Sequence[str], *, field: str = "tags") -> tuple[TagFilter, ...]:
+    _check_terms(items, field)
     filters = []
     for item in items:
         check_text(item, field)
         parsed = split_item(item, ("=",), field=field)
-        filters.append(TagFilter(key=_unescape(item)) if parsed is None
-                       else TagFilter(key=parsed[0], value=parsed[2]))
+        tag = (TagFilter(key=_unescape(item)) if parsed is None
+               else TagFilter(key=parsed[0], value=parsed[2]))
+        _check_term_lengths(field, tag.key, tag.value)
+        filters.append(tag)
     return tuple(filters)
 
 
 def parse_param_filters(items: Sequence[str], *, field: str = "params") -> tuple[ParamFilter, ...]:
+    _check_terms(items, field)
     filters = []
     for item in items:
         check_text(item, field)
@@ -204,6 +228,7 @@ def parse_param_filters(items: Sequence[str], *, field: str = "params") -> tuple
         if parsed is None:
             raise _invalid(field, f"{item!r} is not name=value or a comparison such as lr>0.01")
         key, operator, operand = parsed
+        _check_term_lengths(field, key, operand)
         op = cast(ParamOp, operator)
         if op in ("=", "!="):
             filters.append(ParamFilter(key=key, op=op, text=operand))

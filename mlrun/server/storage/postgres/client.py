@@ -183,6 +183,12 @@ class Postgres:
         self._pool = pool
         self._limiter = limiter
 
+
+    @property
+    def max_connections(self) -> int:
+        """Connections the pool may open (and worker threads that may use them at once)."""
+        return int(self._limiter.total_tokens)
+
     async def run(
         self, fn: Callable[[psycopg.Connection[Any]], T], *, timeout_s: float = 10.0
     ) -> T:

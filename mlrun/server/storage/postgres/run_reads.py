@@ -25,9 +25,10 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Final
+from collections.abc import Callable, Sequence
+from typing import Any, Final, TypeVar
 
+import anyio
 import psycopg
 
 from mlrun.server.ports.run_reads import (
@@ -69,6 +70,21 @@ def _project_id(conn: psycopg.Connection[Any], run_filter: RunFilter) -> int | N
     row = conn.execute("SELECT id FROM projects WHERE name = %s", (run_filter.project,)
                        ).fetchone()
     return int(row[0]) if row is not None else -1
+
+
+# Past this many tag and param terms, the planner keeps the semi-joins in written order.
+_FEW_TERMS = 4
+
+
+def _plan_many_terms_cheaply(conn: psycopg.Connection[Any], run_filter: RunFilter) -> None:
+    """Every filter term is a semi-join, and the planner searches join orders among them: with
+    the 32 terms a listing may carry, planning took 314 ms for 27 ms of execution (EXPLAIN
+    ANALYZE, 300 runs). Keeping them in written order (`join_collapse_limit = 1`, for this
+    transaction only) planned in 21 ms and ran in 36 ms. Listings with few terms keep the full
+    search, whose index-walk plans were tuned for them."""
+    if len(run_filter.tags) + len(run_filter.params) > _FEW_TERMS:
+        conn.execute("SET LOCAL join_collapse_limit = 1")
+        conn.execute("SET LOCAL from_collapse_limit = 1")
 
 
 def _where(run_filter: RunFilter, project_id: int | None) -> tuple[list[str], list[Any]]:
@@ -162,10 +178,23 @@ def _attach_children(conn: psycopg.Connection[Any], records: Sequence[RunRecord]
         by_id[run_id].params[key] = value
 
 
+_T = TypeVar("_T")
+
+
 class RunQueries:
-    def __init__(self, pg: Postgres, *, timeout_s: float = 5.0) -> None:
+    """Run reads. At most `max_concurrent` of them hold a PostgreSQL connection at once (half
+    the pool by default): however expensive the listings a reader sends, the write path and the
+    key refresh keep connections of their own."""
+
+    def __init__(self, pg: Postgres, *, timeout_s: float = 5.0,
+                 max_concurrent: int | None = None) -> None:
         self._pg = pg
         self._timeout_s = timeout_s
+        self._slots = anyio.CapacityLimiter(max_concurrent or max(1, pg.max_connections // 2))
+
+    async def _read(self, select: Callable[[psycopg.Connection[Any]], _T]) -> _T:
+        async with self._slots:
+            return await self._pg.run(select, timeout_s=self._timeout_s)
 
     async def page(
         self,
@@ -179,6 +208,7 @@ class RunQueries:
         """Up to `limit` runs in `sort` order after `after`; `has_more` when another page
         follows; `total` (every match, ignoring `after`) when asked."""
         def select(conn: psycopg.Connection[Any]) -> RunPageRows:
+            _plan_many_terms_cheaply(conn, run_filter)
             clauses, args = _where(run_filter, _project_id(conn, run_filter))
             page_clauses, page_args = list(clauses), list(args)
             if after is not None:
@@ -204,17 +234,18 @@ class RunQueries:
                 total = int(counted[0]) if counted else 0
             return RunPageRows(rows=rows, has_more=has_more, total=total)
 
-        return await self._pg.run(select, timeout_s=self._timeout_s)
+        return await self._read(select)
 
     async def matching_ids(self, run_filter: RunFilter, *, max_runs: int) -> list[str]:
         """Ids of matching runs, at most `max_runs + 1` (so a caller can tell "too many")."""
         def select(conn: psycopg.Connection[Any]) -> list[str]:
+            _plan_many_terms_cheaply(conn, run_filter)
             clauses, args = _where(run_filter, _project_id(conn, run_filter))
             statement = f"SELECT r.run_id FROM runs r{_where_sql(clauses)} LIMIT %s"
             return [row[0] for row in
                     conn.execute(statement, (*args, max_runs + 1), prepare=False)]
 
-        return await self._pg.run(select, timeout_s=self._timeout_s)
+        return await self._read(select)
 
     async def by_ids(
         self, run_ids: Sequence[str], *, with_children: bool = True
@@ -233,7 +264,7 @@ class RunQueries:
                 _attach_children(conn, records)
             return {record.run_id: record for record in records}
 
-        return await self._pg.run(select, timeout_s=self._timeout_s)
+        return await self._read(select)
 
     async def detail(self, run_id: str) -> RunRecord | None:
         """One run with tags, params and its count of finalized artifacts."""
@@ -253,7 +284,7 @@ class RunQueries:
             _attach_children(conn, [record])
             return record
 
-        return await self._pg.run(select, timeout_s=self._timeout_s)
+        return await self._read(select)
 
 
 def _where_sql(clauses: Sequence[str]) -> str:
