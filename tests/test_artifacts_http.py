@@ -174,6 +174,50 @@ def test_single_put_round_trip_and_size_unknown(
     assert names == ["metrics.csv", "empty"]
 
 
+def test_a_finalized_artifact_cannot_be_overwritten_through_its_upload_url(
+    client: httpx.Client, uploader: httpx.Client
+) -> None:
+    """The probe replaced a finalized 5-byte artifact with 5,000,000 bytes through its
+    still-valid upload URL. Now that URL reaches only a staging object nothing reads."""
+    run_id = new_run(client)
+    grant = create(client, run_id, name="model.bin")
+    put_single(uploader, grant, b"trust")
+    finalized = finalize(client, run_id, grant["artifact_id"])
+    assert finalized.status_code == 200, finalized.text
+    # The same URL, within its hour, after finalize: whatever the store answers...
+    uploader.put(grant["upload_url"], content=b"x" * 5_000_000,
+                 headers=grant["required_headers"])
+    # ...the artifact is the finalized one, as finalize, listing and download all say.
+    again = finalize(client, run_id, grant["artifact_id"])
+    assert again.status_code == 200 and again.json() == finalized.json()
+    assert again.json()["size_bytes"] == 5
+    listed = client.get(f"/api/v1/runs/{run_id}/artifacts").json()["artifacts"]
+    assert [a["size_bytes"] for a in listed] == [5]
+    url = client.get(f"/api/v1/runs/{run_id}/artifacts/{grant['artifact_id']}/download")
+    assert uploader.get(url.json()["download_url"]).content == b"trust"
+
+
+def test_finalize_again_reverifies_the_stored_object(
+    server_env: dict[str, str], tmp_path: Path, servers: list[ServerProcess],
+    uploader: httpx.Client,
+) -> None:
+    """A finalized artifact whose object was changed in the store itself (here: its file in
+    the local store) is reported, not vouched for: 409 `artifact_modified`."""
+    server_env.update(MINIO_ENDPOINT="", MINIO_ACCESS_KEY="", MINIO_SECRET_KEY="",
+                      MLRUN_DATA_DIR=str(tmp_path / "data"))
+    with clean_server(server_env, tmp_path / "server.log", servers) as process, \
+            httpx.Client(base_url=process.base_url, headers=AUTH, timeout=60) as client:
+        run_id = new_run(client)
+        grant = create(client, run_id, name="model.bin")
+        put_single(uploader, grant, b"trust")
+        assert finalize(client, run_id, grant["artifact_id"]).status_code == 200
+        [stored] = (tmp_path / "data").rglob(f"runs/{run_id}/{grant['artifact_id']}/model.bin")
+        stored.write_bytes(b"swapped in the store")
+        again = finalize(client, run_id, grant["artifact_id"])
+        assert again.status_code == 409
+        assert again.json()["error"]["code"] == "artifact_modified"
+
+
 def test_refused_finalize_records_nothing(
     client: httpx.Client, uploader: httpx.Client, server_env: dict[str, str]
 ) -> None:
@@ -336,6 +380,7 @@ def test_keys_and_the_local_store_on_asyncio(
     servers.append(process)
     process.start()
     with httpx.Client(base_url=process.base_url, headers=AUTH, timeout=60) as admin:
+        admin.post("/api/v1/projects", json={"name": "vision"})  # a key's project must exist
         created = admin.post("/api/v1/keys", json={"name": "a", "scopes": ["read", "write"],
                                                    "project": "vision"})
         assert created.status_code == 201

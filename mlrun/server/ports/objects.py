@@ -80,3 +80,9 @@ class ArtifactStore(Protocol):
     async def sha256_of(self, key: str, *, timeout_s: float = DEFAULT_HASH_TIMEOUT_S) -> str: ...
 
     async def delete_object(self, key: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None: ...
+
+    async def copy_object(self, source_key: str, target_key: str, *,
+                          timeout_s: float = DEFAULT_COMPLETE_TIMEOUT_S) -> bool:
+        """Copy a whole object (up to 5 GiB, S3's single-copy limit) inside the store; False
+        when the source does not exist. The target is replaced if it exists."""
+        ...

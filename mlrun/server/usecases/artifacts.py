@@ -15,9 +15,23 @@ and keeps PostgreSQL honest about what is in the store:
     abort           drop a pending upload: multipart parts, any uploaded object, the record
 
 A refused finalize records nothing (the record stays 'pending', invisible to listings); the
-client may upload again through a still-valid URL, or abort. Finalize is idempotent: an
-artifact finalized already is answered as it is. Artifacts may be added to runs in any state
+client may upload again through a still-valid URL, or abort. Finalize is idempotent and
+re-verifies: an artifact finalized already is answered as it is once its object still has the
+recorded size (409 `artifact_modified` otherwise). Artifacts may be added to runs in any state
 (a model is often uploaded after training finished).
+
+Immutable once finalized. An upload URL stays valid for its whole hour and a presigned URL
+cannot be revoked, so no URL ever handed out may reach a finalized object:
+- a single PUT goes to a staging key, `uploads/<artifact_id>/<name>`; finalize copies it
+  inside the store to the artifact's key (S3 CopyObject, up to 5 GiB like a single PUT; the
+  local store hard-links it), verifies the *copy* (size, SHA-256 when declared), deletes the
+  staging object and only then records the artifact. A PUT through the old URL afterwards
+  writes a staging object nothing reads; downloads read the artifact's key, for which no upload
+  URL exists. Chosen over a conditional PUT (`If-None-Match: *`) and a verify-on-read GET
+  (`If-Match`) because the S3 servers in reach (rclone's) ignore both headers, and a guarantee
+  nobody can test is not one;
+- a multipart upload completes at the artifact's key: completion ends the upload id, and every
+  part URL then fails (NoSuchUpload).
 
 Object keys are `runs/<run_id>/<artifact_id>/<name>`: never reused (the id is fresh), and the
 name keeps its meaning in the store. Names are validated by the stores' one rule set
@@ -201,7 +215,7 @@ class Artifacts:
             raise
         expires_s = self._limits.upload_url_expires_s
         if upload_id is None:
-            single = self._store.presign_put(storage_key, expires_s=expires_s)
+            single = self._store.presign_put(staging_key(row), expires_s=expires_s)
             return UploadGrant(artifact_id=artifact_id, expires_at=single.expires_at,
                                single=single)
         assert size is not None
@@ -227,6 +241,7 @@ class Artifacts:
         await self._run_access.require(principal, run_id)
         row = await self._get(run_id, artifact_id)
         if row.status == "finalized":
+            await self._check_unchanged(row)
             return row
         if row.upload_id is not None:
             if not request.parts:
@@ -238,7 +253,11 @@ class Artifacts:
         elif request.parts:
             raise InvalidInput("this artifact is a single PUT upload: send no parts",
                                code="unexpected_parts", field="parts")
+        else:
+            await self._fix_in_place(row)
         size_bytes = await self._verify(row)
+        if row.upload_id is None:
+            await self._delete_quietly(staging_key(row))
         finalized = await self._metadata.finalize_artifact(run_id, artifact_id,
                                                            size_bytes=size_bytes)
         if finalized is None:  # aborted concurrently
@@ -255,6 +274,8 @@ class Artifacts:
                            code="artifact_finalized", field="artifact_id")
         if row.upload_id is not None:
             await self._store.abort_multipart(row.storage_key, row.upload_id)
+        else:
+            await self._store.delete_object(staging_key(row))
         await self._store.delete_object(row.storage_key)
         if not await self._metadata.delete_pending_artifact(run_id, artifact_id):
             raise _artifact_not_found(artifact_id)
@@ -309,6 +330,22 @@ class Artifacts:
                     code="invalid_parts", field="parts") from exc
             raise
 
+    async def _fix_in_place(self, row: ArtifactRow) -> None:
+        """Copy a single-PUT upload from its staging key to the artifact's key, which no URL
+        can write. A retried finalize may find the staging object gone and the copy done."""
+        if await self._store.copy_object(staging_key(row), row.storage_key):
+            return
+        if await self._store.head_object(row.storage_key) is None:
+            raise _object_missing(row.artifact_id)
+
+    async def _check_unchanged(self, row: ArtifactRow) -> None:
+        info = await self._store.head_object(row.storage_key)
+        if info is None or info.size_bytes != row.size_bytes:
+            raise Conflict(
+                f"the object of artifact {row.artifact_id!r} is no longer the one finalized;"
+                " it was changed or removed in the store itself", code="artifact_modified",
+                field="artifact_id")
+
     async def _verify(self, row: ArtifactRow) -> int:
         """The object's size once it exists with the declared size and checksum."""
         info = await self._store.head_object(row.storage_key)
@@ -329,6 +366,16 @@ class Artifacts:
                                code="checksum_mismatch", field="sha256")
         return info.size_bytes
 
+    async def _delete_quietly(self, key: str) -> None:
+        # The copy is verified and is what downloads read; a staging object left behind (the
+        # store failed here) is unreachable garbage, not a reason to refuse the finalize.
+        try:
+            with anyio.fail_after(ABORT_TIMEOUT_S):
+                await self._store.delete_object(key, timeout_s=ABORT_TIMEOUT_S)
+        except (MlrunError, TimeoutError) as exc:
+            logger.warning("could not delete the staging object %s: %s", key,
+                           getattr(exc, "code", "timeout"))
+
     async def _abort_quietly(self, storage_key: str, upload_id: str) -> None:
         # Shielded and bounded: a failed create must not leave parts behind, nor hang.
         with anyio.CancelScope(shield=True), anyio.move_on_after(ABORT_TIMEOUT_S):
@@ -338,6 +385,11 @@ class Artifacts:
             except MlrunError as exc:
                 logger.warning("could not abort multipart upload of %s: %s", storage_key,
                                exc.code)
+
+
+def staging_key(row: ArtifactRow) -> str:
+    """Where a single-PUT upload lands before finalize fixes it at `row.storage_key`."""
+    return f"uploads/{row.artifact_id}/{row.name}"
 
 
 def _artifact_not_found(artifact_id: str) -> NotFound:

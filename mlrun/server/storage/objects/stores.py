@@ -36,6 +36,7 @@ import re
 import secrets
 import shutil
 import time
+import urllib.parse
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -183,21 +184,23 @@ class S3ArtifactStore:
     def _url(self, key: str = "", query: Sequence[tuple[str, str]] = ()) -> str:
         return s3proto.object_url(self._endpoint, self._bucket, key, query)
 
-    def _signed_headers(self, method: str, url: str, body: bytes) -> dict[str, str]:
-        return s3proto.sign_request(
+    def _signed_headers(self, method: str, url: str, body: bytes,
+                        headers: Mapping[str, str] | None = None) -> dict[str, str]:
+        return {**(headers or {}), **s3proto.sign_request(
             method=method,
             url=url,
-            headers={},
+            headers=headers or {},
             payload_sha256=hashlib.sha256(body).hexdigest(),
             credentials=self._credentials,
             now=datetime.now(UTC),
-        )
+        )}
 
     async def _send(
-        self, method: str, url: str, *, body: bytes = b"", action: str
+        self, method: str, url: str, *, body: bytes = b"", action: str,
+        headers: Mapping[str, str] | None = None,
     ) -> tuple[httpx.Response, bytes]:
         """One signed request; the caller holds the deadline (see `_backend_errors`)."""
-        headers = self._signed_headers(method, url, body)
+        headers = self._signed_headers(method, url, body, headers)
         async with self._client.stream(method, url, headers=headers, content=body) as response:
             data = b"" if method == "HEAD" else await _read_bounded(response, MAX_RESPONSE_BYTES)
         return response, data
@@ -361,6 +364,30 @@ class S3ArtifactStore:
         if response.status_code == 404:
             return
         _raise_for_status(action, response, body)
+
+    async def copy_object(self, source_key: str, target_key: str, *,
+                          timeout_s: float = DEFAULT_COMPLETE_TIMEOUT_S) -> bool:
+        """CopyObject (server-side; S3 copies up to 5 GiB in one request)."""
+        url = self._url(s3proto.validate_artifact_key(target_key))
+        source = "/" + urllib.parse.quote(
+            f"{self._bucket}/{s3proto.validate_artifact_key(source_key)}", safe="/-_.~")
+        action = "an object copy"
+        with _backend_errors(action, timeout_s):
+            response, body = await self._send("PUT", url, action=action,
+                                              headers={"x-amz-copy-source": source})
+        if response.status_code == 404:
+            return False
+        _raise_for_status(action, response, body)
+        # CopyObject may answer 200 and report its failure in the body.
+        try:
+            failed = s3proto.parse_error(body)
+        except s3proto.MalformedS3Response:
+            failed = None
+        if failed is not None:
+            raise errors.BackendUnavailable(f"the artifact store failed {action}",
+                                            backend=BACKEND) from S3StatusError(
+                f"{failed.code}: {failed.message}")
+        return True
 
 
 @asynccontextmanager
@@ -902,6 +929,27 @@ class LocalArtifactStore:
 
         result: str = await anyio.to_thread.run_sync(digest, limiter=self._limiter)
         return result
+
+    async def copy_object(self, source_key: str, target_key: str, *,
+                          timeout_s: float = DEFAULT_COMPLETE_TIMEOUT_S) -> bool:
+        """A hard link under the target's name: O(1), and safe because every write here
+        installs a new file (rename) instead of writing into an existing one, so a later upload
+        to the source key can never change the target's bytes."""
+        def copy() -> bool:
+            source = self._object_path(source_key)
+            target = self._object_path(target_key)
+            if not source.is_file():
+                return False
+            tmp = self._new_tmp()
+            os.link(source, tmp)
+            try:
+                self._install(tmp, target)
+            except BaseException:
+                _unlink_quietly(tmp)
+                raise
+            return True
+
+        return await anyio.to_thread.run_sync(copy, limiter=self._limiter)
 
     async def delete_object(self, key: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         def delete() -> None:
