@@ -30,6 +30,8 @@ from __future__ import annotations
 import enum
 from typing import ClassVar
 
+from mlrun.wire.error_codes import ErrorCode
+
 
 class GrpcCode(enum.IntEnum):
     """gRPC status codes (the numbers are fixed by the gRPC spec)."""
@@ -75,43 +77,43 @@ class MlrunError(Exception):
 class InvalidInput(MlrunError):
     http_status = 400
     grpc_code = GrpcCode.INVALID_ARGUMENT
-    default_code = "invalid_argument"
+    default_code = ErrorCode.INVALID_ARGUMENT
 
 
 class PayloadTooLarge(InvalidInput):
     http_status = 413
-    default_code = "payload_too_large"
+    default_code = ErrorCode.PAYLOAD_TOO_LARGE
 
 
 class HeadersTooLarge(InvalidInput):
     """The request line and headers together are over the documented limit (16 KiB)."""
 
     http_status = 431
-    default_code = "headers_too_large"
+    default_code = ErrorCode.HEADERS_TOO_LARGE
 
 
 class Unauthenticated(MlrunError):
     http_status = 401
     grpc_code = GrpcCode.UNAUTHENTICATED
-    default_code = "unauthenticated"
+    default_code = ErrorCode.UNAUTHENTICATED
 
 
 class PermissionDenied(MlrunError):
     http_status = 403
     grpc_code = GrpcCode.PERMISSION_DENIED
-    default_code = "permission_denied"
+    default_code = ErrorCode.PERMISSION_DENIED
 
 
 class NotFound(MlrunError):
     http_status = 404
     grpc_code = GrpcCode.NOT_FOUND
-    default_code = "not_found"
+    default_code = ErrorCode.NOT_FOUND
 
 
 class Conflict(MlrunError):
     http_status = 409
     grpc_code = GrpcCode.FAILED_PRECONDITION
-    default_code = "conflict"
+    default_code = ErrorCode.CONFLICT
 
 
 class Overloaded(MlrunError):
@@ -119,7 +121,7 @@ class Overloaded(MlrunError):
 
     http_status = 429
     grpc_code = GrpcCode.RESOURCE_EXHAUSTED
-    default_code = "overloaded"
+    default_code = ErrorCode.OVERLOADED
     retryable = True
 
     def __init__(self, message: str, *, retry_after_s: int, code: str | None = None) -> None:
@@ -132,7 +134,7 @@ class BackendUnavailable(MlrunError):
 
     http_status = 503
     grpc_code = GrpcCode.UNAVAILABLE
-    default_code = "backend_unavailable"
+    default_code = ErrorCode.BACKEND_UNAVAILABLE
     retryable = True
 
     def __init__(self, message: str, *, backend: str, code: str | None = None) -> None:
@@ -141,7 +143,7 @@ class BackendUnavailable(MlrunError):
 
 
 class BackendTimeout(BackendUnavailable):
-    default_code = "backend_timeout"
+    default_code = ErrorCode.BACKEND_TIMEOUT
 
 
 class BackendError(MlrunError):
@@ -150,7 +152,7 @@ class BackendError(MlrunError):
     The backend's own text is kept in `detail` for the server log only; clients see `message`.
     """
 
-    default_code = "backend_error"
+    default_code = ErrorCode.BACKEND_ERROR
 
     def __init__(
         self, message: str, *, backend: str, detail: str = "", backend_code: int | None = None

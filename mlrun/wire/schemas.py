@@ -19,6 +19,8 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 from msgspec import Meta, Struct
 
+from mlrun.wire.error_codes import ErrorCode
+
 T = TypeVar("T")
 
 # Limits (documented in the README's "Limits" table). Names and values are stored in PostgreSQL
@@ -175,8 +177,15 @@ class Heartbeat(Struct, frozen=True, kw_only=True):
 # --- errors -----------------------------------------------------------------------------------
 
 
+# A code is one of the registry's (mlrun.wire.error_codes); typed as plain text so that a
+# client built against an older registry still decodes a newer server's errors.
+ErrorCodeText = Annotated[str, Meta(
+    description="machine-readable code, stable (see the README's Error codes table)",
+    extra_json_schema={"enum": [code.value for code in ErrorCode]})]
+
+
 class ErrorDetail(Struct, frozen=True, kw_only=True):
-    code: str
+    code: ErrorCodeText
     message: str
     field: str | None = None
 

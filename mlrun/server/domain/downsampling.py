@@ -42,6 +42,7 @@ from typing import Literal, NamedTuple, TypeVar
 import msgspec
 
 from mlrun.server.errors import InvalidInput
+from mlrun.wire.error_codes import ErrorCode
 
 Method = Literal["lttb", "minmax", "avg"]
 
@@ -338,7 +339,7 @@ def decode_cursor(text: str, kind: type[C], *, field: str = "cursor") -> C:
     """The position in `text`, or 400 `invalid_cursor` naming `field`."""
     invalid = InvalidInput(
         "the cursor is not one this server issued for this query",
-        code="invalid_cursor",
+        code=ErrorCode.INVALID_CURSOR,
         field=field,
     )
     if len(text) > MAX_CURSOR_CHARS or not text.isascii():

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from mlrun.server.errors import InvalidInput
+from mlrun.wire.error_codes import ErrorCode
 from mlrun.wire.schemas import RunId, decoder_for
 
 T = TypeVar("T")
@@ -31,7 +32,7 @@ def _nul_refused(field: str) -> InvalidInput:
     # PostgreSQL text cannot hold NUL; refusing it here keeps it a 400 for every field instead
     # of a storage error later.
     return InvalidInput(f"{field}: text must not contain NUL (\\u0000) characters",
-                        code="invalid_field", field=field)
+                        code=ErrorCode.INVALID_FIELD, field=field)
 
 
 def _nul_field(data: Any, path: str = "") -> str | None:
@@ -61,7 +62,7 @@ def _invalid(exc: msgspec.ValidationError, *, default_field: str) -> InvalidInpu
     found = _FIELD_PATH.search(message)
     field = found["path"].lstrip(".") if found else None
     text = _FIELD_PATH.sub("", message)
-    return InvalidInput(f"{field}: {text}" if field else text, code="invalid_field",
+    return InvalidInput(f"{field}: {text}" if field else text, code=ErrorCode.INVALID_FIELD,
                         field=field or default_field)
 
 
@@ -69,13 +70,14 @@ def decode_json(body: bytes, kind: type[T]) -> T:
     """Decode a JSON body into a schema Struct; errors name the offending field."""
     if not body.strip():
         raise InvalidInput("the request body is empty; a JSON object is expected",
-                           code="malformed_json", field="body")
+                           code=ErrorCode.MALFORMED_JSON, field="body")
     try:
         decoded = decoder_for(kind).decode(body)
     except msgspec.ValidationError as exc:
         raise _invalid(exc, default_field="body") from None
     except msgspec.DecodeError as exc:
-        raise InvalidInput(f"the request body is not valid JSON: {exc}", code="malformed_json",
+        raise InvalidInput(f"the request body is not valid JSON: {exc}",
+                           code=ErrorCode.MALFORMED_JSON,
                            field="body") from None
     # The byte scan is the cheap filter; only a body that has the escape is walked for the field.
     if _JSON_NUL.search(body) and (field := _nul_field(decoded)) is not None:
@@ -98,4 +100,4 @@ def run_id(value: str, *, field: str = "run_id") -> str:
         return msgspec.convert(value, RunId)
     except msgspec.ValidationError:
         raise InvalidInput("run_id must be 1-64 letters, digits, '_', '.' or '-'",
-                           code="invalid_field", field=field) from None
+                           code=ErrorCode.INVALID_FIELD, field=field) from None

@@ -47,6 +47,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from mlrun.server.errors import BackendError, BackendTimeout, BackendUnavailable, Overloaded
 from mlrun.server.telemetry import Histogram
+from mlrun.wire.error_codes import ErrorCode
 
 logger = logging.getLogger("mlrun.pipeline")
 
@@ -126,7 +127,7 @@ class Ticket:
                 f"the {self._pipeline.name} write was not committed within {timeout_s:g}s; "
                 "retry with the same batch_id",
                 backend=self._pipeline.backend,
-                code="commit_timeout",
+                code=ErrorCode.COMMIT_TIMEOUT,
             )
         if self._item.error is not None:
             raise self._item.error
@@ -174,7 +175,7 @@ class Pipeline:
             raise BackendUnavailable(
                 "the server is shutting down; retry against another server or later",
                 backend=self.backend,
-                code="shutting_down",
+                code=ErrorCode.SHUTTING_DOWN,
             )
         if (
             self._queued_rows + rows > self.max_rows

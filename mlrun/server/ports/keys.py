@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from mlrun.server.errors import NotFound, PermissionDenied
+from mlrun.wire.error_codes import ErrorCode
 from mlrun.wire.keys import KeyInfo, Scope
 
 # Keys that expired less than this long ago stay in the view, so their holders learn
@@ -31,20 +32,22 @@ class Principal:
     def require(self, scope: Scope) -> None:
         """403 `missing_scope` unless the key has `scope` (admin implies every scope)."""
         if not self.has(scope):
-            raise PermissionDenied(f"this API key lacks the {scope!r} scope", code="missing_scope")
+            raise PermissionDenied(f"this API key lacks the {scope!r} scope",
+                                   code=ErrorCode.MISSING_SCOPE)
 
     def require_run_visible(self, run_id: str, project: str, *, field: str = "run_id") -> None:
         """A project-scoped key sees only its project's runs: a run of another project answers
         404 `run_not_found`, exactly like a run that does not exist, so a key cannot learn
         which run ids other projects use."""
         if self.project is not None and project != self.project:
-            raise NotFound(f"run {run_id!r} does not exist", code="run_not_found", field=field)
+            raise NotFound(f"run {run_id!r} does not exist",
+                           code=ErrorCode.RUN_NOT_FOUND, field=field)
 
     def require_project(self, project: str) -> None:
         """403 `wrong_project` when the key is limited to a project other than `project`."""
         if self.project is not None and project != self.project:
             raise PermissionDenied(
-                f"this API key is limited to project {self.project!r}", code="wrong_project"
+                f"this API key is limited to project {self.project!r}", code=ErrorCode.WRONG_PROJECT
             )
 
 

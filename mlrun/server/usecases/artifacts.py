@@ -75,6 +75,7 @@ from mlrun.server.ports.keys import Principal
 from mlrun.server.ports.objects import ArtifactStore, PresignedRequest
 from mlrun.server.protocols.s3 import MAX_PART_NUMBER, validate_artifact_key
 from mlrun.server.usecases.auth import RunAccess
+from mlrun.wire.error_codes import ErrorCode
 
 logger = logging.getLogger("mlrun.artifacts")
 
@@ -191,7 +192,7 @@ class Artifacts:
             validate_artifact_key(storage_key)
         except InvalidInput as exc:
             raise InvalidInput(
-                "invalid artifact name: it is too long", code="invalid_field", field="name"
+                "invalid artifact name: it is too long", code=ErrorCode.INVALID_FIELD, field="name"
             ) from exc
         size = request.size_bytes
         multipart = size is not None and size > self._limits.multipart_threshold_bytes
@@ -248,11 +249,11 @@ class Artifacts:
                 raise InvalidInput(
                     "this artifact is a multipart upload: finalize it with its parts"
                     " (part_number and the ETag each part PUT answered)",
-                    code="parts_required", field="parts")
+                    code=ErrorCode.PARTS_REQUIRED, field="parts")
             await self._complete(row.storage_key, row.upload_id, request.parts)
         elif request.parts:
             raise InvalidInput("this artifact is a single PUT upload: send no parts",
-                               code="unexpected_parts", field="parts")
+                               code=ErrorCode.UNEXPECTED_PARTS, field="parts")
         else:
             await self._fix_in_place(row)
         size_bytes = await self._verify(row)
@@ -271,7 +272,7 @@ class Artifacts:
         row = await self._get(run_id, artifact_id)
         if row.status == "finalized":
             raise Conflict(f"artifact {artifact_id!r} is finalized; it cannot be aborted",
-                           code="artifact_finalized", field="artifact_id")
+                           code=ErrorCode.ARTIFACT_FINALIZED, field="artifact_id")
         if row.upload_id is not None:
             await self._store.abort_multipart(row.storage_key, row.upload_id)
         else:
@@ -293,7 +294,7 @@ class Artifacts:
         row = await self._get(run_id, artifact_id)
         if row.status != "finalized":
             raise Conflict(f"artifact {artifact_id!r} is not finalized yet",
-                           code="artifact_not_finalized", field="artifact_id")
+                           code=ErrorCode.ARTIFACT_NOT_FINALIZED, field="artifact_id")
         request = self._store.presign_get(row.storage_key,
                                           expires_s=self._limits.download_url_expires_s)
         return DownloadGrant(artifact_id=artifact_id, size_bytes=row.size_bytes, request=request)
@@ -319,7 +320,7 @@ class Artifacts:
         except NotFound:
             return
         except InvalidInput as exc:
-            raise InvalidInput(exc.message, code="invalid_parts", field="parts") from exc
+            raise InvalidInput(exc.message, code=ErrorCode.INVALID_PARTS, field="parts") from exc
         except BackendError as exc:
             if exc.backend_code == 404:  # NoSuchUpload
                 return
@@ -327,7 +328,7 @@ class Artifacts:
                 raise InvalidInput(
                     "the artifact store refused the parts: one is missing, too small, or its"
                     " ETag does not match what the store answered",
-                    code="invalid_parts", field="parts") from exc
+                    code=ErrorCode.INVALID_PARTS, field="parts") from exc
             raise
 
     async def _fix_in_place(self, row: ArtifactRow) -> None:
@@ -343,7 +344,7 @@ class Artifacts:
         if info is None or info.size_bytes != row.size_bytes:
             raise Conflict(
                 f"the object of artifact {row.artifact_id!r} is no longer the one finalized;"
-                " it was changed or removed in the store itself", code="artifact_modified",
+                " it was changed or removed in the store itself", code=ErrorCode.ARTIFACT_MODIFIED,
                 field="artifact_id")
 
     async def _verify(self, row: ArtifactRow) -> int:
@@ -355,7 +356,7 @@ class Artifacts:
         if declared is not None and info.size_bytes != declared:
             raise Conflict(
                 f"the uploaded object has {info.size_bytes} bytes, but {declared} were declared",
-                code="size_mismatch", field="size_bytes")
+                code=ErrorCode.SIZE_MISMATCH, field="size_bytes")
         if row.sha256 is not None:
             try:
                 digest = await self._store.sha256_of(row.storage_key)
@@ -363,7 +364,7 @@ class Artifacts:
                 raise _object_missing(row.artifact_id) from exc
             if digest != row.sha256:
                 raise Conflict("the uploaded object's SHA-256 differs from the declared one",
-                               code="checksum_mismatch", field="sha256")
+                               code=ErrorCode.CHECKSUM_MISMATCH, field="sha256")
         return info.size_bytes
 
     async def _delete_quietly(self, key: str) -> None:
@@ -393,11 +394,11 @@ def staging_key(row: ArtifactRow) -> str:
 
 
 def _artifact_not_found(artifact_id: str) -> NotFound:
-    return NotFound(f"artifact {artifact_id!r} not found", code="artifact_not_found",
+    return NotFound(f"artifact {artifact_id!r} not found", code=ErrorCode.ARTIFACT_NOT_FOUND,
                     field="artifact_id")
 
 
 def _object_missing(artifact_id: str) -> Conflict:
     return Conflict(
         f"the object of artifact {artifact_id!r} is not in the store: upload it first",
-        code="object_missing", field="artifact_id")
+        code=ErrorCode.OBJECT_MISSING, field="artifact_id")

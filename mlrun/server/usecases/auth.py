@@ -68,6 +68,7 @@ from mlrun.server.errors import (
     Unauthenticated,
 )
 from mlrun.server.ports.keys import KeyDirectory, NewKeyRecord, Principal, UsableKey
+from mlrun.wire.error_codes import ErrorCode
 from mlrun.wire.keys import CreatedKey, CreateKey, KeyInfo, Scope
 
 logger = logging.getLogger("mlrun.auth")
@@ -127,7 +128,8 @@ def extract_key(headers: Mapping[str, str]) -> str | None:
     if len(given) > 1 or any("," in headers[name] for name in given):
         raise InvalidInput(
             "send exactly one credential: one Authorization or one X-API-Key header",
-            code="duplicate_credentials", field=given[0] if len(given) == 1 else "authorization",
+            code=ErrorCode.DUPLICATE_CREDENTIALS,
+            field=given[0] if len(given) == 1 else "authorization",
         )
     authorization = headers.get("authorization")
     if authorization:
@@ -135,7 +137,8 @@ def extract_key(headers: Mapping[str, str]) -> str | None:
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
         raise Unauthenticated(
-            "the Authorization header must be 'Bearer <api key>'", code="malformed_credentials"
+            "the Authorization header must be 'Bearer <api key>'",
+            code=ErrorCode.MALFORMED_CREDENTIALS,
         )
     api_key = headers.get("x-api-key")
     if api_key is not None and api_key.strip():
@@ -187,10 +190,10 @@ class Authenticator:
         if raw_key is None:
             raise Unauthenticated(
                 "an API key is required (Authorization: Bearer <key> or X-API-Key)",
-                code="missing_credentials",
+                code=ErrorCode.MISSING_CREDENTIALS,
             )
         if len(raw_key) > MAX_PRESENTED_KEY_CHARS:
-            raise Unauthenticated("the API key is not valid", code="invalid_credentials")
+            raise Unauthenticated("the API key is not valid", code=ErrorCode.INVALID_CREDENTIALS)
         digest = key_digest(raw_key)
         if self._bootstrap_digest is not None and hmac.compare_digest(
             digest, self._bootstrap_digest
@@ -201,13 +204,13 @@ class Authenticator:
             raise BackendUnavailable(
                 "API keys cannot be checked right now (the key directory is unreachable)",
                 backend="postgres",
-                code="keys_unavailable",
+                code=ErrorCode.KEYS_UNAVAILABLE,
             )
         entry = self._keys.get(digest)
         if entry is None or not hmac.compare_digest(entry.digest, digest):
-            raise Unauthenticated("the API key is not valid", code="invalid_credentials")
+            raise Unauthenticated("the API key is not valid", code=ErrorCode.INVALID_CREDENTIALS)
         if entry.expires_at_s is not None and self._wall_clock() >= entry.expires_at_s:
-            raise Unauthenticated("the API key has expired", code="key_expired")
+            raise Unauthenticated("the API key has expired", code=ErrorCode.KEY_EXPIRED)
         self._note_use(entry.principal.key_id)
         return entry.principal
 
@@ -462,5 +465,5 @@ def load_or_create_bootstrap_key(data_dir: Path) -> tuple[str, Path, bool]:
 def validate_key_id(key_id: str) -> str:
     """A key id from a path: refuse anything that cannot be one (400, field key_id)."""
     if not _KEY_ID.match(key_id):
-        raise InvalidInput("not a valid key id", code="invalid_field", field="key_id")
+        raise InvalidInput("not a valid key id", code=ErrorCode.INVALID_FIELD, field="key_id")
     return key_id

@@ -64,6 +64,7 @@ from mlrun.server.ports.write_path import (
     WritePath,
 )
 from mlrun.server.usecases.auth import RunAccess
+from mlrun.wire.error_codes import ErrorCode
 from mlrun.wire.schemas import (
     MAX_NAME_BYTES,
     MAX_POINTS_PER_BATCH,
@@ -144,13 +145,13 @@ def gather_columns(points: Sequence[MetricPoint], series: Sequence[MetricSeries]
         if len(one.values) != count:
             raise InvalidInput(
                 f"series[{index}] has {count} steps but {len(one.values)} values",
-                code="series_length_mismatch",
+                code=ErrorCode.SERIES_LENGTH_MISMATCH,
                 field=f"series[{index}].values",
             )
         if one.timestamps is not None and len(one.timestamps) != count:
             raise InvalidInput(
                 f"series[{index}] has {count} steps but {len(one.timestamps)} timestamps",
-                code="series_length_mismatch",
+                code=ErrorCode.SERIES_LENGTH_MISMATCH,
                 field=f"series[{index}].timestamps",
             )
         columns.names.extend([one.name] * count)
@@ -166,7 +167,7 @@ def _check_name_bytes(name: str, field: str) -> None:
     the exact field path is known (a name of at most MAX_NAME_BYTES / 4 characters fits)."""
     if len(name) > MAX_NAME_BYTES // 4 and len(name.encode()) > MAX_NAME_BYTES:
         raise InvalidInput(f"{field} is longer than {MAX_NAME_BYTES} bytes (UTF-8)",
-                           code="value_too_long", field=field)
+                           code=ErrorCode.VALUE_TOO_LONG, field=field)
 
 
 def _drop_non_finite(columns: _Columns, *, field: str,
@@ -177,7 +178,7 @@ def _drop_non_finite(columns: _Columns, *, field: str,
     keep = [i for i, v in enumerate(columns.values) if isfinite(v)]
     dropped = len(columns) - len(keep)
     warnings.append(IngestWarning(
-        code="non_finite_value", field=field, dropped=dropped,
+        code=ErrorCode.NON_FINITE_VALUE, field=field, dropped=dropped,
         message=f"{dropped} NaN or infinite values were dropped"))
     return _Columns([columns.names[i] for i in keep], [columns.steps[i] for i in keep],
                     [columns.values[i] for i in keep], [columns.timestamps_ms[i] for i in keep])
@@ -289,7 +290,7 @@ class Ingest:
         if total > MAX_POINTS_PER_BATCH:
             raise PayloadTooLarge(
                 f"a batch carries at most {MAX_POINTS_PER_BATCH} points (got {total})",
-                code="too_many_points", field="metrics")
+                code=ErrorCode.TOO_MANY_POINTS, field="metrics")
 
         first_version = self._versions.reserve(total)
         reservation = self._write_path.reserve_nowait(

@@ -87,6 +87,7 @@ from mlrun.server.ports.run_reads import (
     SortColumn,
     TagFilter,
 )
+from mlrun.wire.error_codes import ErrorCode
 from mlrun.wire.query_schemas import (
     DEFAULT_MAX_POINTS,
     DEFAULT_RAW_PAGE_POINTS,
@@ -136,7 +137,7 @@ _PARAM_OPERATORS: tuple[ParamOp, ...] = (">=", "<=", "!=", ">", "<", "=")
 
 
 def _invalid(field: str, message: str) -> InvalidInput:
-    return InvalidInput(f"{field}: {message}", code="invalid_field", field=field)
+    return InvalidInput(f"{field}: {message}", code=ErrorCode.INVALID_FIELD, field=field)
 
 
 def check_text(value: str, field: str) -> str:
@@ -195,7 +196,8 @@ def split_item(item: str, operators: Sequence[str], *, field: str) -> tuple[str,
 def _check_terms(items: Sequence[str], field: str) -> None:
     if len(items) > MAX_FILTER_TERMS:
         raise InvalidInput(f"{field}: at most {MAX_FILTER_TERMS} terms per listing (got "
-                           f"{len(items)}); narrow the filter", code="too_many_filter_terms",
+                           f"{len(items)}); narrow the filter",
+                               code=ErrorCode.TOO_MANY_FILTER_TERMS,
                            field=field)
 
 
@@ -203,7 +205,8 @@ def _check_term_lengths(field: str, key: str, value: str | None) -> None:
     if len(key) > MAX_FILTER_NAME_CHARS or (value is not None
                                             and len(value) > MAX_FILTER_VALUE_CHARS):
         raise InvalidInput(f"{field}: names are at most {MAX_FILTER_NAME_CHARS} characters and "
-                           f"values {MAX_FILTER_VALUE_CHARS}", code="value_too_long", field=field)
+                           f"values {MAX_FILTER_VALUE_CHARS}",
+                               code=ErrorCode.VALUE_TOO_LONG, field=field)
 
 
 def parse_tag_filters(items: Sequence[str], *, field: str = "tags") -> tuple[TagFilter, ...]:
@@ -468,7 +471,7 @@ class Queries:
             position = decode_cursor(listing.cursor, RunsCursor)
             if position.sort != listing.sort.text:
                 raise InvalidInput("the cursor belongs to another sort order",
-                                   code="invalid_cursor", field="cursor")
+                                   code=ErrorCode.INVALID_CURSOR, field="cursor")
             after = Keyset(value=_keyset_value(sort.column, position.value),
                            run_id=check_text(position.run_id, "cursor"))
         page = await self._runs.page(run_filter, sort, after=after, limit=listing.limit,
@@ -490,7 +493,7 @@ class Queries:
         if len(ids) > MAX_METRIC_SORT_RUNS:
             raise InvalidInput(
                 f"sorting by a metric considers at most {MAX_METRIC_SORT_RUNS} runs;"
-                " narrow the filter", code="too_many_runs", field="sort")
+                " narrow the filter", code=ErrorCode.TOO_MANY_RUNS, field="sort")
         values = await self._metrics.last_values(metric, ids)
         descending = listing.sort.descending
 
@@ -504,7 +507,7 @@ class Queries:
             if position.sort != listing.sort.text or not (
                     position.value is None or isinstance(position.value, int | float)):
                 raise InvalidInput("the cursor belongs to another sort order",
-                                   code="invalid_cursor", field="cursor")
+                                   code=ErrorCode.INVALID_CURSOR, field="cursor")
             start = _position_after(ordered, values, position, descending)
         page_ids = ordered[start:start + listing.limit]
         records = await self._runs.by_ids(page_ids)
@@ -524,7 +527,7 @@ class Queries:
             lambda: self._metrics.summaries([run_id]),
         )
         if record is None:
-            raise NotFound(f"run {run_id!r} does not exist", code="run_not_found",
+            raise NotFound(f"run {run_id!r} does not exist", code=ErrorCode.RUN_NOT_FOUND,
                            field="run_id")
         principal.require_run_visible(run_id, record.project)
         return RunDetail(
@@ -550,7 +553,7 @@ class Queries:
         for index, run_id in enumerate(run_ids):
             record = records.get(run_id)
             if record is None:
-                raise NotFound(f"run {run_id!r} does not exist", code="run_not_found",
+                raise NotFound(f"run {run_id!r} does not exist", code=ErrorCode.RUN_NOT_FOUND,
                                field=field if len(run_ids) == 1 else f"{field}[{index}]")
             principal.require_run_visible(
                 run_id, record.project, field=field if len(run_ids) == 1 else f"{field}[{index}]")
@@ -770,7 +773,8 @@ def _cursor_value(value: KeysetValue) -> str | int | None:
 
 
 def _keyset_value(column: SortColumn, value: str | int | float | None) -> KeysetValue:
-    invalid = InvalidInput("the cursor belongs to another sort order", code="invalid_cursor",
+    invalid = InvalidInput("the cursor belongs to another sort order",
+                           code=ErrorCode.INVALID_CURSOR,
                            field="cursor")
     if column in ("created_at", "updated_at"):
         if not isinstance(value, str):
@@ -802,7 +806,8 @@ def _position_after(ordered: list[str], values: dict[str, float], position: Runs
     (has no value, value, run_id), reversed within each part when descending)."""
     cursor_value = None if position.value is None else float(position.value)
     if cursor_value is not None and not math.isfinite(cursor_value):
-        raise InvalidInput("the cursor belongs to another sort order", code="invalid_cursor",
+        raise InvalidInput("the cursor belongs to another sort order",
+                           code=ErrorCode.INVALID_CURSOR,
                            field="cursor")
 
     def after(run_id: str) -> bool:

@@ -20,6 +20,7 @@ import anyio
 import msgspec
 
 from mlrun.server.errors import MlrunError
+from mlrun.wire.error_codes import ErrorCode
 
 logger = logging.getLogger("mlrun.readiness")
 
@@ -87,7 +88,7 @@ class Readiness:
                 return BackendStatus(ok=False, code=exc.code, message=exc.message)
             except Exception:
                 logger.exception("unexpected error probing %s", backend.backend_name)
-                return BackendStatus(ok=False, code="internal", message="probe failed")
+                return BackendStatus(ok=False, code=ErrorCode.INTERNAL, message="probe failed")
             return BackendStatus(ok=True)
         assert scope.cancelled_caught
-        return BackendStatus(ok=False, code="backend_timeout", message="no answer in time")
+        return BackendStatus(ok=False, code=ErrorCode.BACKEND_TIMEOUT, message="no answer in time")

@@ -42,6 +42,7 @@ from mlrun.server.usecases.artifacts import (
     UploadGrant,
 )
 from mlrun.server.usecases.auth import Authenticator
+from mlrun.wire.error_codes import ErrorCode
 from mlrun.wire.proto.mlrun.v1 import ingest_pb2, query_pb2
 
 T = TypeVar("T")
@@ -60,7 +61,8 @@ def principal_from_metadata(
 
 def _artifact_id(value: str) -> str:
     if not _ARTIFACT_ID.match(value):
-        raise InvalidInput("artifact_id must be 32 lower-case hex digits", code="invalid_field",
+        raise InvalidInput("artifact_id must be 32 lower-case hex digits",
+                           code=ErrorCode.INVALID_FIELD,
                            field="artifact_id")
     return value
 

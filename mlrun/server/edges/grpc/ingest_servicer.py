@@ -27,6 +27,7 @@ from mlrun.server.ports.keys import Principal
 from mlrun.server.usecases.artifacts import Artifacts
 from mlrun.server.usecases.auth import Authenticator
 from mlrun.server.usecases.ingest import Ingest
+from mlrun.wire.error_codes import ErrorCode
 from mlrun.wire.proto.mlrun.v1 import ingest_grpc, ingest_pb2
 from mlrun.wire.schemas import IngestBatch, IngestResult, IngestWarning, InitRun, RunStatus
 
@@ -58,7 +59,7 @@ def scalar_from_value(value: struct_pb2.Value, *, field: str) -> Any:
     if kind == "bool_value":
         return value.bool_value
     raise InvalidInput(f"{field} must be a string, number, bool or null (not a {kind})",
-                       code="invalid_field", field=field)
+                       code=ErrorCode.INVALID_FIELD, field=field)
 
 
 def _points(points: Iterable[ingest_pb2.MetricPoint]) -> list[dict[str, Any]]:
@@ -86,7 +87,7 @@ def _column_points(columns: Iterable[ingest_pb2.MetricColumn],
         if len(column.values) != len(column.steps) or (timestamps and len(timestamps) != len(
                 column.steps)):
             raise InvalidInput(f"{field}[{index}] has arrays of different lengths",
-                               code="series_length_mismatch", field=f"{field}[{index}]")
+                               code=ErrorCode.SERIES_LENGTH_MISMATCH, field=f"{field}[{index}]")
         for i, (step, value) in enumerate(zip(column.steps, column.values, strict=True)):
             points.append({"name": column.name, "value": value, "step": step,
                            "timestamp": timestamps[i] if timestamps else None})
@@ -202,7 +203,7 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
         status = _FINAL_FROM_PROTO.get(message.status)
         if status is None:
             raise InvalidInput("status must be FINISHED, FAILED or KILLED",
-                               code="invalid_field", field="status")
+                               code=ErrorCode.INVALID_FIELD, field="status")
         state = await self._ingest.finish_run(
             principal, payloads.run_id(message.run_id), status)  # type: ignore[arg-type]
         return ingest_pb2.FinishRunResponse(run_id=state.run_id, status=_status(state.status))

@@ -89,6 +89,7 @@ from purerpc.wrappers import (
 )
 
 from mlrun.server.errors import GrpcCode, MlrunError, Overloaded
+from mlrun.wire.error_codes import ErrorCode
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +358,7 @@ class _H2Connection(GRPCConnection):  # type: ignore[misc]
             limit = self.config.max_message_length
             status = Status(StatusCode.INVALID_ARGUMENT, f"request message over {limit} bytes")
             self.respond_status(event.stream_id, status,
-                                custom_metadata=_error_code_trailer("payload_too_large"))
+                                custom_metadata=_error_code_trailer(ErrorCode.PAYLOAD_TOO_LARGE))
             return [RequestEnded(event.stream_id)]
 
     def _stream_ended(self, event: Any) -> list[Any]:
@@ -548,33 +549,33 @@ class _GrpcServer:
                 stream,
                 GrpcCode.INVALID_ARGUMENT,
                 f"request is not a valid {request_type.DESCRIPTOR.full_name} message",
-                _error_code_trailer("invalid_argument"),
+                _error_code_trailer(ErrorCode.INVALID_ARGUMENT),
             )
         except MessageTooLargeError:  # our answer is over the client's limit: our bug
             log.error("grpc call /%s/%s: response too large", event.service_name,
                       event.method_name)
             await self._finish(stream, GrpcCode.INTERNAL, "response too large",
-                               _error_code_trailer("internal"))
+                               _error_code_trailer(ErrorCode.INTERNAL))
         except ProtocolError:
             await self._finish(
                 stream, GrpcCode.INVALID_ARGUMENT, "malformed request stream for this method",
-                _error_code_trailer("invalid_argument"),
+                _error_code_trailer(ErrorCode.INVALID_ARGUMENT),
             )
         except h2.exceptions.H2Error as exc:  # the client reset the stream or the connection
             log.debug("grpc call /%s/%s dropped: %r", event.service_name, event.method_name, exc)
         except RpcFailedError as failed:  # purerpc's own status exceptions, kept working
             await self._finish(
                 stream, GrpcCode(failed.status.int_value), failed.status.status_message or "",
-                _error_code_trailer("internal"),
+                _error_code_trailer(ErrorCode.INTERNAL),
             )
         except Exception:
             log.exception("grpc call /%s/%s failed", event.service_name, event.method_name)
             await self._finish(stream, GrpcCode.INTERNAL, "internal error",
-                               _error_code_trailer("internal"))
+                               _error_code_trailer(ErrorCode.INTERNAL))
         else:
             if deadline.cancelled_caught:
                 await self._finish(stream, GrpcCode.DEADLINE_EXCEEDED, "deadline exceeded",
-                                   _error_code_trailer("deadline_exceeded"))
+                                   _error_code_trailer(ErrorCode.DEADLINE_EXCEEDED))
 
     async def _finish(
         self, stream: _Stream, code: GrpcCode, message: str, metadata: Metadata = ()

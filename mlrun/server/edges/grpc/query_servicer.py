@@ -31,6 +31,7 @@ from mlrun.server.ports.keys import Principal
 from mlrun.server.usecases.artifacts import Artifacts
 from mlrun.server.usecases.auth import Authenticator
 from mlrun.server.usecases.queries import Queries, SeriesRequest, build_listing, epoch_ms
+from mlrun.wire.error_codes import ErrorCode
 from mlrun.wire.proto.mlrun.v1 import ingest_pb2, query_grpc, query_pb2
 from mlrun.wire.query_schemas import (
     DEFAULT_PAGE_RUNS,
@@ -70,7 +71,7 @@ _ALIGNMENT_TO_PROTO: dict[str, Any] = {
 
 def _enum(table: dict[int, Any], value: int, field: str) -> Any:
     if value not in table:
-        raise InvalidInput(f"{field}: unknown enum value {value}", code="invalid_field",
+        raise InvalidInput(f"{field}: unknown enum value {value}", code=ErrorCode.INVALID_FIELD,
                            field=field)
     return table[value]
 
@@ -79,7 +80,8 @@ def _instant(ms: int, field: str) -> datetime:
     try:
         return datetime.fromtimestamp(ms / 1000, UTC)
     except (OverflowError, ValueError, OSError):
-        raise InvalidInput(f"{field}: {ms} is not an epoch-ms instant", code="invalid_field",
+        raise InvalidInput(f"{field}: {ms} is not an epoch-ms instant",
+                           code=ErrorCode.INVALID_FIELD,
                            field=field) from None
 
 

@@ -59,6 +59,7 @@ from mlrun.server.errors import (
     PayloadTooLarge,
 )
 from mlrun.server.telemetry import Telemetry
+from mlrun.wire.error_codes import ErrorCode
 
 logger = logging.getLogger("mlrun.http")
 
@@ -195,18 +196,18 @@ class Router:
                 return route, found.groupdict()
         if path_matched:
             raise MethodNotAllowed(f"method {method} is not allowed on {path}")
-        raise NotFound(f"no route for {path}", code="route_not_found")
+        raise NotFound(f"no route for {path}", code=ErrorCode.ROUTE_NOT_FOUND)
 
 
 class MethodNotAllowed(MlrunError):
     http_status = 405
-    default_code = "method_not_allowed"
+    default_code = ErrorCode.METHOD_NOT_ALLOWED
 
 
 class ClientDisconnected(InvalidInput):
     """The client went away before its streamed body was complete (nobody sees the answer)."""
 
-    default_code = "client_disconnected"
+    default_code = ErrorCode.CLIENT_DISCONNECTED
 
 
 def error_body(exc: MlrunError) -> dict[str, Any]:
@@ -351,7 +352,7 @@ class App:
         if encoding not in ("identity", ""):
             raise InvalidInput(
                 f"unsupported content-encoding {encoding!r} (use gzip or none)",
-                code="unsupported_encoding",
+                code=ErrorCode.UNSUPPORTED_ENCODING,
                 field="content-encoding",
             )
         return body
@@ -362,7 +363,7 @@ class App:
         if encoding not in ("identity", ""):
             raise InvalidInput(
                 f"unsupported content-encoding {encoding!r} (this route takes raw bytes)",
-                code="unsupported_encoding",
+                code=ErrorCode.UNSUPPORTED_ENCODING,
                 field="content-encoding",
             )
 
@@ -372,14 +373,15 @@ class App:
             data = decompressor.decompress(body, self.max_body_bytes + 1)
         except zlib.error:
             raise InvalidInput(
-                "request body is not valid gzip", code="invalid_gzip", field="body"
+                "request body is not valid gzip", code=ErrorCode.INVALID_GZIP, field="body"
             ) from None
         if len(data) > self.max_body_bytes or decompressor.unconsumed_tail:
             raise PayloadTooLarge(
                 f"decompressed request body exceeds {self.max_body_bytes} bytes", field="body"
             )
         if not decompressor.eof:
-            raise InvalidInput("request body is truncated gzip", code="invalid_gzip", field="body")
+            raise InvalidInput("request body is truncated gzip",
+                               code=ErrorCode.INVALID_GZIP, field="body")
         return data
 
     @staticmethod

@@ -40,6 +40,7 @@ from mlrun.server.usecases.artifacts import (
     UploadGrant,
 )
 from mlrun.server.usecases.auth import Authenticator
+from mlrun.wire.error_codes import ErrorCode
 
 _ARTIFACT_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -154,7 +155,7 @@ def path_artifact_id(request: Request) -> str:
     artifact_id = request.path_params["artifact_id"]
     if not _ARTIFACT_ID.match(artifact_id):
         raise InvalidInput("artifact_id must be 32 lower-case hex digits",
-                           code="invalid_field", field="artifact_id")
+                           code=ErrorCode.INVALID_FIELD, field="artifact_id")
     return artifact_id
 
 
@@ -239,7 +240,7 @@ def add_local_store_routes(
         )
         if grant is None:
             raise PermissionDenied("the URL is invalid, was tampered with, or has expired",
-                                   code="invalid_signature")
+                                   code=ErrorCode.INVALID_SIGNATURE)
         return grant.key, grant.upload_id, grant.part_number
 
     async def upload(request: Request) -> Response:

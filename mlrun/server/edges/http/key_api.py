@@ -39,7 +39,7 @@ def add_key_routes(router: Router, keys: KeyManagement, authenticator: Authentic
     router.add("POST", "/api/v1/keys", create_key, RouteSpec(
         summary="Create an API key; the answer is the only time the key is shown",
         scope="admin", request=CreateKey, response=CreatedKey, success_status=201,
-        errors=(400, 401, 403, 409), tags=tags))
+        errors=(400, 401, 403, 404, 409), tags=tags))
     router.add("GET", "/api/v1/keys", list_keys, RouteSpec(
         summary="List API keys (never their secrets)", scope="admin", response=KeyList,
         errors=(401, 403), tags=tags))

@@ -38,10 +38,9 @@ from mlrun.wire.schemas import ErrorBody, RunId
 
 OPENAPI_VERSION: Final = "3.1.0"
 # Statuses any route may answer besides its own `errors` (see RouteSpec).
-COMMON_ERROR_STATUSES: Final = (413, 500, 503)
-# Answered by the HTTP server itself, before the app sees the request: a request line plus
-# headers beyond hypercorn's 16 KiB limit. No body.
-HTTP_SERVER_STATUSES: Final = (431,)
+# 400: more than one credential (`duplicate_credentials`); 431: a request line and headers
+# over 16 KiB (`headers_too_large`), checked before routing.
+COMMON_ERROR_STATUSES: Final = (400, 413, 431, 500, 503)
 SECURITY_SCHEMES: Final[dict[str, Any]] = {
     "bearerAuth": {"type": "http", "scheme": "bearer",
                    "description": "Authorization: Bearer <API key>"},
@@ -55,7 +54,7 @@ _STATUS_TEXT: Final[dict[int, str]] = {
     401: "Missing or invalid API key", 403: "The key lacks the scope or the project",
     404: "Not found", 405: "Method not allowed", 409: "Conflict",
     413: "Request body too large", 429: "Overloaded: retry after Retry-After seconds",
-    431: "Request line and headers too large (answered by the HTTP server, no body)",
+    431: "Request line and headers over 16 KiB",
     500: "Internal error", 503: "A backend is unavailable (retryable)",
 }
 
@@ -149,8 +148,6 @@ def _responses(spec: RouteSpec, schemas: _Schemas) -> dict[str, Any]:
                 "description": "whole seconds to wait before sending the same request again",
                 "schema": {"type": "integer", "minimum": 1}}}
         responses[str(status)] = response
-    for status in HTTP_SERVER_STATUSES:
-        responses.setdefault(str(status), {"description": _STATUS_TEXT[status]})
     return responses
 
 

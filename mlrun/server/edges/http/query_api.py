@@ -32,6 +32,7 @@ from mlrun.server.usecases.queries import (
     listing_from_query,
     parse_names,
 )
+from mlrun.wire.error_codes import ErrorCode
 from mlrun.wire.query_schemas import (
     CompareResult,
     CompareRuns,
@@ -65,7 +66,7 @@ def decode_query(query: Mapping[str, list[str]], kind: type[Q]) -> Q:
         found = _AT_PATH.search(message) or _UNKNOWN.search(message)
         field = next(iter(found.groupdict().values())) if found else "query"
         text = _AT_PATH.sub("", message)
-        raise InvalidInput(f"{field}: {text}", code="invalid_field", field=field) from None
+        raise InvalidInput(f"{field}: {text}", code=ErrorCode.INVALID_FIELD, field=field) from None
 
 
 def add_query_routes(router: Router, queries: Queries, authenticator: Authenticator) -> None:

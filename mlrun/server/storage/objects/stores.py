@@ -58,6 +58,7 @@ from mlrun.server.ports.objects import (
     PresignedRequest,
 )
 from mlrun.server.protocols import s3 as s3proto
+from mlrun.wire.error_codes import ErrorCode
 
 BACKEND = "artifacts"
 
@@ -618,7 +619,8 @@ class LocalArtifactStore:
                 continue
             except (NotADirectoryError, IsADirectoryError, FileExistsError) as exc:
                 raise errors.Conflict(
-                    "an artifact name collides with an existing artifact path", code="name_conflict"
+                    "an artifact name collides with an existing artifact path",
+                        code=ErrorCode.NAME_CONFLICT
                 ) from exc
         raise errors.Conflict("the artifact path kept changing during the upload")
 

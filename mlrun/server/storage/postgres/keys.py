@@ -36,6 +36,7 @@ from mlrun.server.ports.keys import (
     UsableKey,
 )
 from mlrun.server.storage.postgres.client import Postgres
+from mlrun.wire.error_codes import ErrorCode
 from mlrun.wire.keys import KeyInfo
 
 # pg_advisory_xact_lock key serialising key creation ("mlrunKEY" in ASCII).
@@ -86,7 +87,7 @@ class PostgresKeyDirectory:
             if row[0] >= max_usable:
                 raise errors.Conflict(
                     f"there are already {max_usable} usable API keys; revoke some first",
-                    code="too_many_keys",
+                    code=ErrorCode.TOO_MANY_KEYS,
                 )
             project_id = _project_id(conn, record.project) if record.project else None
             row = conn.execute(
@@ -135,7 +136,7 @@ class PostgresKeyDirectory:
             info = _select_key(conn, key_id)
             if info is None or (project is not None and info.project != project):
                 raise errors.NotFound(
-                    f"API key {key_id!r} not found", code="key_not_found", field="key_id"
+                    f"API key {key_id!r} not found", code=ErrorCode.KEY_NOT_FOUND, field="key_id"
                 )
             return info
 
@@ -202,6 +203,6 @@ def _project_id(conn: psycopg.Connection[Any], name: str) -> int:
     row = conn.execute("SELECT id FROM projects WHERE name = %s", (name,)).fetchone()
     if row is None:
         raise errors.NotFound(f"project {name!r} does not exist; create it first",
-                              code="project_not_found", field="project")
+                              code=ErrorCode.PROJECT_NOT_FOUND, field="project")
     project_id: int = row[0]
     return project_id

@@ -74,6 +74,7 @@ from mlrun.server import errors
 from mlrun.server.ports.artifact_rows import ArtifactRow
 from mlrun.server.ports.run_metadata import BatchOutcome, BatchPreparation, CardinalityLimits
 from mlrun.server.storage.postgres.client import Postgres
+from mlrun.wire.error_codes import ErrorCode
 from mlrun.wire.schemas import (
     FinalStatus,
     IngestWarning,
@@ -133,7 +134,7 @@ class MetadataStore:
             ).fetchone()
             if row is None:
                 raise errors.Conflict(
-                    f"project {name!r} already exists", code="project_exists", field="name"
+                    f"project {name!r} already exists", code=ErrorCode.PROJECT_EXISTS, field="name"
                 )
             return Project(name=row[0], description=row[1], created_at=_iso_utc(row[2]))
 
@@ -187,7 +188,7 @@ class MetadataStore:
             if stored.project_name != req.project:
                 raise errors.Conflict(
                     f"run_id {run_id!r} is already used by another run; choose another run_id",
-                    code="run_project_mismatch",
+                    code=ErrorCode.RUN_PROJECT_MISMATCH,
                     field="project",
                 )
             warnings: list[IngestWarning] = []
@@ -307,7 +308,7 @@ class MetadataStore:
                 outcome: BatchOutcome = "new"
                 warnings.append(
                     IngestWarning(
-                        code="not_deduplicated",
+                        code=ErrorCode.NOT_DEDUPLICATED,
                         field="batch_id",
                         message="batch has no batch_id: a retry of it would be stored twice",
                     )
@@ -589,7 +590,7 @@ def _compare_claim(
     if bytes(stored_hash) != payload_hash:
         raise errors.Conflict(
             f"batch {batch_id!r} was already received with a different payload",
-            code="batch_conflict",
+            code=ErrorCode.BATCH_CONFLICT,
             field="batch_id",
         )
     return ("duplicate" if state == "committed" else "retry"), stored_first_version
@@ -655,7 +656,7 @@ def _write_run_data(
         if dropped_names:
             warnings.append(
                 IngestWarning(
-                    code="metric_names_limit",
+                    code=ErrorCode.METRIC_NAMES_LIMIT,
                     field="metrics",
                     message=f"{dropped_names} new metric name(s) dropped: the run has reached"
                     f" its limit of {limits.max_metric_names_per_run} metric names",
@@ -670,7 +671,7 @@ def _write_run_data(
         if dropped_run_keys:
             warnings.append(
                 IngestWarning(
-                    code="tag_keys_limit",
+                    code=ErrorCode.TAG_KEYS_LIMIT,
                     field="tags",
                     message=f"{dropped_run_keys} new tag key(s) dropped: the run has reached"
                     f" its limit of {limits.max_tag_keys_per_run} tag keys",
@@ -691,7 +692,7 @@ def _write_run_data(
             if dropped_project_keys:
                 warnings.append(
                     IngestWarning(
-                        code="project_tags_limit",
+                        code=ErrorCode.PROJECT_TAGS_LIMIT,
                         field="tags",
                         message=f"{dropped_project_keys} new tag key(s) dropped: the project"
                         f" has reached its limit of {limits.max_tags_per_project} tag keys",
@@ -787,7 +788,7 @@ def _param_conflicts(
 
 def _param_conflict(key: str, field_prefix: str) -> IngestWarning:
     return IngestWarning(
-        code="param_conflict",
+        code=ErrorCode.PARAM_CONFLICT,
         field=f"{field_prefix}.{key}",
         message=f"param {key!r} already has a different value; params are write-once, so the"
         " stored value is kept",
@@ -834,24 +835,27 @@ def _dedupe_tags(items: Iterable[tuple[str, str]]) -> dict[str, str]:
 def _check_bytes(field: str, value: str, max_bytes: int) -> None:
     if len(value.encode("utf-8", "surrogatepass")) > max_bytes:
         raise errors.InvalidInput(
-            f"{field}: longer than {max_bytes} bytes (UTF-8)", code="value_too_long", field=field
+            f"{field}: longer than {max_bytes} bytes (UTF-8)",
+                code=ErrorCode.VALUE_TOO_LONG, field=field
         )
 
 
 def _check_chars(field: str, value: str, max_chars: int) -> None:
     if len(value) > max_chars:
         raise errors.InvalidInput(
-            f"{field}: longer than {max_chars} characters", code="value_too_long", field=field
+            f"{field}: longer than {max_chars} characters",
+                code=ErrorCode.VALUE_TOO_LONG, field=field
         )
 
 
 def _run_not_found(run_id: str) -> errors.NotFound:
-    return errors.NotFound(f"run {run_id!r} not found", code="run_not_found", field="run_id")
+    return errors.NotFound(f"run {run_id!r} not found",
+                           code=ErrorCode.RUN_NOT_FOUND, field="run_id")
 
 
 def _run_finished(run_id: str, status: str) -> errors.Conflict:
     return errors.Conflict(
-        f"run {run_id!r} is already {status}", code="run_finished", field="run_id"
+        f"run {run_id!r} is already {status}", code=ErrorCode.RUN_FINISHED, field="run_id"
     )
 
 
