@@ -27,7 +27,7 @@ from mlrun.server.domain.downsampling import (
     select_lttb,
     select_minmax,
 )
-from mlrun.server.errors import InvalidInput, NotFound, PermissionDenied
+from mlrun.server.errors import InvalidInput, NotFound
 from mlrun.server.ports.keys import Principal
 from mlrun.server.ports.metric_reads import BLOCK_STEPS, METRICS, BucketRequest, KeyRange, SeriesRef
 from mlrun.server.protocols.clickhouse import METRIC_COLUMNS, MetricRow, encode_metric_rows
@@ -275,9 +275,11 @@ async def test_compare_and_project_scoped_keys(
         assert result.common_metrics == ["loss"]
         assert all(len(r.series[0].points) <= 10 for r in result.runs)
         alpha_only = Principal(key_id="k", scopes=frozenset({"read"}), project="alpha")
-        with pytest.raises(PermissionDenied):
+        # Another project's run is exactly as invisible as a missing one (no existence oracle).
+        with pytest.raises(NotFound) as compared:
             await queries.compare(alpha_only, CompareRuns(run_ids=["a1", "b1"]))
-        with pytest.raises(PermissionDenied):
+        assert (compared.value.code, compared.value.field) == ("run_not_found", "run_ids[1]")
+        with pytest.raises(NotFound):
             await queries.get_run(alpha_only, "b1")
         with pytest.raises(NotFound):
             await queries.get_run(alpha_only, "zz")

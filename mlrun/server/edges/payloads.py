@@ -24,8 +24,11 @@ from mlrun.wire.schemas import RunId, decoder_for
 T = TypeVar("T")
 
 _FIELD_PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
-# A JSON \u0000 escape not itself escaped (an odd run of backslashes before "u0000").
-_JSON_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+# The only way JSON can carry a NUL character is the escape \u0000 (raw control characters are
+# invalid JSON). A plain substring search (memchr speed) is the filter: it was a regex with a
+# look-behind for escaped backslashes, ~23 % of the server's CPU per ingest request (2.3 ms per
+# 1000-point body); the walk of the decoded payload decides, so a false hit costs only a walk.
+_JSON_NUL_ESCAPE = b"\\u0000"
 
 
 def _nul_refused(field: str) -> InvalidInput:
@@ -80,7 +83,7 @@ def decode_json(body: bytes, kind: type[T]) -> T:
                            code=ErrorCode.MALFORMED_JSON,
                            field="body") from None
     # The byte scan is the cheap filter; only a body that has the escape is walked for the field.
-    if _JSON_NUL.search(body) and (field := _nul_field(decoded)) is not None:
+    if _JSON_NUL_ESCAPE in body and (field := _nul_field(decoded)) is not None:
         raise _nul_refused(field)
     return decoded
 
