@@ -5,8 +5,11 @@ Owns the command line of key management and nothing else: each subcommand is one
 (wired into `mlrun/__main__.py` as `mlrun keys ...`).
 
 Where things come from: the server from `--server` or `MLRUN_SERVER_URL` (default
-`http://127.0.0.1:3001`); the admin key from `MLRUN_API_KEY` or `--api-key-file` (a key on the
-command line would be visible to every user through `ps`, so there is no flag for it).
+`http://127.0.0.1:3001`); the admin key from `--api-key-file`, else `MLRUN_API_KEY`, else the
+bootstrap key a server without MLRUN_API_KEY wrote to `<MLRUN_DATA_DIR>/bootstrap-api-key`
+(default data dir `./mlrun-data`), so `mlrun keys list` works next to `mlrun serve` as is. A key
+on the command line would be visible to every user through `ps`, so there is no flag for it.
+`--server` and `--api-key-file` are accepted before or after the sub-command.
 
 Output: `create` prints the new key alone on stdout (so `KEY=$(mlrun keys create ...)` works)
 and what it is on stderr; it is the only time the key can be seen. `list` prints a table (or
@@ -30,6 +33,8 @@ import httpx
 import msgspec
 
 DEFAULT_SERVER_URL = "http://127.0.0.1:3001"
+# The server's default MLRUN_DATA_DIR (mlrun.server.runtime.config; not imported: a client).
+DEFAULT_DATA_DIR = "mlrun-data"
 TIMEOUT_S = 15.0
 SCOPES = ("read", "write", "admin")
 _DURATION = re.compile(r"^(?P<n>[0-9]+)(?P<unit>[smhdw]?)$")
@@ -67,16 +72,26 @@ def parse_scopes(values: Sequence[str]) -> list[str]:
     return scopes
 
 
+def _connection_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument("--server", default=default,
+                        help=f"server URL (default: $MLRUN_SERVER_URL or {DEFAULT_SERVER_URL})")
+    parser.add_argument("--api-key-file", type=Path, default=default,
+                        help="file holding the admin key (default: $MLRUN_API_KEY, else"
+                             " <MLRUN_DATA_DIR>/bootstrap-api-key)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlrun keys", description="Manage the API keys of a running MLRun server.")
-    parser.add_argument("--server", default=None,
-                        help=f"server URL (default: $MLRUN_SERVER_URL or {DEFAULT_SERVER_URL})")
-    parser.add_argument("--api-key-file", type=Path, default=None,
-                        help="file holding the admin key (default: $MLRUN_API_KEY)")
+    _connection_options(parser, None)
+    # The same options after the sub-command (where users type them); SUPPRESS keeps a value
+    # given before the sub-command when none is given after it.
+    after = argparse.ArgumentParser(add_help=False)
+    _connection_options(after, argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    create = commands.add_parser("create", help="create a key and print it (shown only once)")
+    create = commands.add_parser("create", parents=[after],
+                                 help="create a key and print it (shown only once)")
     create.add_argument("--name", required=True, help="what the key is for")
     create.add_argument("--scope", action="append", default=[], metavar="SCOPE",
                         help="read, write or admin (repeat, or comma-separate); admin implies all")
@@ -85,10 +100,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="lifetime such as 3600, 12h, 30d (default: never expires)")
     create.add_argument("--json", action="store_true", help="print the whole answer as JSON")
 
-    listing = commands.add_parser("list", help="list keys (never their secrets)")
+    listing = commands.add_parser("list", parents=[after], help="list keys (never their secrets)")
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    revoke = commands.add_parser("revoke", help="revoke a key by its id")
+    revoke = commands.add_parser("revoke", parents=[after], help="revoke a key by its id")
     revoke.add_argument("key_id")
     return parser
 
@@ -100,10 +115,23 @@ def _admin_key(path: Path | None) -> str:
         except OSError as exc:
             raise UsageError(f"--api-key-file: cannot read {path}: {exc.strerror}") from exc
     else:
-        key = os.environ.get("MLRUN_API_KEY", "").strip()
+        key = os.environ.get("MLRUN_API_KEY", "").strip() or _bootstrap_key()
     if not key:
-        raise UsageError("an admin API key is needed: set MLRUN_API_KEY or pass --api-key-file")
+        raise UsageError("an admin API key is needed: set MLRUN_API_KEY, pass --api-key-file,"
+                         f" or run next to the server's data dir ({_bootstrap_key_path()})")
     return key
+
+
+def _bootstrap_key_path() -> Path:
+    return Path(os.environ.get("MLRUN_DATA_DIR") or DEFAULT_DATA_DIR) / "bootstrap-api-key"
+
+
+def _bootstrap_key() -> str:
+    """The key a server without MLRUN_API_KEY generated into its data dir, if readable here."""
+    try:
+        return _bootstrap_key_path().read_text(encoding="utf-8").strip()
+    except OSError:
+        return ""
 
 
 def _request(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:

@@ -99,8 +99,20 @@ def test_create_list_revoke_against_a_live_server(
     assert keys_main(["create", "--scope", "read"]) == 2  # argparse: --name is required
     capsys.readouterr()
     monkeypatch.delenv("MLRUN_API_KEY")
+    monkeypatch.setenv("MLRUN_DATA_DIR", str(tmp_path / "no-data-dir"))
     assert keys_main(["list"]) == 2
     assert "MLRUN_API_KEY" in capsys.readouterr().err
+
+    # Options where users type them: after the sub-command too.
+    assert keys_main(["list", "--api-key-file", str(key_file), "--server", server.base_url]) == 0
+    assert "KEY_ID" in capsys.readouterr().out
+    # With no key given, the bootstrap key of the server's data dir is found by itself.
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "bootstrap-api-key").write_text(TEST_API_KEY + "\n")
+    monkeypatch.setenv("MLRUN_DATA_DIR", str(data_dir))
+    assert keys_main(["list"]) == 0
+    assert "KEY_ID" in capsys.readouterr().out
     monkeypatch.setenv("MLRUN_API_KEY", TEST_API_KEY)
     assert keys_main(["--server", "http://127.0.0.1:9", "list"]) == 1
     assert "cannot reach" in capsys.readouterr().err
