@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from mlrun.sdk.errors import SettingsError
 from mlrun.sdk.ops import Op
 from mlrun.sdk.retry import Outcome
 from mlrun.sdk.settings import Settings
@@ -37,8 +38,14 @@ class Transport(Protocol):
 
 def open_transport(settings: Settings) -> Transport:
     if settings.transport == "grpc":
-        from mlrun.sdk.transport_grpc import GrpcTransport
-
+        try:
+            from mlrun.sdk.transport_grpc import GrpcTransport
+        except ModuleNotFoundError as exc:
+            if exc.name != "grpc":
+                raise
+            raise SettingsError(
+                "MLRUN_TRANSPORT=grpc needs grpcio: pip install 'mlrun-tracking[grpc]'"
+            ) from None
         return GrpcTransport(settings)
     from mlrun.sdk.transport_http import HttpTransport
 

@@ -224,3 +224,22 @@ def test_a_run_over_grpc_waits_on_resource_exhausted_and_stores_once(
     steps = Counter(s for b in fake.stored for c in b.metric_columns for s in c.steps)
     assert steps == Counter(range(5000))
     assert [f.run_id for f in fake.finishes] == [run.run_id]
+
+
+def test_grpc_without_grpcio_is_one_clear_line_naming_the_extra(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The README's install has no grpcio; MLRUN_TRANSPORT=grpc then says what to install
+    instead of a raw ModuleNotFoundError (the missing module is injected on cue)."""
+    import sys
+
+    from mlrun.sdk.errors import SettingsError
+    from mlrun.sdk.transport import open_transport
+
+    monkeypatch.setitem(sys.modules, "grpc", None)  # `import grpc` now fails as if absent
+    monkeypatch.delitem(sys.modules, "mlrun.sdk.transport_grpc", raising=False)
+    settings = Settings(transport="grpc", spool_dir=tmp_path)
+    with pytest.raises(SettingsError) as caught:
+        open_transport(settings)
+    assert "pip install 'mlrun-tracking[grpc]'" in str(caught.value)
+    assert "\n" not in str(caught.value)
