@@ -6,7 +6,8 @@
 - a project-scoped key cannot tell another project's run from a run that does not exist
   (404 `run_not_found` for both);
 - a key for a project that does not exist is 404 `project_not_found`, not a new project;
-- a name too long in UTF-8 bytes is reported at its exact field path.
+- a name too long in UTF-8 bytes is reported at its exact field path;
+- (a newcomer) params and tags are accepted in the object form that reads answer with.
 """
 
 from __future__ import annotations
@@ -111,3 +112,23 @@ def test_the_documented_16_kib_head_limit_holds_on_a_real_server(server: ServerP
     assert answer.status_code == 431
     assert httpx.get(f"{server.base_url}/api/v1/projects", headers=ADMIN,
                      timeout=10).status_code == 200
+
+
+def test_params_and_tags_are_accepted_in_the_object_form_reads_answer_with(
+    server: ServerProcess,
+) -> None:
+    """A newcomer writes what the read API shows (`{"lr": 0.01}`); the list form stays valid,
+    and the two forms of the same batch are the same batch (a resend is a duplicate)."""
+    run_id = post(server, "/api/v1/runs", {"project": "probe-forms"}).json()["run_id"]
+    objects = {"run_id": run_id, "batch_id": "b1", "params": {"lr": 0.01, "opt": "adam"},
+               "tags": {"team": "cv"}, "metrics": [{"name": "loss", "value": 1.0, "step": 0}]}
+    first = post(server, "/api/v1/ingest/batch", objects)
+    assert first.status_code == 200, first.text
+    assert first.json()["duplicate"] is False
+    as_lists = {**objects, "params": [{"name": "lr", "value": 0.01},
+                                      {"name": "opt", "value": "adam"}],
+                "tags": [{"key": "team", "value": "cv"}]}
+    again = post(server, "/api/v1/ingest/batch", as_lists)
+    assert again.status_code == 200 and again.json()["duplicate"] is True
+    run = httpx.get(f"{server.base_url}/api/v1/runs/{run_id}", headers=ADMIN, timeout=10).json()
+    assert (run["params"], run["tags"]) == ({"lr": "0.01", "opt": "adam"}, {"team": "cv"})

@@ -152,6 +152,31 @@ class IngestBatch(Request, frozen=True):
     system_metrics: list[MetricPoint] = []
 
 
+class IngestBatchBody(Request, frozen=True):
+    """`POST /api/v1/ingest/batch` as sent: like `IngestBatch`, and `params` / `tags` may also be
+    objects (`{"lr": 0.01}`, `{"team": "cv"}`), the form every read answers with. `batch()` is
+    the canonical `IngestBatch` (lists, in the object's order), so both forms of the same
+    content hash alike for idempotency."""
+
+    run_id: RunId
+    batch_id: BatchId | None = None
+    seq: Annotated[int, Meta(ge=0, le=MAX_STEP)] | None = None
+    metrics: list[MetricPoint] = []
+    series: list[MetricSeries] = []
+    params: list[Param] | dict[Name, ScalarValue] = []
+    tags: list[Tag] | dict[Name, TagValue] = []
+    system_metrics: list[MetricPoint] = []
+
+    def batch(self) -> IngestBatch:
+        params = self.params if isinstance(self.params, list) else [
+            Param(name=name, value=value) for name, value in self.params.items()]
+        tags = self.tags if isinstance(self.tags, list) else [
+            Tag(key=key, value=value) for key, value in self.tags.items()]
+        return IngestBatch(run_id=self.run_id, batch_id=self.batch_id, seq=self.seq,
+                           metrics=self.metrics, series=self.series, params=params, tags=tags,
+                           system_metrics=self.system_metrics)
+
+
 class IngestWarning(Struct, frozen=True, kw_only=True, omit_defaults=True):
     """A structured warning: something was accepted only in part, and why."""
 

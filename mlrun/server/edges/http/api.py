@@ -20,7 +20,7 @@ from mlrun.server.usecases.ingest import Ingest
 from mlrun.wire.schemas import (
     CreateProject,
     FinishRun,
-    IngestBatch,
+    IngestBatchBody,
     IngestResult,
     InitRun,
     Project,
@@ -58,7 +58,8 @@ def add_write_routes(router: Router, ingest: Ingest, authenticator: Authenticato
 
     async def log_batch(request: Request) -> Response:
         principal = principal_of(request)
-        result = await ingest.log_batch(principal, decode_body(request.body, IngestBatch))
+        body = decode_body(request.body, IngestBatchBody)
+        result = await ingest.log_batch(principal, body.batch())
         return Response.json(result)
 
     async def finish_run(request: Request) -> Response:
@@ -84,7 +85,7 @@ def add_write_routes(router: Router, ingest: Ingest, authenticator: Authenticato
         other_success_statuses=(200,), errors=(400, 401, 403, 409), tags=tags))
     router.add("POST", "/api/v1/ingest/batch", log_batch, RouteSpec(
         summary="Log a batch of metrics, params and tags (idempotent on run_id + batch_id)",
-        scope="write", request=IngestBatch, response=IngestResult,
+        scope="write", request=IngestBatchBody, response=IngestResult,
         errors=(400, 401, 403, 404, 409, 429), tags=tags))
     router.add("POST", "/api/v1/runs/{run_id}/finish", finish_run, RouteSpec(
         summary="Finish a run", scope="write", request=FinishRun, response=RunState,
