@@ -7,7 +7,8 @@
   (404 `run_not_found` for both);
 - a key for a project that does not exist is 404 `project_not_found`, not a new project;
 - a name too long in UTF-8 bytes is reported at its exact field path;
-- (a newcomer) params and tags are accepted in the object form that reads answer with.
+- (a newcomer) params and tags are accepted in the object form that reads answer with; an
+  enum error lists the allowed values; a query-string error says "query parameter".
 """
 
 from __future__ import annotations
@@ -20,7 +21,12 @@ import grpc
 import httpx
 import pytest
 
+from mlrun.server.edges import payloads
+from mlrun.server.edges.http.query_api import decode_query
+from mlrun.server.errors import InvalidInput
 from mlrun.wire.proto.mlrun.v1 import ingest_pb2
+from mlrun.wire.query_schemas import ListRunsQuery, MetricsQuery
+from mlrun.wire.schemas import FinishRun
 
 from server_process import TEST_API_KEY, ServerProcess, clean_server
 
@@ -132,3 +138,21 @@ def test_params_and_tags_are_accepted_in_the_object_form_reads_answer_with(
     assert again.status_code == 200 and again.json()["duplicate"] is True
     run = httpx.get(f"{server.base_url}/api/v1/runs/{run_id}", headers=ADMIN, timeout=10).json()
     assert (run["params"], run["tags"]) == ({"lr": "0.01", "opt": "adam"}, {"team": "cv"})
+
+
+def test_enum_errors_list_the_allowed_values_and_query_errors_say_query_parameter() -> None:
+    def refused(call: Any) -> InvalidInput:
+        with pytest.raises(InvalidInput) as caught:
+            call()
+        return caught.value
+
+    status = refused(lambda: payloads.decode_json(b'{"status": "done"}', FinishRun))
+    assert status.field == "status"
+    assert status.message == "status: 'done' is not one of failed, finished, killed"
+    method = refused(lambda: decode_query({"method": ["bogus"]}, MetricsQuery))
+    assert method.field == "method" and method.message.startswith("query parameter method:")
+    assert "avg, lttb, minmax, raw" in method.message
+    typo = refused(lambda: decode_query({"limt": ["5"]}, ListRunsQuery))
+    assert typo.field == "limt"
+    assert typo.message.startswith("unknown query parameter 'limt'; this route accepts: ")
+    assert "limit" in typo.message

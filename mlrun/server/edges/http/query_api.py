@@ -21,6 +21,7 @@ from typing import TypeVar
 
 import msgspec
 
+from mlrun.server.edges import payloads
 from mlrun.server.edges.http.api import decode_body, path_run_id
 from mlrun.server.edges.http.app import Request, Response, Router, RouteSpec
 from mlrun.server.errors import InvalidInput
@@ -63,10 +64,14 @@ def decode_query(query: Mapping[str, list[str]], kind: type[Q]) -> Q:
         return msgspec.convert(flat, kind, strict=False)
     except msgspec.ValidationError as exc:
         message = str(exc)
-        found = _AT_PATH.search(message) or _UNKNOWN.search(message)
-        field = next(iter(found.groupdict().values())) if found else "query"
-        text = _AT_PATH.sub("", message)
-        raise InvalidInput(f"{field}: {text}", code=ErrorCode.INVALID_FIELD, field=field) from None
+        unknown = _UNKNOWN.search(message)
+        if unknown is not None:  # worded as what it is: a query parameter, not a body field
+            name = unknown["name"]
+            accepted = ", ".join(kind.__struct_fields__)
+            raise InvalidInput(f"unknown query parameter {name!r}; this route accepts: "
+                               f"{accepted}", code=ErrorCode.INVALID_FIELD, field=name) from None
+        raise payloads.invalid_input(message, kind=kind, default_field="query",
+                                     what="query parameter ") from None
 
 
 def add_query_routes(router: Router, queries: Queries, authenticator: Authenticator) -> None:
