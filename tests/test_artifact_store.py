@@ -24,16 +24,14 @@ import pytest
 from mlrun.server import errors
 from mlrun.server.ports.objects import ArtifactStore, PresignedRequest
 from mlrun.server.protocols import s3 as s3proto
-from mlrun.server.storage.objects.stores import (
+from mlrun.server.storage.objects.local import (
     LOCAL_ROUTE_PREFIX,
-    MIN_PART_BYTES,
     LocalArtifactStore,
     LocalGrant,
-    S3ArtifactStore,
     open_local_store,
-    open_s3_store,
     verify_local_signature,
 )
+from mlrun.server.storage.objects.s3 import MIN_PART_BYTES, S3ArtifactStore, open_s3_store
 
 from backends.s3 import S3Server
 

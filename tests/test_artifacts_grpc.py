@@ -26,7 +26,7 @@ from mlrun.server.edges.grpc import artifact_methods
 from mlrun.server.edges.grpc.listener import serve_grpc
 from mlrun.server.ports.keys import Principal
 from mlrun.server.ports.run_metadata import CardinalityLimits
-from mlrun.server.storage.objects.stores import open_s3_store
+from mlrun.server.storage.objects.s3 import open_s3_store
 from mlrun.server.storage.postgres.client import apply_postgres_migrations, open_postgres
 from mlrun.server.storage.postgres.keys import PostgresKeyDirectory
 from mlrun.server.storage.postgres.metadata import MetadataStore

@@ -1,6 +1,6 @@
 """The object-store port: where artifact bytes live (S3 / MinIO, or the local directory), and
 the records that cross it. `mlrun.server.usecases.artifacts` talks to an `ArtifactStore`;
-`mlrun.server.storage.objects.stores` implements it twice. Must not import storage or edges.
+`mlrun.server.storage.objects.s3` implements it twice. Must not import storage or edges.
 """
 
 from __future__ import annotations

@@ -55,7 +55,8 @@ from mlrun.server.storage.clickhouse.client import (
     open_http_clickhouse,
 )
 from mlrun.server.storage.clickhouse.metric_reads import MetricQueries
-from mlrun.server.storage.objects.stores import LocalArtifactStore, open_local_store, open_s3_store
+from mlrun.server.storage.objects.local import LocalArtifactStore, open_local_store
+from mlrun.server.storage.objects.s3 import open_s3_store
 from mlrun.server.storage.postgres.client import Postgres, apply_postgres_migrations, open_postgres
 from mlrun.server.storage.postgres.embedded import open_embedded_postgres
 from mlrun.server.storage.postgres.keys import PostgresKeyDirectory

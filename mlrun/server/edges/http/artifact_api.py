@@ -26,7 +26,7 @@ from mlrun.server.edges.http.api import decode_body, path_run_id
 from mlrun.server.edges.http.app import Request, Response, Router, RouteSpec
 from mlrun.server.errors import InvalidInput, PayloadTooLarge, PermissionDenied
 from mlrun.server.ports.artifact_rows import ArtifactRow
-from mlrun.server.storage.objects.stores import (
+from mlrun.server.storage.objects.local import (
     LOCAL_ROUTE_PREFIX,
     LocalArtifactStore,
     verify_local_signature,
