@@ -23,13 +23,14 @@ from mlrun.server.protocols.clickhouse import (
     encode_metric_rows,
     quote_string,
 )
+from mlrun.server.storage.clickhouse.bucket_sql import popcount_sql
 from mlrun.server.storage.clickhouse.client import (
     ClickHouse,
     apply_clickhouse_migrations,
     open_embedded_clickhouse,
     open_http_clickhouse,
 )
-from mlrun.server.storage.clickhouse.metric_reads import MetricQueries, popcount_sql
+from mlrun.server.storage.clickhouse.metric_reads import MetricQueries
 from mlrun.server.storage.migrations import load_migrations
 
 from backends.clickhouse import ClickHouseServer
