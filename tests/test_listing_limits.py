@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from mlrun.server.errors import InvalidInput
-from mlrun.server.usecases.queries import MAX_FILTER_TERMS, build_listing
+from mlrun.server.usecases.listing import MAX_FILTER_TERMS, build_listing
 
 from server_process import TEST_API_KEY, ServerProcess, clean_server
 

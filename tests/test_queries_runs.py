@@ -34,7 +34,8 @@ from mlrun.server.storage.clickhouse.client import (
 from mlrun.server.storage.clickhouse.metric_reads import MetricQueries
 from mlrun.server.storage.postgres.client import Postgres, apply_postgres_migrations, open_postgres
 from mlrun.server.storage.postgres.run_reads import NUMERIC_VALUE, RunQueries
-from mlrun.server.usecases.queries import Queries, RunListing, build_listing
+from mlrun.server.usecases.listing import RunListing, build_listing
+from mlrun.server.usecases.queries import Queries
 
 from backends.clickhouse import ClickHouseServer
 from backends.postgres import fresh_database

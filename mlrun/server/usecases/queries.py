@@ -1,15 +1,10 @@
 """Read use-cases: run listing and search, run detail, metric and system-metric series, run
 comparison. Shared by the HTTP and gRPC edges, which only translate.
 
-Owns:
-- the filter grammar of the API, one parser for both edges: comma lists with `\\` escapes
-  (`split_list`), tag filters `k` / `k=v`, param filters `k=v`, `k!=v` (text) and `k>x`,
-  `k>=x`, `k<x`, `k<=x` (numeric), sorts `[-]created_at|updated_at|name|status|duration|
-  metric:<name>`, ISO-8601 instants; every malformed value is a 400 `invalid_field` naming
-  the parameter;
-- authorization of reads: the `read` scope, and `Principal.require_project` for every run or
-  project read (a project-scoped key listing without `project` sees only its project);
-- the orchestration of a series read (how `storage.metric_queries` and `downsampling` meet):
+Owns (the listing grammar itself is `usecases.listing`):
+- authorization of reads: the `read` scope; a project-scoped key reads only its project (a
+  listing without `project` is limited to it; another project's run is 404 `run_not_found`);
+- the orchestration of a series read (how the `MetricReads` port and `domain.downsampling` meet):
 
       run exists and is readable (PostgreSQL)  ┐
       series names of the run                  ├ at once
@@ -19,29 +14,25 @@ Owns:
       └─ rows > budget: bucket statistics under a plan           one query for all series
          └─ final selection in Python (LTTB / minmax / avg)      no I/O
   Deduplication (last write wins per key) is skipped only for series proven free of
-  duplicates by `MetricQueries.stats`. A comparison is the same read over runs x metrics;
+  duplicates by `MetricReads.stats`. A comparison is the same read over runs x metrics;
   with `relative_time` the timestamps are shifted by each run's start (`created_at`);
 - sorting by a metric's last value, which spans both stores: the matching run ids come from
   PostgreSQL (at most `MAX_METRIC_SORT_RUNS`), their last values from the ClickHouse summary,
   the order and the keyset cursor (value, run_id; runs without the metric last) are applied
   here, and the page's rows are read back from PostgreSQL.
 
-Must not import the HTTP or gRPC edges, hypercorn, purerpc or storage drivers (only the
-storage query classes).
+Must not import the HTTP or gRPC edges, hypercorn, purerpc or storage: it reads through the
+`RunReads` and `MetricReads` ports.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal, InvalidOperation
-from typing import TypeVar, cast
-
-from msgspec import UnsetType
+from typing import cast
 
 from mlrun.server.concurrently import both
 from mlrun.server.domain.downsampling import (
@@ -78,27 +69,29 @@ from mlrun.server.ports.metric_reads import (
 from mlrun.server.ports.run_reads import (
     Keyset,
     KeysetValue,
-    ParamFilter,
-    ParamOp,
     RunFilter,
     RunReads,
     RunRecord,
     RunSort,
     SortColumn,
-    TagFilter,
+)
+from mlrun.server.usecases.listing import (
+    RunListing,
+    check_text,
+    invalid_field,
+    split_list,
+    unescape,
 )
 from mlrun.wire.error_codes import ErrorCode
 from mlrun.wire.query_schemas import (
     DEFAULT_MAX_POINTS,
     DEFAULT_RAW_PAGE_POINTS,
     MAX_NAMES_PER_QUERY,
-    MAX_PAGE_RUNS,
     MAX_SERIES_POINTS,
     ComparedRun,
     CompareResult,
     CompareRuns,
     DownsampleMethod,
-    ListRunsQuery,
     MetricsResult,
     MetricSummary,
     RunDetail,
@@ -109,266 +102,15 @@ from mlrun.wire.query_schemas import (
 )
 from mlrun.wire.schemas import RunStatus
 
-T = TypeVar("T")
-
-RUN_STATUSES = ("running", "finished", "failed", "killed")
-SORT_COLUMNS: tuple[SortColumn, ...] = ("created_at", "updated_at", "name", "status", "duration")
-METRIC_SORT_PREFIX = "metric:"
 # Sorting by a metric orders the matching runs in this process: beyond this many, narrow the
 # filter (400 `too_many_runs`).
 MAX_METRIC_SORT_RUNS = 50_000
-# Filter terms per listing, for tags and for params each: every term is one semi-join for
-# PostgreSQL to plan and run, so their number is what makes a listing expensive (the probe kept
-# PostgreSQL busy for seconds with 100-200 terms). Names and values within the stored limits.
-MAX_FILTER_TERMS = 16
-MAX_FILTER_NAME_CHARS = 250
-MAX_FILTER_VALUE_CHARS = 2048
 # Series per comparison (runs x metrics), and metrics compared when none are named.
 MAX_COMPARE_SERIES = 1000
 DEFAULT_COMPARE_METRICS = 20
-# A numeric param operand: a plain decimal number; exponents beyond this are refused (they
-# could not match a stored value anyway, see run_queries.NUMERIC_VALUE).
-_NUMBER = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
-_MAX_NUMBER_EXPONENT = 1000
-_PARAM_OPERATORS: tuple[ParamOp, ...] = (">=", "<=", "!=", ">", "<", "=")
 
 
 # --------------------------------------------------------------------------- grammar
-
-
-def _invalid(field: str, message: str) -> InvalidInput:
-    return InvalidInput(f"{field}: {message}", code=ErrorCode.INVALID_FIELD, field=field)
-
-
-def check_text(value: str, field: str) -> str:
-    """Refuse NUL (PostgreSQL text cannot hold it, so it can never match)."""
-    if "\x00" in value:
-        raise _invalid(field, "must not contain NUL characters")
-    return value
-
-
-def split_list(text: str, *, field: str) -> list[str]:
-    """Split a comma list; `\\,` is a literal comma and `\\\\` a backslash. Escapes other than
-    these stay in the items (so `\\=` still reaches `split_item`). Empty items are dropped."""
-    check_text(text, field)
-    items: list[str] = []
-    current: list[str] = []
-    escaped = False
-    for char in text:
-        if escaped:
-            current.append(char if char in ",\\" else "\\" + char)
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == ",":
-            items.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    if escaped:
-        raise _invalid(field, "ends with a lone backslash")
-    items.append("".join(current))
-    return [item for item in items if item]
-
-
-def _unescape(text: str) -> str:
-    return re.sub(r"\\(.)", r"\1", text)
-
-
-def split_item(item: str, operators: Sequence[str], *, field: str) -> tuple[str, str, str] | None:
-    """(key, operator, value) at the first unescaped operator (longest first), or None."""
-    index = 0
-    while index < len(item):
-        char = item[index]
-        if char == "\\":
-            index += 2
-            continue
-        for operator in operators:
-            if item.startswith(operator, index):
-                key = _unescape(item[:index])
-                if not key:
-                    raise _invalid(field, f"{item!r} has no name before {operator!r}")
-                return key, operator, _unescape(item[index + len(operator):])
-        index += 1
-    return None
-
-
-def _check_terms(items: Sequence[str], field: str) -> None:
-    if len(items) > MAX_FILTER_TERMS:
-        raise InvalidInput(f"{field}: at most {MAX_FILTER_TERMS} terms per listing (got "
-                           f"{len(items)}); narrow the filter",
-                               code=ErrorCode.TOO_MANY_FILTER_TERMS,
-                           field=field)
-
-
-def _check_term_lengths(field: str, key: str, value: str | None) -> None:
-    if len(key) > MAX_FILTER_NAME_CHARS or (value is not None
-                                            and len(value) > MAX_FILTER_VALUE_CHARS):
-        raise InvalidInput(f"{field}: names are at most {MAX_FILTER_NAME_CHARS} characters and "
-                           f"values {MAX_FILTER_VALUE_CHARS}",
-                               code=ErrorCode.VALUE_TOO_LONG, field=field)
-
-
-def parse_tag_filters(items: Sequence[str], *, field: str = "tags") -> tuple[TagFilter, ...]:
-    _check_terms(items, field)
-    filters = []
-    for item in items:
-        check_text(item, field)
-        parsed = split_item(item, ("=",), field=field)
-        tag = (TagFilter(key=_unescape(item)) if parsed is None
-               else TagFilter(key=parsed[0], value=parsed[2]))
-        _check_term_lengths(field, tag.key, tag.value)
-        filters.append(tag)
-    return tuple(filters)
-
-
-def parse_param_filters(items: Sequence[str], *, field: str = "params") -> tuple[ParamFilter, ...]:
-    _check_terms(items, field)
-    filters = []
-    for item in items:
-        check_text(item, field)
-        parsed = split_item(item, _PARAM_OPERATORS, field=field)
-        if parsed is None:
-            raise _invalid(field, f"{item!r} is not name=value or a comparison such as lr>0.01")
-        key, operator, operand = parsed
-        _check_term_lengths(field, key, operand)
-        op = cast(ParamOp, operator)
-        if op in ("=", "!="):
-            filters.append(ParamFilter(key=key, op=op, text=operand))
-            continue
-        number = _number(operand.strip())
-        if number is None:
-            raise _invalid(field, f"{item!r}: {operand!r} is not a number")
-        filters.append(ParamFilter(key=key, op=op, number=number))
-    return tuple(filters)
-
-
-def _number(text: str) -> Decimal | None:
-    if not _NUMBER.match(text):
-        return None
-    try:
-        number = Decimal(text)
-    except InvalidOperation:
-        return None
-    if not number.is_finite() or abs(number.adjusted()) > _MAX_NUMBER_EXPONENT:
-        return None
-    return number
-
-
-def parse_statuses(items: Sequence[str], *, field: str = "status") -> tuple[str, ...]:
-    statuses = tuple(item.strip() for item in items if item.strip())
-    for status in statuses:
-        if status not in RUN_STATUSES:
-            raise _invalid(field, f"{status!r} is not one of {', '.join(RUN_STATUSES)}")
-    return statuses
-
-
-def parse_instant(text: str, *, field: str) -> datetime:
-    """An ISO-8601 date or date-time; without an offset it is UTC."""
-    check_text(text, field)
-    try:
-        moment = datetime.fromisoformat(text.strip())
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=UTC)
-        return moment.astimezone(UTC)
-    except (ValueError, OverflowError):
-        raise _invalid(field, f"{text!r} is not an ISO-8601 date-time") from None
-
-
-@dataclass(frozen=True, slots=True)
-class ParsedSort:
-    column: SortColumn | None  # None: a metric
-    metric: str | None
-    descending: bool
-    text: str  # canonical form, carried in cursors
-
-
-def parse_sort(text: str, *, field: str = "sort") -> ParsedSort:
-    check_text(text, field)
-    descending = text.startswith("-")
-    key = text[1:] if descending else text
-    canonical = ("-" if descending else "") + key
-    if key.startswith(METRIC_SORT_PREFIX):
-        metric = key[len(METRIC_SORT_PREFIX):]
-        if not metric:
-            raise _invalid(field, "metric: needs a metric name (metric:loss)")
-        return ParsedSort(column=None, metric=metric, descending=descending, text=canonical)
-    if key not in SORT_COLUMNS:
-        raise _invalid(field, f"{text!r}: sort by {', '.join(SORT_COLUMNS)} or metric:<name>,"
-                              " with a leading '-' for descending")
-    column: SortColumn = key  # narrowed by the membership test above
-    return ParsedSort(column=column, metric=None, descending=descending,
-                      text=canonical)
-
-
-@dataclass(frozen=True, slots=True)
-class RunListing:
-    """A run listing request, parsed: what both edges hand to `Queries.list_runs`."""
-
-    run_filter: RunFilter
-    sort: ParsedSort
-    limit: int
-    cursor: str | None
-    include_total: bool
-
-
-def build_listing(
-    *,
-    project: str | None,
-    statuses: Sequence[str],
-    tags: Sequence[str],
-    params: Sequence[str],
-    text: str | None,
-    created_after: datetime | None,
-    created_before: datetime | None,
-    sort: str,
-    limit: int,
-    cursor: str | None,
-    include_total: bool,
-) -> RunListing:
-    if not 1 <= limit <= MAX_PAGE_RUNS:
-        raise _invalid("limit", f"must be 1..{MAX_PAGE_RUNS}")
-    return RunListing(
-        run_filter=RunFilter(
-            project=check_text(project, "project") if project else None,
-            statuses=parse_statuses(statuses),
-            tags=parse_tag_filters(tags),
-            params=parse_param_filters(params),
-            text=check_text(text, "q") if text else None,
-            created_after=created_after,
-            created_before=created_before,
-        ),
-        sort=parse_sort(sort or "-created_at"),
-        limit=limit,
-        cursor=check_text(cursor, "cursor") if cursor else None,
-        include_total=include_total,
-    )
-
-
-def given(value: T | UnsetType) -> T | None:
-    """A query-string field as None when it was not given."""
-    return None if isinstance(value, UnsetType) else value
-
-
-def listing_from_query(query: ListRunsQuery) -> RunListing:
-    """The HTTP query string's form: comma lists and ISO-8601 strings."""
-    status, tags, params = given(query.status), given(query.tags), given(query.params)
-    created_after, created_before = given(query.created_after), given(query.created_before)
-    return build_listing(
-        project=given(query.project),
-        statuses=split_list(status, field="status") if status else (),
-        tags=split_list(tags, field="tags") if tags else (),
-        params=split_list(params, field="params") if params else (),
-        text=given(query.q),
-        created_after=(parse_instant(created_after, field="created_after")
-                       if created_after else None),
-        created_before=(parse_instant(created_before, field="created_before")
-                        if created_before else None),
-        sort=query.sort,
-        limit=query.limit,
-        cursor=given(query.cursor),
-        include_total=query.include_total,
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,7 +129,7 @@ class SeriesRequest:
 def parse_names(text: str | None, *, field: str = "names") -> tuple[str, ...]:
     if not text:
         return ()
-    return tuple(dict.fromkeys(_unescape(item) for item in split_list(text, field=field)))
+    return tuple(dict.fromkeys(unescape(item) for item in split_list(text, field=field)))
 
 
 # --------------------------------------------------------------------------- rendering
@@ -569,22 +311,22 @@ class Queries:
             ("start_step", "end_step")
         for value, name in ((request.start, start_field), (request.end, end_field)):
             if value is not None and value < 0:
-                raise _invalid(name, "must not be negative")
+                raise invalid_field(name, "must not be negative")
         if request.start is not None and request.end is not None and request.start > request.end:
-            raise _invalid(start_field, f"must not exceed {end_field}")
+            raise invalid_field(start_field, f"must not exceed {end_field}")
         if request.max_points is not None and not 2 <= request.max_points <= MAX_SERIES_POINTS:
-            raise _invalid("max_points", f"must be 2..{MAX_SERIES_POINTS}")
+            raise invalid_field("max_points", f"must be 2..{MAX_SERIES_POINTS}")
         names = request.names
         after_key = None
         if request.cursor is not None:
             if request.method != "raw":
-                raise _invalid("cursor", "only raw reads are paged (method=raw)")
+                raise invalid_field("cursor", "only raw reads are paged (method=raw)")
             position = decode_cursor(request.cursor, SeriesCursor)
             if names and names != (position.name,):
-                raise _invalid("cursor", "the cursor belongs to another series")
+                raise invalid_field("cursor", "the cursor belongs to another series")
             names, after_key = (position.name,), position.after_key
         if len(names) > MAX_NAMES_PER_QUERY:
-            raise _invalid("names", f"at most {MAX_NAMES_PER_QUERY} series per request")
+            raise invalid_field("names", f"at most {MAX_NAMES_PER_QUERY} series per request")
         for name in names:
             check_text(name, "names")
 
@@ -730,7 +472,7 @@ class Queries:
         names = (list(dict.fromkeys(request.metric_names)) if request.metric_names is not None
                  else common[:DEFAULT_COMPARE_METRICS])
         if len(names) * len(run_ids) > MAX_COMPARE_SERIES:
-            raise _invalid("metric_names", f"at most {MAX_COMPARE_SERIES} series (runs x"
+            raise invalid_field("metric_names", f"at most {MAX_COMPARE_SERIES} series (runs x"
                                            " metrics) per comparison")
         shifts_ms: dict[str, int] = {}
         if request.alignment == "relative_time":

@@ -30,7 +30,8 @@ from mlrun.server.errors import InvalidInput
 from mlrun.server.ports.keys import Principal
 from mlrun.server.usecases.artifacts import Artifacts
 from mlrun.server.usecases.auth import Authenticator
-from mlrun.server.usecases.queries import Queries, SeriesRequest, build_listing, epoch_ms
+from mlrun.server.usecases.listing import build_listing
+from mlrun.server.usecases.queries import Queries, SeriesRequest, epoch_ms
 from mlrun.wire.error_codes import ErrorCode
 from mlrun.wire.proto.mlrun.v1 import ingest_pb2, query_grpc, query_pb2
 from mlrun.wire.query_schemas import (

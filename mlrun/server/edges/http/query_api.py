@@ -26,13 +26,8 @@ from mlrun.server.edges.http.api import decode_body, path_run_id
 from mlrun.server.edges.http.app import Request, Response, Router, RouteSpec
 from mlrun.server.errors import InvalidInput
 from mlrun.server.usecases.auth import Authenticator
-from mlrun.server.usecases.queries import (
-    Queries,
-    SeriesRequest,
-    given,
-    listing_from_query,
-    parse_names,
-)
+from mlrun.server.usecases.listing import given, listing_from_query
+from mlrun.server.usecases.queries import Queries, SeriesRequest, parse_names
 from mlrun.wire.error_codes import ErrorCode
 from mlrun.wire.query_schemas import (
     CompareResult,
