@@ -23,7 +23,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from mlrun.sdk.rpc_status import retry_delay_s_from_status_details
+from mlrun.wire.rpc_status import retry_delay_s_from_status_details
 
 DEFAULT_RETRY_AFTER_S = 1.0
 

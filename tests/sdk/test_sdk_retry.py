@@ -19,7 +19,7 @@ from mlrun.sdk.retry import (
     http_outcome,
     parse_retry_after,
 )
-from mlrun.sdk.rpc_status import retry_delay_s_from_status_details
+from mlrun.wire.rpc_status import retry_delay_s_from_status_details
 
 
 @pytest.mark.parametrize(

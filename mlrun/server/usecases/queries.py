@@ -101,6 +101,7 @@ from mlrun.wire.query_schemas import (
     SeriesPoint,
 )
 from mlrun.wire.schemas import RunStatus
+from mlrun.wire.timestamps import iso_utc
 
 # Sorting by a metric orders the matching runs in this process: beyond this many, narrow the
 # filter (400 `too_many_runs`).
@@ -134,9 +135,6 @@ def parse_names(text: str | None, *, field: str = "names") -> tuple[str, ...]:
 
 # --------------------------------------------------------------------------- rendering
 
-
-def iso_utc(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def epoch_ms(moment: datetime) -> int:

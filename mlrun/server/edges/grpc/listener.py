@@ -70,7 +70,6 @@ import h2.exceptions  # type: ignore[import-untyped]
 import h2.stream  # type: ignore[import-untyped]
 import purerpc
 from anyio.streams.memory import MemoryObjectSendStream
-from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import DecodeError
 from purerpc.grpc_proto import GRPCProtoSocket, GRPCProtoStream
 from purerpc.grpc_socket import GRPCStreamState, SocketWrapper
@@ -90,6 +89,7 @@ from purerpc.wrappers import (
 
 from mlrun.server.errors import GrpcCode, MlrunError, Overloaded
 from mlrun.wire.error_codes import ErrorCode
+from mlrun.wire.rpc_status import encode_retry_status
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,6 @@ DEFAULT_CLOSE_TIMEOUT_S: Final = 1.0
 _H2_DEFAULT_WINDOW_BYTES: Final = 65_535
 _GRPC_MESSAGE_HEADER_BYTES: Final = 5  # compressed flag and length before every message
 _STATUS_DETAILS_KEY: Final = "grpc-status-details-bin"
-_RETRY_INFO_TYPE_URL: Final = "type.googleapis.com/google.rpc.RetryInfo"
 # h2 stream states after the server sent END_STREAM: the call has its answer.
 _ANSWERED_STATES: Final = (h2.stream.StreamState.HALF_CLOSED_LOCAL, h2.stream.StreamState.CLOSED)
 # Status messages travel in a header: a message echoing client input (a 200 KB service name)
@@ -141,7 +140,7 @@ class GrpcAbort(Exception):
         if retry_after_ms is not None:
             retry_after_ms = max(0, retry_after_ms)
             metadata.append(("retry-after-ms", str(retry_after_ms)))
-            details = _retry_status_details(code, message, retry_after_ms)
+            details = encode_retry_status(int(code), message, retry_after_ms)
             metadata.append((_STATUS_DETAILS_KEY, details))
         self.code = code
         self.message = message
@@ -177,41 +176,6 @@ def _checked_metadata(key: str, value: str | bytes) -> tuple[str, str | bytes]:
     if isinstance(value, str) and not _PRINTABLE_ASCII.match(value):
         raise ValueError(f"metadata {key!r}: text values must be printable ASCII")
     return key, value
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, value = value & 0x7F, value >> 7
-        if value:
-            out.append(low | 0x80)
-        else:
-            out.append(low)
-            return bytes(out)
-
-
-def _length_delimited(field_number: int, payload: bytes) -> bytes:
-    return _varint(field_number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _retry_status_details(code: GrpcCode, message: str, retry_after_ms: int) -> bytes:
-    """google.rpc.Status{code, message, details: [Any(google.rpc.RetryInfo{retry_delay})]}.
-
-    google.rpc's protos are not installed (googleapis-common-protos is not a dependency), and the
-    two messages are tiny, so they are encoded here by hand; the tests decode them with a
-    descriptor built from the published .proto definitions.
-    """
-    delay = duration_pb2.Duration(
-        seconds=retry_after_ms // 1000, nanos=(retry_after_ms % 1000) * 1_000_000
-    )
-    retry_info = _length_delimited(1, delay.SerializeToString())  # RetryInfo.retry_delay = 1
-    detail = any_pb2.Any(type_url=_RETRY_INFO_TYPE_URL, value=retry_info)
-    return (
-        _varint(1 << 3 | 0)
-        + _varint(int(code))  # Status.code = 1 (int32)
-        + _length_delimited(2, message.encode())  # Status.message = 2
-        + _length_delimited(3, detail.SerializeToString())  # Status.details = 3 (repeated Any)
-    )
 
 
 # --- purerpc internals, extended (see the module docstring) ---------------------------------

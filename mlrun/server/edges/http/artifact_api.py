@@ -17,7 +17,6 @@ from __future__ import annotations
 import re
 import time
 from contextlib import AsyncExitStack
-from datetime import UTC, datetime
 from typing import Literal
 
 import msgspec
@@ -41,6 +40,7 @@ from mlrun.server.usecases.artifacts import (
 )
 from mlrun.server.usecases.auth import Authenticator
 from mlrun.wire.error_codes import ErrorCode
+from mlrun.wire.timestamps import iso_utc
 
 _ARTIFACT_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -106,9 +106,6 @@ class ArtifactAborted(msgspec.Struct, frozen=True, kw_only=True):
 class LocalObjectStored(msgspec.Struct, frozen=True, kw_only=True):
     etag: str
 
-
-def iso_utc(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def render_artifact(row: ArtifactRow) -> Artifact:

@@ -22,7 +22,6 @@ Invariants:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any, Literal
 
 import psycopg
@@ -38,6 +37,7 @@ from mlrun.server.ports.keys import (
 from mlrun.server.storage.postgres.client import Postgres
 from mlrun.wire.error_codes import ErrorCode
 from mlrun.wire.keys import KeyInfo
+from mlrun.wire.timestamps import iso_utc
 
 # pg_advisory_xact_lock key serialising key creation ("mlrunKEY" in ASCII).
 KEY_CREATION_LOCK_KEY = 0x6D6C72756E4B4559
@@ -185,16 +185,13 @@ def _key_info(row: tuple[Any, ...]) -> KeyInfo:
         display_prefix=prefix,
         scopes=list(scopes),
         project=project,
-        created_at=_iso_utc(created),
-        expires_at=_iso_utc(expires) if expires is not None else None,
-        last_used_at=_iso_utc(last_used) if last_used is not None else None,
-        revoked_at=_iso_utc(revoked) if revoked is not None else None,
+        created_at=iso_utc(created),
+        expires_at=iso_utc(expires) if expires is not None else None,
+        last_used_at=iso_utc(last_used) if last_used is not None else None,
+        revoked_at=iso_utc(revoked) if revoked is not None else None,
         status=status,
     )
 
-
-def _iso_utc(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _project_id(conn: psycopg.Connection[Any], name: str) -> int:

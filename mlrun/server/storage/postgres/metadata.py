@@ -65,7 +65,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -87,6 +86,7 @@ from mlrun.wire.schemas import (
     ScalarValue,
     Tag,
 )
+from mlrun.wire.timestamps import iso_utc
 
 # Column limits of sql/postgres/0001_initial.sql, in UTF-8 bytes (the CHECKs use octet_length,
 # kept below btree's index-entry limit). The wire schema counts characters, which can be more.
@@ -136,7 +136,7 @@ class MetadataStore:
                 raise errors.Conflict(
                     f"project {name!r} already exists", code=ErrorCode.PROJECT_EXISTS, field="name"
                 )
-            return Project(name=row[0], description=row[1], created_at=_iso_utc(row[2]))
+            return Project(name=row[0], description=row[1], created_at=iso_utc(row[2]))
 
         return await self._pg.run(create, timeout_s=self._timeout_s)
 
@@ -145,7 +145,7 @@ class MetadataStore:
             rows = conn.execute(
                 "SELECT name, description, created_at FROM projects ORDER BY name"
             ).fetchall()
-            return [Project(name=n, description=d, created_at=_iso_utc(c)) for n, d, c in rows]
+            return [Project(name=n, description=d, created_at=iso_utc(c)) for n, d, c in rows]
 
         return await self._pg.run(select, timeout_s=self._timeout_s)
 
@@ -858,6 +858,3 @@ def _run_finished(run_id: str, status: str) -> errors.Conflict:
         f"run {run_id!r} is already {status}", code=ErrorCode.RUN_FINISHED, field="run_id"
     )
 
-
-def _iso_utc(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -1,5 +1,7 @@
-"""Reading `google.rpc.RetryInfo` out of a gRPC `grpc-status-details-bin` trailer, without the
-googleapis-common-protos package (not a dependency; three tiny messages do not justify one).
+"""The `grpc-status-details-bin` trailer: a `google.rpc.Status` carrying a `google.rpc.RetryInfo`,
+encoded by the server (`encode_retry_status`) and read by the SDK
+(`retry_delay_s_from_status_details`), in one place for both sides, without the
+googleapis-common-protos package (not a dependency; four tiny messages do not justify one).
 
     google.rpc.Status    { int32 code = 1; string message = 2;
                            repeated google.protobuf.Any details = 3; }
@@ -7,10 +9,12 @@ googleapis-common-protos package (not a dependency; three tiny messages do not j
     google.rpc.RetryInfo { google.protobuf.Duration retry_delay = 1; }
     google.protobuf.Duration { int64 seconds = 1; int32 nanos = 2; }
 
-A small protobuf wire-format reader (varints and length-delimited fields; other wire types are
-skipped). Anything malformed yields None: the caller falls back to its default delay.
+A small protobuf wire-format writer and reader (varints and length-delimited fields; other wire
+types are skipped when reading). Anything malformed reads as None: the caller falls back to its
+default delay. The tests decode what is written with descriptors built from the published
+.proto definitions.
 
-Pure functions; must not import grpc or protobuf.
+Pure functions; must not import grpc, protobuf, the server or the SDK.
 """
 
 from __future__ import annotations
@@ -27,6 +31,40 @@ _FIXED32 = 5
 
 class _Malformed(Exception):
     pass
+
+
+def encode_retry_status(code: int, message: str, retry_after_ms: int) -> bytes:
+    """google.rpc.Status{code, message, details: [Any(google.rpc.RetryInfo{retry_delay})]}."""
+    retry_after_ms = max(0, retry_after_ms)
+    seconds, nanos = retry_after_ms // 1000, (retry_after_ms % 1000) * 1_000_000
+    duration = _tagged_varint(1, seconds) if seconds else b""  # Duration.seconds = 1
+    duration += _tagged_varint(2, nanos) if nanos else b""  # Duration.nanos = 2
+    retry_info = _length_delimited(1, duration)  # RetryInfo.retry_delay = 1
+    detail = (_length_delimited(1, RETRY_INFO_TYPE_URL.encode())  # Any.type_url = 1
+              + _length_delimited(2, retry_info))  # Any.value = 2
+    return (_tagged_varint(1, code)  # Status.code = 1
+            + _length_delimited(2, message.encode())  # Status.message = 2
+            + _length_delimited(3, detail))  # Status.details = 3 (repeated Any)
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        if value:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+def _tagged_varint(field_number: int, value: int) -> bytes:
+    return _encode_varint(field_number << 3 | _VARINT) + _encode_varint(value)
+
+
+def _length_delimited(field_number: int, payload: bytes) -> bytes:
+    return (_encode_varint(field_number << 3 | _LENGTH_DELIMITED) + _encode_varint(len(payload))
+            + payload)
 
 
 def retry_delay_s_from_status_details(data: bytes) -> float | None:
