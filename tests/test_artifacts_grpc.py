@@ -27,6 +27,7 @@ from mlrun.server.edges.grpc.listener import serve_grpc
 from mlrun.server.ports.keys import Principal
 from mlrun.server.ports.run_metadata import CardinalityLimits
 from mlrun.server.storage.objects.s3 import open_s3_store
+from mlrun.server.storage.postgres.artifact_rows import PostgresArtifactRows
 from mlrun.server.storage.postgres.client import apply_postgres_migrations, open_postgres
 from mlrun.server.storage.postgres.keys import PostgresKeyDirectory
 from mlrun.server.storage.postgres.metadata import MetadataStore
@@ -136,7 +137,7 @@ async def stack(postgres_dsn: str, s3_server: S3Server) -> AsyncIterator[Stack]:
         metadata = MetadataStore(pg)
         auth = Authenticator(bootstrap_key=BOOTSTRAP, disabled=False)
         directory = PostgresKeyDirectory(pg)
-        artifacts = Artifacts(store, metadata)
+        artifacts = Artifacts(store, PostgresArtifactRows(pg))
         services = [ArtifactIngest(artifacts, auth).service, ArtifactQuery(artifacts, auth).service]
         async with anyio.create_task_group() as tg:
             await tg.start(serve_key_refresh, auth, directory)

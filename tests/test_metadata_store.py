@@ -21,7 +21,8 @@ import pytest
 from mlrun.server import errors
 from mlrun.server.ports.run_metadata import BatchPreparation, CardinalityLimits
 from mlrun.server.storage.postgres.client import Postgres, apply_postgres_migrations, open_postgres
-from mlrun.server.storage.postgres.metadata import MetadataStore, render_param_value
+from mlrun.server.storage.postgres.metadata import MetadataStore
+from mlrun.server.storage.postgres.run_data import render_param_value
 from mlrun.wire.schemas import InitRun, Param, Tag
 
 from backends.postgres import fresh_database

@@ -57,6 +57,7 @@ from mlrun.server.storage.clickhouse.client import (
 from mlrun.server.storage.clickhouse.metric_reads import MetricQueries
 from mlrun.server.storage.objects.local import LocalArtifactStore, open_local_store
 from mlrun.server.storage.objects.s3 import open_s3_store
+from mlrun.server.storage.postgres.artifact_rows import PostgresArtifactRows
 from mlrun.server.storage.postgres.client import Postgres, apply_postgres_migrations, open_postgres
 from mlrun.server.storage.postgres.embedded import open_embedded_postgres
 from mlrun.server.storage.postgres.keys import PostgresKeyDirectory
@@ -374,7 +375,7 @@ async def _run_listeners(
         pipelines=write_path.pipelines,
         telemetry=Telemetry(),
         keys=KeyManagement(key_directory, authenticator),
-        artifacts=Artifacts(storage.artifacts, metadata),
+        artifacts=Artifacts(storage.artifacts, PostgresArtifactRows(storage.postgres)),
         queries=Queries(RunQueries(storage.postgres), MetricQueries(storage.clickhouse)),
         local_signing_secret=(
             local_signing_secret(prepare_data_dir(config.data_dir))

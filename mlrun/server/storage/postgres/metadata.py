@@ -1,7 +1,6 @@
 """The PostgreSQL side of every write use-case: projects, runs, the idempotency ledger,
 cardinality guardrails, params and tags; plus the run -> project lookup of project-scoped API
-keys and the artifact records (`ArtifactRow`: pending while an upload URL is out, finalized
-once `mlrun.server.usecases.artifacts` verified the object).
+keys (artifact records are `storage.postgres.artifact_rows`).
 
 Owns: `MetadataStore`, whose methods each make exactly ONE `Postgres.run` call (one worker-thread
 hop, one transaction), and the canonical text form of param values (`render_param_value`).
@@ -63,16 +62,24 @@ Invariants:
 from __future__ import annotations
 
 import uuid
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 
 from mlrun.server import errors
-from mlrun.server.ports.artifact_rows import ArtifactRow
 from mlrun.server.ports.run_metadata import BatchOutcome, BatchPreparation, CardinalityLimits
 from mlrun.server.storage.postgres.client import Postgres
+from mlrun.server.storage.postgres.run_data import (
+    MAX_KEY_BYTES,
+    KnownNames,
+    check_bytes,
+    check_chars,
+    dedupe_params,
+    dedupe_tags,
+    write_run_data,
+)
 from mlrun.wire.error_codes import ErrorCode
 from mlrun.wire.schemas import (
     FinalStatus,
@@ -83,32 +90,16 @@ from mlrun.wire.schemas import (
     RunCreated,
     RunState,
     RunStatus,
-    ScalarValue,
     Tag,
 )
 from mlrun.wire.timestamps import iso_utc
 
-# Column limits of sql/postgres/0001_initial.sql, in UTF-8 bytes (the CHECKs use octet_length,
-# kept below btree's index-entry limit). The wire schema counts characters, which can be more.
-MAX_KEY_BYTES = 256
-MAX_VALUE_BYTES = 2048
 MAX_BATCH_ID_BYTES = 256
 MAX_RUN_NAME_BYTES = 1024
 MAX_PROJECT_NAME_CHARS = 256
 MAX_DESCRIPTION_BYTES = 8192
 
 _RUN_ID_HEX_CHARS = 32
-
-
-def render_param_value(value: ScalarValue | None) -> str:
-    """The canonical text of a param value: what is stored, compared and shown."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):  # before int: bool is a subclass of int
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)  # repr round-trips through int() / float(), incl. nan and inf
-    return value
 
 
 class MetadataStore:
@@ -123,8 +114,8 @@ class MetadataStore:
 
     async def create_project(self, name: str, description: str = "") -> Project:
         """Create a project; 409 `project_exists` (field `name`) when the name is taken."""
-        _check_chars("name", name, MAX_PROJECT_NAME_CHARS)
-        _check_bytes("description", description, MAX_DESCRIPTION_BYTES)
+        check_chars("name", name, MAX_PROJECT_NAME_CHARS)
+        check_bytes("description", description, MAX_DESCRIPTION_BYTES)
 
         def create(conn: psycopg.Connection[Any]) -> Project:
             row = conn.execute(
@@ -157,12 +148,12 @@ class MetadataStore:
         """Create the run (and its project on first use), or find it again by run_id."""
         run_id = req.run_id or uuid.uuid4().hex[:_RUN_ID_HEX_CHARS]
         name = req.name or run_id
-        _check_chars("project", req.project, MAX_PROJECT_NAME_CHARS)
-        _check_bytes("name", name, MAX_RUN_NAME_BYTES)
-        params, param_warnings = _dedupe_params(
+        check_chars("project", req.project, MAX_PROJECT_NAME_CHARS)
+        check_bytes("name", name, MAX_RUN_NAME_BYTES)
+        params, param_warnings = dedupe_params(
             ((key, value) for key, value in (req.config or {}).items()), field_prefix="config"
         )
-        tags = _dedupe_tags((req.tags or {}).items())
+        tags = dedupe_tags((req.tags or {}).items())
 
         def init(conn: psycopg.Connection[Any]) -> tuple[RunCreated, list[IngestWarning]]:
             stored = _select_run(conn, run_id)
@@ -193,7 +184,7 @@ class MetadataStore:
                 )
             warnings: list[IngestWarning] = []
             if stored.status == "running" and (params or tags):
-                _, data_warnings = _write_run_data(
+                _, data_warnings = write_run_data(
                     conn,
                     run_id=run_id,
                     project_id=stored.project_id,
@@ -230,7 +221,7 @@ class MetadataStore:
             ).fetchone()
             if row is not None:
                 return RunState(run_id=run_id, status=row[0])
-            current = _run_status(conn, run_id)
+            current = run_status(conn, run_id)
             if current != status:
                 raise _run_finished(run_id, current)
             return RunState(run_id=run_id, status=current)
@@ -248,7 +239,7 @@ class MetadataStore:
             ).fetchone()
             if row is not None:
                 return RunState(run_id=run_id, status=row[0])
-            raise _run_finished(run_id, _run_status(conn, run_id))
+            raise _run_finished(run_id, run_status(conn, run_id))
 
         return await self._pg.run(beat, timeout_s=self._timeout_s)
 
@@ -270,14 +261,14 @@ class MetadataStore:
     ) -> BatchPreparation:
         """Claim the batch in the ledger and apply its metadata (see the module docstring)."""
         if batch_id is not None:
-            _check_bytes("batch_id", batch_id, MAX_BATCH_ID_BYTES)
+            check_bytes("batch_id", batch_id, MAX_BATCH_ID_BYTES)
         names = frozenset(metric_names)
         for metric_name in names:
-            _check_bytes("metrics", metric_name, MAX_KEY_BYTES)
-        param_values, param_warnings = _dedupe_params(
+            check_bytes("metrics", metric_name, MAX_KEY_BYTES)
+        param_values, param_warnings = dedupe_params(
             ((p.name, p.value) for p in params), field_prefix="params"
         )
-        tag_values = _dedupe_tags((t.key, t.value) for t in tags)
+        tag_values = dedupe_tags((t.key, t.value) for t in tags)
         tag_keys = sorted(tag_values)
 
         def prepare(conn: psycopg.Connection[Any]) -> BatchPreparation:
@@ -295,7 +286,7 @@ class MetadataStore:
                 },
             ).fetchone()
             if row is None:
-                raise _run_not_found(run_id)
+                raise run_not_found(run_id)
             project_id, status, claimed, known_names, known_run_keys, known_project_keys = row
             if status != "running":
                 raise _run_finished(run_id, status)
@@ -323,11 +314,11 @@ class MetadataStore:
                 if outcome == "duplicate":
                     return BatchPreparation(outcome="duplicate", admitted_metric_names=frozenset(),
                                             warnings=[], first_version=first_version)
-            admitted, data_warnings = _write_run_data(
+            admitted, data_warnings = write_run_data(
                 conn,
                 run_id=run_id,
                 project_id=project_id,
-                known=_Known(set(known_names), set(known_run_keys), set(known_project_keys)),
+                known=KnownNames(set(known_names), set(known_run_keys), set(known_project_keys)),
                 metric_names=names,
                 params=param_values,
                 param_field_prefix="params",
@@ -367,116 +358,12 @@ class MetadataStore:
 
         await self._pg.run(mark, timeout_s=self._timeout_s)
 
-    # --- access checks and artifacts (mlrun.server.usecases.auth, .artifacts) ----------------
+    # --- access checks (mlrun.server.usecases.auth) ------------------------------------------
 
     async def run_project(self, run_id: str) -> str:
         """The name of the run's project; 404 `run_not_found`."""
-
-        def select(conn: psycopg.Connection[Any]) -> str:
-            row = conn.execute(
-                "SELECT p.name FROM runs r JOIN projects p ON p.id = r.project_id"
-                " WHERE r.run_id = %s",
-                (run_id,),
-            ).fetchone()
-            if row is None:
-                raise _run_not_found(run_id)
-            name: str = row[0]
-            return name
-
-        return await self._pg.run(select, timeout_s=self._timeout_s)
-
-    async def insert_artifact(self, row: ArtifactRow) -> ArtifactRow:
-        """Record a pending artifact (an upload URL was handed out); 404 `run_not_found`."""
-
-        def insert(conn: psycopg.Connection[Any]) -> ArtifactRow:
-            inserted = conn.execute(
-                "INSERT INTO artifacts (artifact_id, run_id, name, type, mime_type, sha256,"
-                " storage_key, upload_id, declared_size_bytes, size_bytes, status)"
-                " SELECT %s, run_id, %s, %s, %s, %s, %s, %s, %s, 0, 'pending'"
-                " FROM runs WHERE run_id = %s"
-                f" RETURNING {_ARTIFACT_COLUMNS}",
-                (row.artifact_id, row.name, row.type, row.mime_type, row.sha256,
-                 row.storage_key, row.upload_id, row.declared_size_bytes, row.run_id),
-            ).fetchone()
-            if inserted is None:
-                raise _run_not_found(row.run_id)
-            return _artifact_row(inserted)
-
-        return await self._pg.run(insert, timeout_s=self._timeout_s)
-
-    async def get_artifact(self, run_id: str, artifact_id: str) -> ArtifactRow | None:
-        def select(conn: psycopg.Connection[Any]) -> ArtifactRow | None:
-            found = conn.execute(
-                f"SELECT {_ARTIFACT_COLUMNS} FROM artifacts"
-                " WHERE artifact_id = %s AND run_id = %s",
-                (artifact_id, run_id),
-            ).fetchone()
-            return None if found is None else _artifact_row(found)
-
-        return await self._pg.run(select, timeout_s=self._timeout_s)
-
-    async def finalize_artifact(
-        self, run_id: str, artifact_id: str, *, size_bytes: int
-    ) -> ArtifactRow | None:
-        """pending -> finalized with the verified size. An artifact finalized already is
-        returned as it is; None when it does not exist (any more)."""
-
-        def finalize(conn: psycopg.Connection[Any]) -> ArtifactRow | None:
-            updated = conn.execute(
-                "UPDATE artifacts SET status = 'finalized', finalized_at = now(),"
-                " size_bytes = %s, upload_id = NULL"
-                " WHERE artifact_id = %s AND run_id = %s AND status = 'pending'"
-                f" RETURNING {_ARTIFACT_COLUMNS}",
-                (size_bytes, artifact_id, run_id),
-            ).fetchone()
-            if updated is None:
-                updated = conn.execute(
-                    f"SELECT {_ARTIFACT_COLUMNS} FROM artifacts"
-                    " WHERE artifact_id = %s AND run_id = %s",
-                    (artifact_id, run_id),
-                ).fetchone()
-            return None if updated is None else _artifact_row(updated)
-
-        return await self._pg.run(finalize, timeout_s=self._timeout_s)
-
-    async def delete_pending_artifact(self, run_id: str, artifact_id: str) -> bool:
-        """Forget an artifact that was never finalized; False when no pending one exists."""
-
-        def delete(conn: psycopg.Connection[Any]) -> bool:
-            deleted = conn.execute(
-                "DELETE FROM artifacts WHERE artifact_id = %s AND run_id = %s"
-                " AND status = 'pending' RETURNING 1",
-                (artifact_id, run_id),
-            ).fetchone()
-            return deleted is not None
-
-        return await self._pg.run(delete, timeout_s=self._timeout_s)
-
-    async def list_artifacts(self, run_id: str, *, limit: int) -> list[ArtifactRow]:
-        """The run's finalized artifacts, oldest first; 404 `run_not_found`."""
-
-        def select(conn: psycopg.Connection[Any]) -> list[ArtifactRow]:
-            rows = conn.execute(
-                f"SELECT {_ARTIFACT_COLUMNS} FROM artifacts"
-                " WHERE run_id = %s AND status = 'finalized'"
-                " ORDER BY created_at, artifact_id LIMIT %s",
-                (run_id, limit),
-            ).fetchall()
-            if not rows:
-                _run_status(conn, run_id)  # 404 for an unknown run, [] for a known one
-            return [_artifact_row(row) for row in rows]
-
-        return await self._pg.run(select, timeout_s=self._timeout_s)
-
-
-_ARTIFACT_COLUMNS = (
-    "artifact_id, run_id, name, type, mime_type, storage_key, sha256, upload_id,"
-    " declared_size_bytes, size_bytes, status, created_at, finalized_at"
-)
-
-
-def _artifact_row(row: tuple[Any, ...]) -> ArtifactRow:
-    return ArtifactRow(*row)
+        return await self._pg.run(lambda conn: select_run_project(conn, run_id),
+                                  timeout_s=self._timeout_s)
 
 
 # --- SQL run in worker threads (every function below takes a connection inside a transaction) --
@@ -506,23 +393,6 @@ SELECT run.project_id, run.status, EXISTS (SELECT FROM claim),
 FROM run
 """
 
-# After the run row is locked: the run's counts and known names, seen by a fresh snapshot.
-_RUN_RECOUNT_SQL = """
-SELECT
-    (SELECT count(*) FROM run_metric_names WHERE run_id = %(run_id)s),
-    ARRAY(SELECT name FROM run_metric_names
-          WHERE run_id = %(run_id)s AND name = ANY(%(names)s::text[])),
-    (SELECT count(*) FROM run_tags WHERE run_id = %(run_id)s),
-    ARRAY(SELECT key FROM run_tags WHERE run_id = %(run_id)s AND key = ANY(%(tag_keys)s::text[]))
-"""
-
-_PROJECT_RECOUNT_SQL = """
-SELECT
-    (SELECT count(*) FROM project_tag_keys WHERE project_id = %(project_id)s),
-    ARRAY(SELECT key FROM project_tag_keys
-          WHERE project_id = %(project_id)s AND key = ANY(%(tag_keys)s::text[]))
-"""
-
 
 @dataclass(frozen=True, slots=True)
 class _RunRow:
@@ -532,15 +402,6 @@ class _RunRow:
     status: RunStatus
 
 
-@dataclass(frozen=True, slots=True)
-class _Known:
-    """What a snapshot said was already known (only ever grows: nothing here deletes)."""
-
-    metric_names: set[str]
-    run_tag_keys: set[str]
-    project_tag_keys: set[str]
-
-
 def _select_run(conn: psycopg.Connection[Any], run_id: str) -> _RunRow | None:
     row = conn.execute(
         "SELECT r.project_id, p.name, r.name, r.status FROM runs r"
@@ -548,6 +409,18 @@ def _select_run(conn: psycopg.Connection[Any], run_id: str) -> _RunRow | None:
         (run_id,),
     ).fetchone()
     return None if row is None else _RunRow(row[0], row[1], row[2], row[3])
+
+
+def select_run_project(conn: psycopg.Connection[Any], run_id: str) -> str:
+    """The name of the run's project; 404 `run_not_found`."""
+    row = conn.execute(
+        "SELECT p.name FROM runs r JOIN projects p ON p.id = r.project_id WHERE r.run_id = %s",
+        (run_id,),
+    ).fetchone()
+    if row is None:
+        raise run_not_found(run_id)
+    name: str = row[0]
+    return name
 
 
 def ensure_project(conn: psycopg.Connection[Any], name: str) -> int:
@@ -566,10 +439,10 @@ def ensure_project(conn: psycopg.Connection[Any], name: str) -> int:
     return project_id
 
 
-def _run_status(conn: psycopg.Connection[Any], run_id: str) -> RunStatus:
+def run_status(conn: psycopg.Connection[Any], run_id: str) -> RunStatus:
     row = conn.execute("SELECT status FROM runs WHERE run_id = %s", (run_id,)).fetchone()
     if row is None:
-        raise _run_not_found(run_id)
+        raise run_not_found(run_id)
     status: RunStatus = row[0]
     return status
 
@@ -596,259 +469,10 @@ def _compare_claim(
     return ("duplicate" if state == "committed" else "retry"), stored_first_version
 
 
-def _write_run_data(
-    conn: psycopg.Connection[Any],
-    *,
-    run_id: str,
-    project_id: int,
-    known: _Known | None,
-    metric_names: frozenset[str],
-    params: Mapping[str, str],
-    param_field_prefix: str,
-    tags: Mapping[str, str],
-    limits: CardinalityLimits,
-) -> tuple[frozenset[str], list[IngestWarning]]:
-    """Admit metric names and tag keys under the limits, store tags and params.
-
-    Returns the admitted metric names and the warnings. `known` is what an earlier statement
-    of this transaction found already stored (None: look it up here)."""
-    tag_keys = sorted(tags)
-    names_sorted = sorted(metric_names)
-    if known is None:
-        known = _lookup_known(conn, run_id, project_id, names_sorted, tag_keys)
-    new_names = metric_names - known.metric_names
-    new_run_keys = set(tags) - known.run_tag_keys
-    lock_run = bool(new_names or new_run_keys)
-    lock_project = bool(new_run_keys - known.project_tag_keys)
-
-    warnings: list[IngestWarning] = []
-    admitted_names = metric_names
-    insert_names: list[str] = []
-    insert_project_keys: list[str] = []
-    stored_tag_keys = set(tags)
-    if lock_run:
-        values = {
-            "run_id": run_id,
-            "project_id": project_id,
-            "names": names_sorted,
-            "tag_keys": tag_keys,
-        }
-        # Pipelined: the locks and the recounts go out in one round trip; the server runs them
-        # in order, so the recounts' snapshots are taken after the locks were granted.
-        with conn.pipeline():
-            conn.execute("SELECT FROM runs WHERE run_id = %s FOR NO KEY UPDATE", (run_id,))
-            if lock_project:
-                conn.execute(
-                    "SELECT FROM projects WHERE id = %s FOR NO KEY UPDATE", (project_id,)
-                )
-            run_cursor = conn.execute(_RUN_RECOUNT_SQL, values)
-            project_cursor = conn.execute(_PROJECT_RECOUNT_SQL, values) if lock_project else None
-            run_counts = run_cursor.fetchone()
-            project_counts = project_cursor.fetchone() if project_cursor is not None else None
-        assert run_counts is not None
-        name_count, known_names, run_key_count, known_run_keys = run_counts
-
-        admitted_new_names, dropped_names = _admit(
-            sorted(metric_names - set(known_names)), name_count, limits.max_metric_names_per_run
-        )
-        insert_names = admitted_new_names
-        admitted_names = frozenset(known_names) | frozenset(admitted_new_names)
-        if dropped_names:
-            warnings.append(
-                IngestWarning(
-                    code=ErrorCode.METRIC_NAMES_LIMIT,
-                    field="metrics",
-                    message=f"{dropped_names} new metric name(s) dropped: the run has reached"
-                    f" its limit of {limits.max_metric_names_per_run} metric names",
-                    limit=limits.max_metric_names_per_run,
-                    dropped=dropped_names,
-                )
-            )
-
-        run_admitted_keys, dropped_run_keys = _admit(
-            sorted(set(tags) - set(known_run_keys)), run_key_count, limits.max_tag_keys_per_run
-        )
-        if dropped_run_keys:
-            warnings.append(
-                IngestWarning(
-                    code=ErrorCode.TAG_KEYS_LIMIT,
-                    field="tags",
-                    message=f"{dropped_run_keys} new tag key(s) dropped: the run has reached"
-                    f" its limit of {limits.max_tag_keys_per_run} tag keys",
-                    limit=limits.max_tag_keys_per_run,
-                    dropped=dropped_run_keys,
-                )
-            )
-        refused_keys: set[str] = set()
-        if project_counts is not None:
-            project_key_count, known_project_keys = project_counts
-            insert_project_keys, dropped_project_keys = _admit(
-                sorted(set(run_admitted_keys) - set(known_project_keys)),
-                project_key_count,
-                limits.max_tags_per_project,
-            )
-            refused_keys = set(run_admitted_keys) - set(known_project_keys)
-            refused_keys -= set(insert_project_keys)
-            if dropped_project_keys:
-                warnings.append(
-                    IngestWarning(
-                        code=ErrorCode.PROJECT_TAGS_LIMIT,
-                        field="tags",
-                        message=f"{dropped_project_keys} new tag key(s) dropped: the project"
-                        f" has reached its limit of {limits.max_tags_per_project} tag keys",
-                        limit=limits.max_tags_per_project,
-                        dropped=dropped_project_keys,
-                    )
-                )
-        stored_tag_keys = (set(known_run_keys) | set(run_admitted_keys)) - refused_keys
-
-    stored_tags = sorted((key, tags[key]) for key in stored_tag_keys)
-    param_items = sorted(params.items())
-    if not (insert_names or insert_project_keys or stored_tags or param_items):
-        return frozenset(admitted_names), warnings
-
-    with conn.pipeline():
-        if insert_names:
-            conn.execute(
-                "INSERT INTO run_metric_names (run_id, name)"
-                " SELECT %s, unnest(%s::text[]) ON CONFLICT DO NOTHING",
-                (run_id, insert_names),
-            )
-        if insert_project_keys:
-            conn.execute(
-                "INSERT INTO project_tag_keys (project_id, key)"
-                " SELECT %s, unnest(%s::text[]) ON CONFLICT DO NOTHING",
-                (project_id, insert_project_keys),
-            )
-        if stored_tags:
-            conn.execute(
-                "INSERT INTO run_tags (run_id, key, value)"
-                " SELECT %s, k, v FROM unnest(%s::text[], %s::text[]) AS t(k, v)"
-                " ON CONFLICT (run_id, key) DO UPDATE SET value = EXCLUDED.value"
-                " WHERE run_tags.value IS DISTINCT FROM EXCLUDED.value",
-                (run_id, [k for k, _ in stored_tags], [v for _, v in stored_tags]),
-            )
-        param_cursor = None
-        if param_items:
-            param_cursor = conn.execute(
-                "INSERT INTO run_params (run_id, key, value)"
-                " SELECT %s, k, v FROM unnest(%s::text[], %s::text[]) AS p(k, v)"
-                " ON CONFLICT DO NOTHING RETURNING key",
-                (run_id, [k for k, _ in param_items], [v for _, v in param_items]),
-            )
-        inserted_params = (
-            {key for (key,) in param_cursor.fetchall()} if param_cursor is not None else set()
-        )
-    present = sorted(set(params) - inserted_params)
-    if present:
-        warnings.extend(
-            _param_conflicts(conn, run_id, {key: params[key] for key in present},
-                             param_field_prefix)
-        )
-    return frozenset(admitted_names), warnings
-
-
-def _lookup_known(
-    conn: psycopg.Connection[Any],
-    run_id: str,
-    project_id: int,
-    names: list[str],
-    tag_keys: list[str],
-) -> _Known:
-    row = conn.execute(
-        "SELECT"
-        " ARRAY(SELECT name FROM run_metric_names"
-        "       WHERE run_id = %(run_id)s AND name = ANY(%(names)s::text[])),"
-        " ARRAY(SELECT key FROM run_tags"
-        "       WHERE run_id = %(run_id)s AND key = ANY(%(tag_keys)s::text[])),"
-        " ARRAY(SELECT key FROM project_tag_keys"
-        "       WHERE project_id = %(project_id)s AND key = ANY(%(tag_keys)s::text[]))",
-        {"run_id": run_id, "project_id": project_id, "names": names, "tag_keys": tag_keys},
-    ).fetchone()
-    assert row is not None
-    return _Known(set(row[0]), set(row[1]), set(row[2]))
-
-
-def _param_conflicts(
-    conn: psycopg.Connection[Any], run_id: str, values: Mapping[str, str], field_prefix: str
-) -> list[IngestWarning]:
-    """Params that were already stored: warn about those stored with another value."""
-    keys = sorted(values)
-    rows = conn.execute(
-        "SELECT key, value FROM run_params WHERE run_id = %s AND key = ANY(%s::text[])",
-        (run_id, keys),
-    ).fetchall()
-    stored = dict(rows)
-    return [
-        _param_conflict(key, field_prefix)
-        for key in keys
-        if key in stored and stored[key] != values[key]
-    ]
-
-
-def _param_conflict(key: str, field_prefix: str) -> IngestWarning:
-    return IngestWarning(
-        code=ErrorCode.PARAM_CONFLICT,
-        field=f"{field_prefix}.{key}",
-        message=f"param {key!r} already has a different value; params are write-once, so the"
-        " stored value is kept",
-    )
-
-
 # --- pure parts ----------------------------------------------------------------------------------
 
 
-def _admit(unknown_sorted: list[str], current_count: int, limit: int) -> tuple[list[str], int]:
-    """Admit unknown names in order while the total stays within `limit`: (admitted, dropped)."""
-    room = max(0, limit - current_count)
-    admitted = unknown_sorted[:room]
-    return admitted, len(unknown_sorted) - len(admitted)
-
-
-def _dedupe_params(
-    items: Iterable[tuple[str, ScalarValue | None]], *, field_prefix: str
-) -> tuple[dict[str, str], list[IngestWarning]]:
-    """Render and check params; the first value of a name wins (write-once within a batch)."""
-    values: dict[str, str] = {}
-    warnings: list[IngestWarning] = []
-    for key, raw in items:
-        value = render_param_value(raw)
-        _check_bytes(field_prefix, key, MAX_KEY_BYTES)
-        _check_bytes(f"{field_prefix}.{key}", value, MAX_VALUE_BYTES)
-        if key not in values:
-            values[key] = value
-        elif values[key] != value:
-            warnings.append(_param_conflict(key, field_prefix))
-    return values, warnings
-
-
-def _dedupe_tags(items: Iterable[tuple[str, str]]) -> dict[str, str]:
-    """Check tags; the last value of a key wins (tags are last-write-wins)."""
-    values: dict[str, str] = {}
-    for key, value in items:
-        _check_bytes("tags", key, MAX_KEY_BYTES)
-        _check_bytes(f"tags.{key}", value, MAX_VALUE_BYTES)
-        values[key] = value
-    return values
-
-
-def _check_bytes(field: str, value: str, max_bytes: int) -> None:
-    if len(value.encode("utf-8", "surrogatepass")) > max_bytes:
-        raise errors.InvalidInput(
-            f"{field}: longer than {max_bytes} bytes (UTF-8)",
-                code=ErrorCode.VALUE_TOO_LONG, field=field
-        )
-
-
-def _check_chars(field: str, value: str, max_chars: int) -> None:
-    if len(value) > max_chars:
-        raise errors.InvalidInput(
-            f"{field}: longer than {max_chars} characters",
-                code=ErrorCode.VALUE_TOO_LONG, field=field
-        )
-
-
-def _run_not_found(run_id: str) -> errors.NotFound:
+def run_not_found(run_id: str) -> errors.NotFound:
     return errors.NotFound(f"run {run_id!r} not found",
                            code=ErrorCode.RUN_NOT_FOUND, field="run_id")
 
