@@ -74,7 +74,12 @@ def write_run_data(
     """Admit metric names and tag keys under the limits, store tags and params.
 
     Returns the admitted metric names and the warnings. `known` is what an earlier statement
-    of this transaction found already stored (None: look it up here)."""
+    of this transaction found already stored (None: look it up here).
+
+    One function on purpose (~150 lines): it is the lock order of the module docstring (run row,
+    project row, then names, tag keys, tags, params, each sorted) written top to bottom, and a
+    reader checks that order by reading it once; split into steps, the order would live in the
+    call sequence of a caller instead."""
     tag_keys = sorted(tags)
     names_sorted = sorted(metric_names)
     if known is None:
