@@ -32,7 +32,8 @@ from mlrun.server.storage.postgres.client import apply_postgres_migrations, open
 from mlrun.server.storage.postgres.keys import PostgresKeyDirectory
 from mlrun.server.storage.postgres.metadata import MetadataStore
 from mlrun.server.usecases.artifacts import Artifacts
-from mlrun.server.usecases.auth import Authenticator, KeyManagement, serve_key_refresh
+from mlrun.server.usecases.auth import Authenticator
+from mlrun.server.usecases.keys import KeyManagement, serve_key_refresh
 from mlrun.wire.keys import CreateKey
 from mlrun.wire.proto.mlrun.v1 import ingest_pb2, query_pb2
 from mlrun.wire.schemas import InitRun

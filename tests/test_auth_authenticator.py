@@ -27,8 +27,8 @@ from mlrun.server.usecases.auth import (
     display_prefix,
     key_digest,
     new_api_key,
-    serve_key_refresh,
 )
+from mlrun.server.usecases.keys import serve_key_refresh
 from mlrun.wire.keys import KeyInfo
 
 BOOTSTRAP = "mlrun_bootstrap-for-unit-tests-0123456789abcdef"

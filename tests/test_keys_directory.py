@@ -15,7 +15,8 @@ from mlrun.server import errors
 from mlrun.server.ports.keys import NewKeyRecord, Principal
 from mlrun.server.storage.postgres.client import Postgres, apply_postgres_migrations, open_postgres
 from mlrun.server.storage.postgres.keys import PostgresKeyDirectory
-from mlrun.server.usecases.auth import Authenticator, KeyManagement, key_digest
+from mlrun.server.usecases.auth import Authenticator, key_digest
+from mlrun.server.usecases.keys import KeyManagement
 from mlrun.wire.keys import CreateKey
 
 from backends.postgres import fresh_database

@@ -66,13 +66,13 @@ from mlrun.server.storage.postgres.planner_statistics import PlannerStatistics
 from mlrun.server.storage.postgres.run_reads import RunQueries
 from mlrun.server.telemetry import Telemetry
 from mlrun.server.usecases.artifacts import Artifacts
-from mlrun.server.usecases.auth import (
-    Authenticator,
+from mlrun.server.usecases.auth import Authenticator
+from mlrun.server.usecases.ingest import Ingest, IngestTimeouts
+from mlrun.server.usecases.keys import (
     KeyManagement,
     load_or_create_bootstrap_key,
     serve_key_refresh,
 )
-from mlrun.server.usecases.ingest import Ingest, IngestTimeouts
 from mlrun.server.usecases.queries import Queries
 from mlrun.server.usecases.readiness import Readiness
 

@@ -5,13 +5,12 @@ Owns:
   digest (`key_digest`) and the short display prefix shown in listings;
 - extracting the key from HTTP headers or gRPC metadata (`Authorization: Bearer <key>` or
   `X-API-Key`; lower-cased names, as both edges deliver them);
-- `Principal` (scopes and an optional project) with `require(scope)` and `require_project(name)`;
 - `Authenticator`: answers `authenticate(headers)` from memory, with no I/O at all;
-- `serve_key_refresh`: the task that keeps the authenticator's view of the keys fresh and writes
-  last-used times;
-- `KeyManagement`: the create / list / revoke use-cases (HTTP edge, `mlrun keys` CLI);
-- `RunAccess`: the project check for calls that address a run by id;
-- the msgspec payloads of the key API (`CreateKey`, `CreatedKey`, `KeyInfo`, `KeyList`).
+- `RunAccess`: the project check for calls that address a run by id (a scoped key gets 404
+  `run_not_found` for another project's run, like for a missing one).
+`Principal` and the key records are the `ports.keys` port; the key API's payloads are
+`mlrun.wire.keys`; key management, the refresh task and the bootstrap file are
+`usecases.keys`.
 
 Why a SHA-256 digest and not a slow password hash: a key carries 256 random bits, so there is no
 dictionary to try and no way to brute-force the digest back; a slow hash protects low-entropy
@@ -24,7 +23,8 @@ in the answer that creates them.
 How authentication stays free of database round trips (and synchronous, so both edges call it
 the same way): every server process holds the set of usable keys (digest -> principal and
 expiry), at most `MAX_USABLE_KEYS` of them, reloaded from PostgreSQL every
-`KEY_REFRESH_INTERVAL_S` by `serve_key_refresh`. A key created or revoked through this process is
+`KEY_REFRESH_INTERVAL_S` by `usecases.keys.serve_key_refresh`. A key created or revoked through
+this process is
 applied to its view at once; other processes see it at their next reload, so revocation wins
 everywhere within ~2 s. Expiry is checked on every call against the stored deadline, so an expired
 key fails at once everywhere. If reloads keep failing for `MAX_STALENESS_S`, the view is no longer
@@ -49,52 +49,39 @@ import hashlib
 import hmac
 import logging
 import math
-import os
-import re
 import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
-
-import anyio
-import anyio.abc
 
 from mlrun.server.errors import (
     BackendUnavailable,
     InvalidInput,
-    MlrunError,
     Unauthenticated,
 )
-from mlrun.server.ports.keys import KeyDirectory, NewKeyRecord, Principal, UsableKey
+from mlrun.server.ports.keys import Principal, UsableKey
 from mlrun.wire.error_codes import ErrorCode
-from mlrun.wire.keys import CreatedKey, CreateKey, KeyInfo, Scope
+from mlrun.wire.keys import Scope
 
 logger = logging.getLogger("mlrun.auth")
 
 SCOPES: tuple[Scope, ...] = ("read", "write", "admin")
 KEY_PREFIX = "mlrun_"
 KEY_RANDOM_BYTES = 32
+# last_used_at is written at most once per key and interval.
+LAST_USED_RESOLUTION_S = 60.0
 # `mlrun_` plus the first 6 characters of the random part: enough to tell keys apart in a
 # listing, and it leaves ~220 unknown random bits.
 DISPLAY_PREFIX_CHARS = len(KEY_PREFIX) + 6
 # Longer presented keys are refused before hashing (ours are 49 characters).
 MAX_PRESENTED_KEY_CHARS = 512
 
-# The reload period of every process's key view: how long a revocation made elsewhere can
-# still be honoured here.
-KEY_REFRESH_INTERVAL_S = 2.0
-KEY_LOAD_TIMEOUT_S = 5.0
 # Past this age without a successful reload, database keys are refused with 503.
 MAX_STALENESS_S = 30.0
 # A local create/revoke overrides reloads for this long, so a reload that started before the
 # change committed cannot undo it.
 LOCAL_CHANGE_GRACE_S = 10.0
-# last_used_at is written at most once per key and interval.
-LAST_USED_RESOLUTION_S = 60.0
-# The bound of every process's key view (creation past it is refused with 409 too_many_keys).
-MAX_USABLE_KEYS = 10_000
 RUN_PROJECT_CACHE_ENTRIES = 50_000
 
 
@@ -286,71 +273,8 @@ class Authenticator:
 
 # --- the key API's payloads ----------------------------------------------------------------------
 
-_KEY_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
 
 # --- use-cases -----------------------------------------------------------------------------------
-
-
-class KeyManagement:
-    """Create, list and revoke keys. Needs `admin`; a project-scoped admin manages only keys of
-    its own project (it can never mint a global key)."""
-
-    def __init__(self, directory: KeyDirectory, authenticator: Authenticator) -> None:
-        self._directory = directory
-        self._authenticator = authenticator
-
-    async def create(self, principal: Principal, request: CreateKey) -> CreatedKey:
-        principal.require("admin")
-        project = request.project
-        if principal.project is not None:
-            if project is None:
-                project = principal.project
-            principal.require_project(project)
-        scopes = tuple(scope for scope in SCOPES if scope in request.scopes)
-        raw_key = new_api_key()
-        digest = key_digest(raw_key)
-        record = NewKeyRecord(
-            key_id="key_" + secrets.token_hex(8),
-            name=request.name,
-            display_prefix=display_prefix(raw_key),
-            digest=digest,
-            scopes=scopes,
-            project=project,
-            expires_in_s=request.expires_in_s,
-        )
-        stored = await self._directory.insert(record, max_usable=MAX_USABLE_KEYS)
-        self._authenticator.add_key(
-            UsableKey(
-                digest=digest,
-                principal=Principal(record.key_id, frozenset(scopes), project),
-                expires_at_s=stored.expires_at_s,
-            )
-        )
-        info = stored.info
-        logger.info("API key %s (%s) created by %s", info.key_id, info.display_prefix,
-                    principal.key_id)
-        return CreatedKey(
-            key=raw_key,
-            key_id=info.key_id,
-            name=info.name,
-            display_prefix=info.display_prefix,
-            scopes=info.scopes,
-            project=info.project,
-            created_at=info.created_at,
-            expires_at=info.expires_at,
-        )
-
-    async def list_keys(self, principal: Principal) -> list[KeyInfo]:
-        principal.require("admin")
-        return await self._directory.list_keys(project=principal.project)
-
-    async def revoke(self, principal: Principal, key_id: str) -> KeyInfo:
-        principal.require("admin")
-        info = await self._directory.revoke(key_id, project=principal.project)
-        self._authenticator.remove_key(key_id)
-        logger.info("API key %s revoked by %s", key_id, principal.key_id)
-        return info
 
 
 class RunAccess:
@@ -387,83 +311,6 @@ class RunAccess:
 # --- the refresh task ----------------------------------------------------------------------------
 
 
-async def serve_key_refresh(
-    authenticator: Authenticator,
-    directory: KeyDirectory,
-    *,
-    interval_s: float = KEY_REFRESH_INTERVAL_S,
-    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
-) -> None:
-    """Load the key view, report started, then reload every `interval_s` until cancelled.
-
-    A periodic reload (a timer, not a poll for an event: other processes' changes produce no
-    event this process could wait for) is what bounds how long a revocation elsewhere takes
-    to reach here. Failures are logged once per outage and retried at the next tick. On
-    cancellation, last-used times still pending are written (shielded, bounded)."""
-    authenticator.attach_directory()
-    healthy = await _refresh_once(authenticator, directory, healthy=True)
-    task_status.started()
-    try:
-        while True:
-            await anyio.sleep(interval_s)
-            healthy = await _refresh_once(authenticator, directory, healthy=healthy)
-    finally:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(KEY_LOAD_TIMEOUT_S):
-            await _flush_last_used(authenticator, directory)
-
-
-async def _refresh_once(
-    authenticator: Authenticator, directory: KeyDirectory, *, healthy: bool
-) -> bool:
-    try:
-        with anyio.fail_after(KEY_LOAD_TIMEOUT_S):
-            keys = await directory.load_usable()
-    except (MlrunError, TimeoutError) as exc:
-        if healthy:
-            logger.warning("cannot reload API keys: %s (keeping the current view for up to"
-                           " %g s)", getattr(exc, "code", "timeout"), MAX_STALENESS_S)
-        return False
-    authenticator.replace_keys(keys)
-    if not healthy:
-        logger.info("API keys reloaded (%d usable)", len(keys))
-    await _flush_last_used(authenticator, directory)
-    return True
-
-
-async def _flush_last_used(authenticator: Authenticator, directory: KeyDirectory) -> None:
-    used = authenticator.take_last_used()
-    if not used:
-        return
-    try:
-        with anyio.fail_after(KEY_LOAD_TIMEOUT_S):
-            await directory.record_last_used(used)
-    except (MlrunError, TimeoutError):
-        authenticator.restore_last_used(used)
-
-
 # --- the bootstrap key ---------------------------------------------------------------------------
 
 
-def load_or_create_bootstrap_key(data_dir: Path) -> tuple[str, Path, bool]:
-    """When no MLRUN_API_KEY is configured, keep a generated admin key in the data dir (mode
-    0600) so a fresh server is usable without a key ever appearing in a log line.
-
-    Returns (key, path, created)."""
-    path = data_dir / "bootstrap-api-key"
-    try:
-        return path.read_text(encoding="utf-8").strip(), path, False
-    except FileNotFoundError:
-        pass
-    key = new_api_key()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(key + "\n")
-    return key, path, True
-
-
-def validate_key_id(key_id: str) -> str:
-    """A key id from a path: refuse anything that cannot be one (400, field key_id)."""
-    if not _KEY_ID.match(key_id):
-        raise InvalidInput("not a valid key id", code=ErrorCode.INVALID_FIELD, field="key_id")
-    return key_id

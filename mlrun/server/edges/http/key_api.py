@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from mlrun.server.edges.http.api import decode_body
 from mlrun.server.edges.http.app import Request, Response, Router, RouteSpec
-from mlrun.server.usecases.auth import Authenticator, KeyManagement, validate_key_id
+from mlrun.server.usecases.auth import Authenticator
+from mlrun.server.usecases.keys import KeyManagement, validate_key_id
 from mlrun.wire.keys import CreatedKey, CreateKey, KeyInfo, KeyList
 
 
