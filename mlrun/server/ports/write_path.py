@@ -23,7 +23,9 @@ The contract an implementation keeps:
   acknowledged batch answers `duplicate` when resent even if the request was gone by then.
 - `holds(write)` answers whether storage already holds every row of `write` (identified by the
   run and the versions assigned at admission). The use-case asks it for a resend whose ledger
-  row is still `pending`: the first attempt may have been committed without its mark landing.
+  row is still `pending` (the first attempt may have been committed without its mark landing)
+  to answer `duplicate`; it submits the rows again either way, since derived state (views,
+  rollups) of a first attempt cut short may be incomplete.
 
 Rows carry explicit versions: `first_version + i` was assigned to the i-th point of the batch
 (metrics first, then system metrics) at admission and is kept in the ledger row, so a resend

@@ -8,7 +8,7 @@ true:
     reserve write-path capacity            (all or none; 429 when full; nothing touched yet)
     PostgreSQL, one transaction:           run is running · ledger claim (new | retry |
                                            duplicate | 409 conflict) · cardinality · params · tags
-    a 'pending' resend: does storage hold its rows already?  yes -> answer duplicate
+    a 'pending' resend: does storage hold its rows already?  (yes -> the answer is duplicate)
     submit to the write path               (cannot fail: capacity was reserved)
     await durability                       (group commit; 503 commit_timeout when too slow)
     answer 200                             (the write path marks the ledger row committed)
@@ -16,9 +16,11 @@ true:
 Why this order: the ledger claim comes before any metric write, so a batch id reused with a
 different payload is refused before it can touch stored data. A claim left 'pending' (a crash,
 a timeout, a ledger mark that did not land) does not block the client's retry: the retry asks
-the write path whether every row of the batch (known by its versions) is stored; if so it is a
-duplicate, otherwise the same rows are written again, which is harmless because ClickHouse
-keeps one row per (run, metric, step) — the highest version — and every query deduplicates.
+the write path whether every row of the batch (known by its versions) is stored: if so the
+answer is a duplicate. Either way the same rows are written again — ClickHouse's views are not
+atomic with an insert, so a first attempt cut short may have reached `metrics` but not the
+summaries — which is harmless because ClickHouse keeps one row per (run, metric, step), the
+highest version, and every query deduplicates.
 Concurrent copies of one batch inside this process wait for the first instead of writing
 again, so 50 simultaneous submissions write once.
 
@@ -322,38 +324,34 @@ class Ingest:
                 system_metrics=(system_columns.with_versions(first_version + len(metric_columns))
                                 if len(system_columns) else EMPTY_COLUMNS),
             )
-            if preparation.outcome == "retry" and await self._stored_already(write, deadline):
-                return IngestResult(accepted=0, duplicate=True, warnings=warnings)
+            stored_before = (preparation.outcome == "retry"
+                             and await self._stored_before(write, deadline))
+            # A pending batch is written again even when its rows are all there: ClickHouse's
+            # materialized views are not atomic with the insert, so a first attempt cut short
+            # by a crash may have reached `metrics` but not the summaries or block rollups. The
+            # same rows (same versions) again repair those and change no read.
             durability = reservation.submit_nowait(write)
             submitted = True
         finally:
             if not submitted:  # failed, or answered "duplicate", before handing the rows over
                 reservation.release()
         await durability.wait(min(self._timeouts.commit_s, _left(deadline)))
+        if stored_before:  # acknowledged before (or committed unseen): a duplicate, as promised
+            return IngestResult(accepted=0, duplicate=True, warnings=warnings)
         return IngestResult(accepted=write.rows, duplicate=False, warnings=warnings)
 
-    async def _stored_already(self, write: BatchWrite, deadline: float) -> bool:
-        """A resend of a batch whose ledger row is still 'pending': its first attempt may have
-        been committed without the ledger mark landing. If storage holds every row, repair the
-        mark (best effort) and answer duplicate; if the check itself fails, write again."""
+    async def _stored_before(self, write: BatchWrite, deadline: float) -> bool:
+        """Whether storage holds every row of a resent batch whose ledger row is still pending
+        (its first attempt committed, the ledger mark did not land). False when the check
+        itself fails: the batch is written again either way, only the answer depends on it."""
         try:
             with anyio.fail_after(min(self._timeouts.holds_s, _left(deadline))):
-                if not await self._write_path.holds(write, timeout_s=self._timeouts.holds_s):
-                    return False
+                return await self._write_path.holds(write, timeout_s=self._timeouts.holds_s)
         except (MlrunError, TimeoutError) as exc:
-            logger.warning("could not check whether batch %s of run %s is stored (%s); "
-                           "writing it again", write.identity.batch_id, write.identity.run_id,
-                           getattr(exc, "code", "timeout"))
-            return False
-        try:
-            with anyio.fail_after(min(self._timeouts.metadata_s, _left(deadline))):
-                await self._metadata.mark_batches_committed(
-                    [(write.identity.run_id, write.identity.batch_id)])
-        except (MlrunError, TimeoutError) as exc:
-            logger.warning("could not mark batch %s of run %s committed: %s",
+            logger.warning("could not check whether batch %s of run %s is stored (%s)",
                            write.identity.batch_id, write.identity.run_id,
                            getattr(exc, "code", "timeout"))
-        return True
+            return False
 
 
 def _left(deadline: float) -> float:

@@ -21,9 +21,9 @@ The batch protocol:
    "duplicate"), never an error.
 2. The write path makes the points durable, then marks the row (`mark_batches_committed`,
    'pending' -> 'committed', grouped and retried by `pipelines.ledger_marker`). A crash between
-   the two leaves 'pending'; the client's resend is then checked against ClickHouse by the
-   versions recorded at the claim (`first_version`) and answered duplicate if all its rows are
-   there, or written again (the same rows), never lost.
+   the two leaves 'pending'; the client's resend is written again (the same rows, by the
+   versions recorded at the claim, `first_version`) and answered duplicate if ClickHouse held
+   all its rows already; never lost, never counted twice.
    A batch without batch_id gets no ledger row, outcome "new" and a `not_deduplicated` warning.
 
 Invariants:
