@@ -80,6 +80,11 @@ class WorkloadResult(Struct, frozen=True, kw_only=True):
     postgres: ProcessUsage | None
     generator: ProcessUsage  # the bench process itself (all writer threads)
     machine_busy_share: float  # all cores, from /proc/stat
+    # CPU per acknowledged point, in microseconds: of the server alone, and of the whole stack
+    # (server + ClickHouse + PostgreSQL). On a shared box these hold from run to run while rates
+    # swing 2x: compare runs by them.
+    server_cpu_us_per_point: float | None = None
+    stack_cpu_us_per_point: float | None = None
     # Ingest only: this workload over the baseline with the same number of writers.
     points_per_s_ratio_to_baseline: float | None = None
     p50_ratio_to_baseline: float | None = None
@@ -202,7 +207,8 @@ def write_json(report: Report, out_dir: Path, stem: str) -> Path:
 _COLUMNS = (
     ("workload", 10), ("K", 3), ("points/s", 10), ("x base", 6), ("p50 ms", 8), ("p95 ms", 8),
     ("p99 ms", 8), ("reqs", 6), ("429 %", 6), ("errors", 6), ("stored/acked", 21),
-    ("srv cpu", 7), ("srv MB", 6), ("ch cpu", 6), ("pg cpu", 6), ("gen cpu", 7), ("busy", 5),
+    ("srv cpu", 7), ("srv us/pt", 9), ("all us/pt", 9), ("srv MB", 6), ("ch cpu", 6),
+    ("pg cpu", 6), ("gen cpu", 7), ("busy", 5),
 )
 
 
@@ -237,6 +243,8 @@ def _row(result: WorkloadResult) -> list[str]:
         str(result.errors),
         stored,
         _percent(result.server),
+        _cell(result.server_cpu_us_per_point, 2),
+        _cell(result.stack_cpu_us_per_point, 2),
         _cell(result.server.peak_rss_bytes / 2**20
               if result.server and result.server.peak_rss_bytes else None),
         _percent(result.clickhouse),
@@ -319,3 +327,10 @@ def render_table(report: Report) -> str:
     lines.extend(f"problem: {problem}" for problem in report.problems)
     lines.extend(f"note: {note}" for note in report.notes)
     return "\n".join(lines)
+
+
+def cpu_us_per_point(points: int, *usages: ProcessUsage | None) -> float | None:
+    """CPU microseconds per point over the given processes; None when one was not measured."""
+    if points <= 0 or not usages or any(usage is None for usage in usages):
+        return None
+    return round(sum(u.cpu_s for u in usages if u is not None) * 1e6 / points, 3)

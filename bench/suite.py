@@ -50,6 +50,7 @@ from bench.report import (
     TargetInfo,
     Transport,
     WorkloadResult,
+    cpu_us_per_point,
     latency_summary,
     ratio,
 )
@@ -298,9 +299,12 @@ class Suite:
             stopped_by=dict(stopped_by),
             run_ids=list(run_ids),
             count_back=None,
-            server=_process_usage(usage.get("server"), elapsed_s),
-            clickhouse=_process_usage(usage.get("clickhouse"), elapsed_s),
-            postgres=_process_usage(usage.get("postgres"), elapsed_s),
+            server=(server := _process_usage(usage.get("server"), elapsed_s)),
+            clickhouse=(clickhouse := _process_usage(usage.get("clickhouse"), elapsed_s)),
+            postgres=(postgres := _process_usage(usage.get("postgres"), elapsed_s)),
+            server_cpu_us_per_point=cpu_us_per_point(run.acked_points, server),
+            stack_cpu_us_per_point=cpu_us_per_point(run.acked_points, server, clickhouse,
+                                                    postgres),
             generator=ProcessUsage(
                 cpu_s=round(own_cpu_s, 3),
                 cpu_share=round(own_cpu_s / elapsed_s, 3) if elapsed_s > 0 else 0.0,
