@@ -133,16 +133,15 @@ class _Columns:
 def gather_columns(points: Sequence[MetricPoint], series: Sequence[MetricSeries], *,
                    field: str, now_ms: int, warnings: list[IngestWarning]) -> _Columns:
     """Row points, then columnar `series`, as columns; non-finite values dropped with a warning
-    and missing timestamps filled with `now_ms`."""
-    columns = _Columns([], [], [], [])
-    for index, p in enumerate(points):
-        _check_name_bytes(p.name, f"{field}[{index}].name")
-        columns.names.append(p.name)
-        columns.steps.append(p.step)
-        columns.values.append(p.value)
-        columns.timestamps_ms.append(now_ms if p.timestamp is None else p.timestamp)
+    and missing timestamps filled with `now_ms`.
+
+    The per-point work is list comprehensions and C-level extends (no Python call per point):
+    it runs for every point the server ingests."""
+    columns = _Columns([p.name for p in points], [p.step for p in points],
+                       [p.value for p in points],
+                       [now_ms if p.timestamp is None else p.timestamp for p in points])
+    _check_name_bytes(columns.names, lambda i: f"{field}[{i}].name")
     for index, one in enumerate(series):
-        _check_name_bytes(one.name, f"series[{index}].name")
         count = len(one.steps)
         if len(one.values) != count:
             raise InvalidInput(
@@ -161,22 +160,36 @@ def gather_columns(points: Sequence[MetricPoint], series: Sequence[MetricSeries]
         columns.values.extend(one.values)
         columns.timestamps_ms.extend(one.timestamps if one.timestamps is not None
                                      else [now_ms] * count)
+    _check_name_bytes([one.name for one in series], lambda i: f"series[{i}].name")
     return _drop_non_finite(columns, field=field, warnings=warnings)
 
 
-def _check_name_bytes(name: str, field: str) -> None:
-    """The wire schema caps names in characters; storage in UTF-8 bytes. Checked here, where
-    the exact field path is known (a name of at most MAX_NAME_BYTES / 4 characters fits)."""
-    if len(name) > MAX_NAME_BYTES // 4 and len(name.encode()) > MAX_NAME_BYTES:
-        raise InvalidInput(f"{field} is longer than {MAX_NAME_BYTES} bytes (UTF-8)",
-                           code=ErrorCode.VALUE_TOO_LONG, field=field)
+def _check_name_bytes(names: Sequence[str], field_of: Callable[[int], str]) -> None:
+    """The wire schema caps names in characters; storage in UTF-8 bytes. A name of at most
+    MAX_NAME_BYTES / 4 characters always fits, so only longer distinct names are encoded; the
+    error names the first offending field."""
+    long_names = {name for name in set(names) if len(name) > MAX_NAME_BYTES // 4
+                  and len(name.encode()) > MAX_NAME_BYTES}
+    if long_names:
+        index = next(i for i, name in enumerate(names) if name in long_names)
+        raise InvalidInput(f"{field_of(index)} is longer than {MAX_NAME_BYTES} bytes (UTF-8)",
+                           code=ErrorCode.VALUE_TOO_LONG, field=field_of(index))
+
+
+def _all_finite(values: list[float]) -> bool:
+    """One C-level pass: the exact sum of finite values is finite (NaN or ±inf make it NaN or
+    inf); only a sum too large for a float needs the slow check."""
+    try:
+        return math.isfinite(math.fsum(values))
+    except OverflowError:
+        return all(math.isfinite(v) for v in values)
 
 
 def _drop_non_finite(columns: _Columns, *, field: str,
                      warnings: list[IngestWarning]) -> _Columns:
-    isfinite = math.isfinite
-    if all(isfinite(v) for v in columns.values):
+    if _all_finite(columns.values):
         return columns
+    isfinite = math.isfinite
     keep = [i for i, v in enumerate(columns.values) if isfinite(v)]
     dropped = len(columns) - len(keep)
     warnings.append(IngestWarning(
