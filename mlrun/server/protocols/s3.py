@@ -37,6 +37,7 @@ from urllib.parse import unquote, urlsplit
 from xml.sax.saxutils import escape as xml_escape
 
 from mlrun.server import errors
+from mlrun.wire.artifacts import MAX_PART_NUMBER
 
 ALGORITHM = "AWS4-HMAC-SHA256"
 SERVICE = "s3"
@@ -47,7 +48,6 @@ S3_XML_NAMESPACE = "http://s3.amazonaws.com/doc/2006-03-01/"
 # S3 refuses presigned URLs valid for longer than seven days; refusing here fails early.
 MAX_PRESIGN_EXPIRES_S = 7 * 24 * 3600
 # S3's own limits: part numbers 1..10000; keys up to 1024 UTF-8 bytes.
-MAX_PART_NUMBER = 10_000
 MAX_KEY_BYTES = 1024
 # Linux NAME_MAX: a longer segment cannot be a file name in the local store, so both stores
 # refuse it and stay interchangeable.

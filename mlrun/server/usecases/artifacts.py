@@ -57,11 +57,8 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated
 
 import anyio
-import msgspec
-from msgspec import Meta
 
 from mlrun.server.errors import (
     BackendError,
@@ -73,26 +70,20 @@ from mlrun.server.errors import (
 from mlrun.server.ports.artifact_rows import ArtifactRow, ArtifactRows
 from mlrun.server.ports.keys import Principal
 from mlrun.server.ports.objects import ArtifactStore, PresignedRequest
-from mlrun.server.protocols.s3 import MAX_PART_NUMBER, validate_artifact_key
+from mlrun.server.protocols.s3 import validate_artifact_key
 from mlrun.server.usecases.auth import RunAccess
+from mlrun.wire.artifacts import (
+    MAX_PART_BYTES,
+    CompletedPart,
+    CreateArtifact,
+    FinalizeArtifact,
+    MiB,
+)
 from mlrun.wire.error_codes import ErrorCode
 
 logger = logging.getLogger("mlrun.artifacts")
 
-MiB = 1024 * 1024
-GiB = 1024 * MiB
-# S3's own limits: objects up to 5 TiB, parts up to 5 GiB, single PUTs up to 5 GiB.
-MAX_ARTIFACT_BYTES = 5 * 1024 * GiB
-MAX_PART_BYTES = 5 * GiB
-MAX_SINGLE_PUT_BYTES = 5 * GiB
 ABORT_TIMEOUT_S = 10.0
-
-Sha256Hex = Annotated[str, Meta(pattern=r"^[0-9a-fA-F]{64}$")]
-ArtifactType = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
-_MIME_TOKEN = r"[A-Za-z0-9!#$&^_.+-]+"
-MimeType = Annotated[
-    str, Meta(min_length=3, max_length=255, pattern=f"^{_MIME_TOKEN}/{_MIME_TOKEN}$")
-]
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,30 +97,6 @@ class ArtifactLimits:
 
 
 # --- request payloads (HTTP decodes into them; gRPC builds them) ---------------------------------
-
-
-class CreateArtifact(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
-    """POST /api/v1/runs/{run_id}/artifacts. `size_bytes` picks single PUT or multipart, and is
-    checked at finalize; `sha256` (hex) is checked at finalize when given."""
-
-    name: Annotated[str, Meta(min_length=1, max_length=1024)]
-    type: ArtifactType = "file"
-    size_bytes: Annotated[int, Meta(ge=0, le=MAX_ARTIFACT_BYTES)] | None = None
-    sha256: Sha256Hex | None = None
-    mime_type: MimeType = "application/octet-stream"
-
-
-class CompletedPart(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
-    """One uploaded part: its number and the ETag header the store answered its PUT with."""
-
-    part_number: Annotated[int, Meta(ge=1, le=MAX_PART_NUMBER)]
-    etag: Annotated[str, Meta(min_length=1, max_length=256)]
-
-
-class FinalizeArtifact(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
-    """POST .../finalize: the parts of a multipart upload; nothing for a single PUT."""
-
-    parts: Annotated[list[CompletedPart], Meta(max_length=MAX_PART_NUMBER)] = []
 
 
 # --- answers -------------------------------------------------------------------------------------

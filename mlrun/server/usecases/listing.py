@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
-from typing import TypeVar, cast
+from typing import TypeVar, cast, get_args
 
 from msgspec import UnsetType
 
@@ -35,11 +35,12 @@ from mlrun.wire.query_schemas import (
     MAX_PAGE_RUNS,
     ListRunsQuery,
 )
+from mlrun.wire.schemas import RunStatus
 
 T = TypeVar("T")
 
 
-RUN_STATUSES = ("running", "finished", "failed", "killed")
+RUN_STATUSES: tuple[str, ...] = get_args(RunStatus)
 
 
 SORT_COLUMNS: tuple[SortColumn, ...] = ("created_at", "updated_at", "name", "status", "duration")

@@ -35,19 +35,15 @@ from mlrun.server.edges.headers import joined_headers
 from mlrun.server.errors import InvalidInput
 from mlrun.server.ports.artifact_rows import ArtifactRow
 from mlrun.server.ports.keys import Principal
-from mlrun.server.usecases.artifacts import (
-    Artifacts,
-    CreateArtifact,
-    FinalizeArtifact,
-    UploadGrant,
-)
+from mlrun.server.usecases.artifacts import Artifacts, UploadGrant
 from mlrun.server.usecases.auth import Authenticator
+from mlrun.wire.artifacts import ARTIFACT_ID_PATTERN, CreateArtifact, FinalizeArtifact
 from mlrun.wire.error_codes import ErrorCode
 from mlrun.wire.proto.mlrun.v1 import ingest_pb2, query_pb2
 
 T = TypeVar("T")
 
-_ARTIFACT_ID = re.compile(r"^[0-9a-f]{32}$")
+_ARTIFACT_ID = re.compile(ARTIFACT_ID_PATTERN)
 
 
 def principal_from_metadata(

@@ -17,9 +17,6 @@ from __future__ import annotations
 import re
 import time
 from contextlib import AsyncExitStack
-from typing import Literal
-
-import msgspec
 
 from mlrun.server.edges.http.api import decode_body, path_run_id
 from mlrun.server.edges.http.app import Request, Response, Router, RouteSpec
@@ -30,82 +27,30 @@ from mlrun.server.storage.objects.local import (
     LocalArtifactStore,
     verify_local_signature,
 )
-from mlrun.server.usecases.artifacts import (
+from mlrun.server.usecases.artifacts import Artifacts, UploadGrant
+from mlrun.server.usecases.auth import Authenticator
+from mlrun.wire.artifacts import (
+    ARTIFACT_ID_PATTERN,
     MAX_PART_BYTES,
     MAX_SINGLE_PUT_BYTES,
-    Artifacts,
+    Artifact,
+    ArtifactAborted,
+    ArtifactDownload,
+    ArtifactList,
+    ArtifactUpload,
     CreateArtifact,
     FinalizeArtifact,
-    UploadGrant,
+    LocalObjectStored,
+    MultipartUpload,
+    UploadPart,
 )
-from mlrun.server.usecases.auth import Authenticator
 from mlrun.wire.error_codes import ErrorCode
 from mlrun.wire.timestamps import iso_utc
 
-_ARTIFACT_ID = re.compile(r"^[0-9a-f]{32}$")
+_ARTIFACT_ID = re.compile(ARTIFACT_ID_PATTERN)
 
 
 # --- answers -------------------------------------------------------------------------------------
-
-
-class UploadPart(msgspec.Struct, frozen=True, kw_only=True):
-    part_number: int
-    url: str
-
-
-class MultipartUpload(msgspec.Struct, frozen=True, kw_only=True):
-    """Upload part i (1-based) as bytes [(i-1)*part_size, i*part_size) with a PUT to its URL,
-    keep each answer's ETag header, then finalize with the list of (part_number, etag)."""
-
-    upload_id: str
-    part_size_bytes: int
-    parts: list[UploadPart]
-
-
-class ArtifactUpload(msgspec.Struct, frozen=True, kw_only=True):
-    """Where to upload: `upload_url` (one PUT of the whole file), or `multipart` (then
-    `upload_url` is null). Send `required_headers` with every PUT."""
-
-    artifact_id: str
-    method: Literal["PUT"] = "PUT"
-    upload_url: str | None
-    expires_at: str
-    required_headers: dict[str, str]
-    multipart: MultipartUpload | None
-
-
-class Artifact(msgspec.Struct, frozen=True, kw_only=True):
-    artifact_id: str
-    run_id: str
-    name: str
-    type: str
-    size_bytes: int
-    sha256: str | None
-    mime_type: str
-    status: Literal["pending", "finalized"]
-    created_at: str
-    finalized_at: str | None
-
-
-class ArtifactList(msgspec.Struct, frozen=True, kw_only=True):
-    artifacts: list[Artifact]
-
-
-class ArtifactDownload(msgspec.Struct, frozen=True, kw_only=True):
-    artifact_id: str
-    download_url: str
-    expires_at: str
-    size_bytes: int
-
-
-class ArtifactAborted(msgspec.Struct, frozen=True, kw_only=True):
-    artifact_id: str
-    status: Literal["aborted"] = "aborted"
-
-
-class LocalObjectStored(msgspec.Struct, frozen=True, kw_only=True):
-    etag: str
-
 
 
 def render_artifact(row: ArtifactRow) -> Artifact:

@@ -49,6 +49,7 @@ from mlrun.server.ports.objects import (
 )
 from mlrun.server.protocols import s3 as s3proto
 from mlrun.server.storage.objects.s3 import BACKEND, CHUNK_BYTES, MAX_THREADS, MIN_PART_BYTES
+from mlrun.wire.artifacts import MAX_PART_NUMBER
 from mlrun.wire.error_codes import ErrorCode
 
 MIN_SIGNING_SECRET_BYTES = 32
@@ -141,7 +142,7 @@ def verify_local_signature(
         if not _UPLOAD_ID.match(upload_id) or not _DIGITS.match(part):
             return None
         part_number = int(part)
-        if not 1 <= part_number <= s3proto.MAX_PART_NUMBER:
+        if not 1 <= part_number <= MAX_PART_NUMBER:
             return None
     expected = sign_local(
         signing_secret=signing_secret,
@@ -385,9 +386,9 @@ class LocalArtifactStore:
     ) -> PresignedRequest:
         if not _UPLOAD_ID.match(upload_id):
             raise errors.InvalidInput("not a valid upload id", field="upload_id")
-        if not 1 <= part_number <= s3proto.MAX_PART_NUMBER:
+        if not 1 <= part_number <= MAX_PART_NUMBER:
             raise errors.InvalidInput(
-                f"part numbers must be within 1..{s3proto.MAX_PART_NUMBER}", field="part_number"
+                f"part numbers must be within 1..{MAX_PART_NUMBER}", field="part_number"
             )
         return self._presign("PUT", key, expires_s, upload_id, part_number)
 
@@ -422,7 +423,7 @@ class LocalArtifactStore:
         A part uploaded twice keeps the last copy, as on S3.
         """
         s3proto.validate_artifact_key(key)
-        if not 1 <= part_number <= s3proto.MAX_PART_NUMBER:
+        if not 1 <= part_number <= MAX_PART_NUMBER:
             raise errors.InvalidInput("part number out of range", field="part_number")
         await anyio.to_thread.run_sync(self._upload_dir, key, upload_id, limiter=self._limiter)
         tmp, _size, digest = await self._write_tmp(chunks, max_bytes)

@@ -39,6 +39,7 @@ from mlrun.server.ports.objects import (
     PresignedRequest,
 )
 from mlrun.server.protocols import s3 as s3proto
+from mlrun.wire.artifacts import MAX_PART_NUMBER
 
 BACKEND = "artifacts"
 
@@ -238,9 +239,9 @@ class S3ArtifactStore:
     def presign_upload_part(
         self, key: str, upload_id: str, part_number: int, *, expires_s: int
     ) -> PresignedRequest:
-        if not 1 <= part_number <= s3proto.MAX_PART_NUMBER:
+        if not 1 <= part_number <= MAX_PART_NUMBER:
             raise errors.InvalidInput(
-                f"part numbers must be within 1..{s3proto.MAX_PART_NUMBER}", field="part_number"
+                f"part numbers must be within 1..{MAX_PART_NUMBER}", field="part_number"
             )
         if not upload_id:
             raise errors.InvalidInput("an upload id is required", field="upload_id")

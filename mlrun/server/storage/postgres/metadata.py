@@ -64,7 +64,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import psycopg
 
@@ -210,7 +210,7 @@ class MetadataStore:
     async def finish_run(self, run_id: str, status: FinalStatus) -> RunState:
         """Leave 'running' for `status`. Finishing again with the same status is a no-op;
         another final status is 409 `run_finished`; an unknown run 404 `run_not_found`."""
-        if status not in ("finished", "failed", "killed"):
+        if status not in get_args(FinalStatus):
             raise errors.InvalidInput("a run cannot be finished as 'running'", field="status")
 
         def finish(conn: psycopg.Connection[Any]) -> RunState:
