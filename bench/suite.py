@@ -302,9 +302,13 @@ class Suite:
             server=(server := _process_usage(usage.get("server"), elapsed_s)),
             clickhouse=(clickhouse := _process_usage(usage.get("clickhouse"), elapsed_s)),
             postgres=(postgres := _process_usage(usage.get("postgres"), elapsed_s)),
-            server_cpu_us_per_point=cpu_us_per_point(run.acked_points, server),
-            stack_cpu_us_per_point=cpu_us_per_point(run.acked_points, server, clickhouse,
-                                                    postgres),
+            # The baseline bypasses the server: its "stack" is ClickHouse alone.
+            server_cpu_us_per_point=(None if workload == "baseline"
+                                     else cpu_us_per_point(run.acked_points, server)),
+            stack_cpu_us_per_point=(cpu_us_per_point(run.acked_points, clickhouse)
+                                    if workload == "baseline" else
+                                    cpu_us_per_point(run.acked_points, server, clickhouse,
+                                                     postgres)),
             generator=ProcessUsage(
                 cpu_s=round(own_cpu_s, 3),
                 cpu_share=round(own_cpu_s / elapsed_s, 3) if elapsed_s > 0 else 0.0,
