@@ -18,6 +18,12 @@ from mlrun.wire.error_codes import CATALOGUE, ErrorCode, markdown_table
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _assigned_names(node: ast.Assign | ast.AnnAssign) -> set[str]:
+    """`x = ...` and `x: T = ...` alike (a class attribute is often annotated)."""
+    targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+    return {target.id for target in targets if isinstance(target, ast.Name)}
+
+
 def literal_codes(tree: ast.AST) -> list[tuple[int, str]]:
     """(line, text) of every code written as a string literal."""
     found = []
@@ -25,8 +31,8 @@ def literal_codes(tree: ast.AST) -> list[tuple[int, str]]:
         if isinstance(node, ast.keyword) and node.arg == "code" \
                 and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
             found.append((node.value.lineno, node.value.value))
-        elif isinstance(node, ast.Assign) and any(
-                isinstance(t, ast.Name) and t.id == "default_code" for t in node.targets) \
+        elif isinstance(node, ast.Assign | ast.AnnAssign) \
+                and "default_code" in _assigned_names(node) \
                 and isinstance(node.value, ast.Constant):
             found.append((node.lineno, str(node.value.value)))
         elif isinstance(node, ast.Tuple) and len(node.elts) == 2 \
@@ -48,11 +54,12 @@ def test_no_code_is_a_free_string_literal() -> None:
 
 
 def test_the_scan_catches_a_literal() -> None:
-    """The check above can fail: a literal in any of the three shapes is found."""
+    """The check above can fail: a literal in any of the four shapes is found."""
     source = ('raise NotFound("x", code="nope")\n'
               'class E:\n    default_code = "nope"\n'
+              'class F:\n    default_code: ClassVar[str] = "nope"\n'
               'trailer = ("mlrun-error-code", "nope")\n')
-    assert [text for _, text in literal_codes(ast.parse(source))] == ["nope"] * 3
+    assert [text for _, text in literal_codes(ast.parse(source))] == ["nope"] * 4
 
 
 def test_every_code_is_catalogued_once() -> None:

@@ -13,7 +13,7 @@ text never reaches a client.
     ├── Unauthenticated             401  UNAUTHENTICATED     unauthenticated
     ├── PermissionDenied            403  PERMISSION_DENIED   permission_denied
     ├── NotFound                    404  NOT_FOUND           not_found
-    ├── Conflict                    409  ALREADY_EXISTS/...  conflict
+    ├── Conflict                    409  FAILED_PRECONDITION conflict
     ├── Overloaded                  429  RESOURCE_EXHAUSTED  overloaded        retryable
     ├── BackendUnavailable          503  UNAVAILABLE         backend_unavailable retryable
     │   └── BackendTimeout          503  UNAVAILABLE         backend_timeout   retryable
@@ -22,7 +22,8 @@ text never reaches a client.
 
 `ConfigError` is not in the tree: it only stops start-up, with a one-line message.
 
-Must not import anything beyond the standard library.
+The codes are members of the registry `mlrun.wire.error_codes.ErrorCode` (typed so, so mypy
+refuses a free string). Must not import anything beyond the standard library and that registry.
 """
 
 from __future__ import annotations
@@ -64,13 +65,15 @@ class MlrunError(Exception):
 
     http_status: ClassVar[int] = 500
     grpc_code: ClassVar[GrpcCode] = GrpcCode.INTERNAL
-    default_code: ClassVar[str] = "internal"
+    default_code: ClassVar[ErrorCode] = ErrorCode.INTERNAL
     retryable: ClassVar[bool] = False
 
-    def __init__(self, message: str, *, code: str | None = None, field: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, code: ErrorCode | None = None, field: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
-        self.code = code or self.default_code
+        self.code: ErrorCode = code or self.default_code
         self.field = field
 
 
@@ -124,7 +127,7 @@ class Overloaded(MlrunError):
     default_code = ErrorCode.OVERLOADED
     retryable = True
 
-    def __init__(self, message: str, *, retry_after_s: int, code: str | None = None) -> None:
+    def __init__(self, message: str, *, retry_after_s: int, code: ErrorCode | None = None) -> None:
         super().__init__(message, code=code)
         self.retry_after_s = max(1, retry_after_s)
 
@@ -137,7 +140,7 @@ class BackendUnavailable(MlrunError):
     default_code = ErrorCode.BACKEND_UNAVAILABLE
     retryable = True
 
-    def __init__(self, message: str, *, backend: str, code: str | None = None) -> None:
+    def __init__(self, message: str, *, backend: str, code: ErrorCode | None = None) -> None:
         super().__init__(message, code=code)
         self.backend = backend
 
