@@ -24,13 +24,11 @@ from mlrun.server.protocols.clickhouse import (
     quote_string,
 )
 from mlrun.server.storage.clickhouse.bucket_sql import popcount_sql
-from mlrun.server.storage.clickhouse.client import (
-    ClickHouse,
-    apply_clickhouse_migrations,
-    open_embedded_clickhouse,
-    open_http_clickhouse,
-)
+from mlrun.server.storage.clickhouse.client import ClickHouse
+from mlrun.server.storage.clickhouse.embedded import open_embedded_clickhouse
+from mlrun.server.storage.clickhouse.http_client import open_http_clickhouse
 from mlrun.server.storage.clickhouse.metric_reads import MetricQueries
+from mlrun.server.storage.clickhouse.migrations import apply_clickhouse_migrations
 from mlrun.server.storage.migrations import load_migrations
 
 from backends.clickhouse import ClickHouseServer

@@ -31,13 +31,11 @@ from mlrun.server.errors import InvalidInput, NotFound
 from mlrun.server.ports.keys import Principal
 from mlrun.server.ports.metric_reads import BLOCK_STEPS, METRICS, BucketRequest, KeyRange, SeriesRef
 from mlrun.server.protocols.clickhouse import METRIC_COLUMNS, MetricRow, encode_metric_rows
-from mlrun.server.storage.clickhouse.client import (
-    ClickHouse,
-    apply_clickhouse_migrations,
-    open_embedded_clickhouse,
-    open_http_clickhouse,
-)
+from mlrun.server.storage.clickhouse.client import ClickHouse
+from mlrun.server.storage.clickhouse.embedded import open_embedded_clickhouse
+from mlrun.server.storage.clickhouse.http_client import open_http_clickhouse
 from mlrun.server.storage.clickhouse.metric_reads import MetricQueries
+from mlrun.server.storage.clickhouse.migrations import apply_clickhouse_migrations
 from mlrun.server.storage.postgres.client import Postgres
 from mlrun.server.storage.postgres.run_reads import RunQueries
 from mlrun.server.usecases.queries import Queries, SeriesRequest

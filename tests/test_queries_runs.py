@@ -26,12 +26,10 @@ import pytest
 from mlrun.server.errors import InvalidInput, PermissionDenied
 from mlrun.server.ports.keys import Principal
 from mlrun.server.protocols.clickhouse import METRIC_COLUMNS, encode_metric_rows
-from mlrun.server.storage.clickhouse.client import (
-    ClickHouse,
-    apply_clickhouse_migrations,
-    open_http_clickhouse,
-)
+from mlrun.server.storage.clickhouse.client import ClickHouse
+from mlrun.server.storage.clickhouse.http_client import open_http_clickhouse
 from mlrun.server.storage.clickhouse.metric_reads import MetricQueries
+from mlrun.server.storage.clickhouse.migrations import apply_clickhouse_migrations
 from mlrun.server.storage.postgres.client import Postgres, apply_postgres_migrations, open_postgres
 from mlrun.server.storage.postgres.run_reads import NUMERIC_VALUE, RunQueries
 from mlrun.server.usecases.listing import RunListing, build_listing

@@ -48,13 +48,11 @@ from mlrun.server.errors import BackendUnavailable, ConfigError, MlrunError
 from mlrun.server.pipelines.clickhouse_write_path import ClickHouseWritePath
 from mlrun.server.ports.objects import ArtifactStore
 from mlrun.server.runtime.config import Config
-from mlrun.server.storage.clickhouse.client import (
-    ClickHouse,
-    apply_clickhouse_migrations,
-    open_embedded_clickhouse,
-    open_http_clickhouse,
-)
+from mlrun.server.storage.clickhouse.client import ClickHouse
+from mlrun.server.storage.clickhouse.embedded import open_embedded_clickhouse
+from mlrun.server.storage.clickhouse.http_client import open_http_clickhouse
 from mlrun.server.storage.clickhouse.metric_reads import MetricQueries
+from mlrun.server.storage.clickhouse.migrations import apply_clickhouse_migrations
 from mlrun.server.storage.objects.local import LocalArtifactStore, open_local_store
 from mlrun.server.storage.objects.s3 import open_s3_store
 from mlrun.server.storage.postgres.artifact_rows import PostgresArtifactRows

@@ -1,8 +1,9 @@
 """Schema migrations: discovery of the numbered, forward-only SQL files.
 
 Owns: finding `sql/<engine>/NNNN_name.sql`, splitting them into statements, and their order.
-The engines' own appliers (ledger table, lock, execution) live with their storage clients
-(`storage.postgres.apply_postgres_migrations`, `storage.clickhouse.apply_clickhouse_migrations`).
+The engines' own appliers (ledger table, lock, execution) live with their storages
+(`storage.postgres.client.apply_postgres_migrations`,
+`storage.clickhouse.migrations.apply_clickhouse_migrations`).
 Invariants: versions are unique and strictly increasing; a file, once released, never changes
 (its checksum is recorded in the ledger and a changed file stops start-up).
 

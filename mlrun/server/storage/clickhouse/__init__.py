@@ -1,2 +1,2 @@
-"""ClickHouse: the HTTP and embedded (chdb) clients behind one protocol, schema migrations, and
-the metric reads."""
+"""ClickHouse: the `ClickHouse` protocol (client), its HTTP and embedded (chdb) transports, the
+schema applier (migrations), and the read path's SQL (metric_reads, bucket_sql)."""

@@ -8,7 +8,7 @@ happens in `mlrun.server.domain.downsampling` (pure); the orchestration (what to
 order) in `mlrun.server.usecases.queries`.
 
 Must not import the HTTP/gRPC edges, PostgreSQL, or a ClickHouse transport directly: it codes
-against the `storage.clickhouse.ClickHouse` protocol. Values are escaped client-side with
+against the `storage.clickhouse.client.ClickHouse` protocol. Values are escaped client-side with
 `protocols.clickhouse.quote_*` (18.16 has no `{p:Type}` parameters). Every statement runs
 unchanged on ClickHouse 18.16 and on chdb (ClickHouse 26): both are exercised by the tests.
 
