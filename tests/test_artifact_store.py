@@ -22,16 +22,15 @@ import httpx
 import pytest
 
 from mlrun.server import errors
-from mlrun.server.ports.objects import ArtifactStore, PresignedRequest
+from mlrun.server.ports.objects import MIN_PART_BYTES, ArtifactStore, PresignedRequest
 from mlrun.server.protocols import s3 as s3proto
-from mlrun.server.storage.objects.local import (
+from mlrun.server.storage.objects.local import LocalArtifactStore, open_local_store
+from mlrun.server.storage.objects.local_signing import (
     LOCAL_ROUTE_PREFIX,
-    LocalArtifactStore,
     LocalGrant,
-    open_local_store,
     verify_local_signature,
 )
-from mlrun.server.storage.objects.s3 import MIN_PART_BYTES, S3ArtifactStore, open_s3_store
+from mlrun.server.storage.objects.s3 import S3ArtifactStore, open_s3_store
 
 from backends.s3 import S3Server
 

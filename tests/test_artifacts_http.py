@@ -21,7 +21,7 @@ import httpx
 import psycopg
 import pytest
 
-from mlrun.server.storage.objects.local import LOCAL_ROUTE_PREFIX, sign_local
+from mlrun.server.storage.objects.local_signing import LOCAL_ROUTE_PREFIX, sign_local
 
 from server_process import TEST_API_KEY, ServerProcess, clean_server
 

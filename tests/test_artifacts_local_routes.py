@@ -18,9 +18,8 @@ import pytest
 
 from mlrun.server.edges.http.app import App, Router
 from mlrun.server.edges.http.artifact_api import add_local_store_routes
-from mlrun.server.ports.objects import PresignedRequest
+from mlrun.server.ports.objects import CHUNK_BYTES, PresignedRequest
 from mlrun.server.storage.objects.local import LocalArtifactStore, open_local_store
-from mlrun.server.storage.objects.s3 import CHUNK_BYTES
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,6 +1,7 @@
-"""The object-store port: where artifact bytes live (S3 / MinIO, or the local directory), and
-the records that cross it. `mlrun.server.usecases.artifacts` talks to an `ArtifactStore`;
-`mlrun.server.storage.objects.s3` implements it twice. Must not import storage or edges.
+"""The object-store port: where artifact bytes live (S3 / MinIO, or the local directory), the
+records that cross it, and the store-wide rules both implementations keep.
+`mlrun.server.usecases.artifacts` talks to an `ArtifactStore`; `mlrun.server.storage.objects.s3`
+and `mlrun.server.storage.objects.local` implement it. Must not import storage or edges.
 """
 
 from __future__ import annotations
@@ -9,6 +10,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
+
+# The `backend` every store's errors name (one name whichever store is configured).
+BACKEND = "artifacts"
+
+# Hashing and file copies work in chunks of this size: memory stays bounded per operation.
+CHUNK_BYTES = 1 << 20
+
+# S3 (AWS, MinIO) refuse non-final parts below 5 MiB (EntityTooSmall). rclone does not check;
+# the local store does, so that code written against the embedded default works on S3.
+MIN_PART_BYTES = 5 * 1024 * 1024
 
 DEFAULT_TIMEOUT_S = 10.0
 

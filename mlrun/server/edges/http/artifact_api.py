@@ -22,11 +22,8 @@ from mlrun.server.edges.http.api import decode_body, path_run_id
 from mlrun.server.edges.http.app import Request, Response, Router, RouteSpec
 from mlrun.server.errors import InvalidInput, PayloadTooLarge, PermissionDenied
 from mlrun.server.ports.artifact_rows import ArtifactRow
-from mlrun.server.storage.objects.local import (
-    LOCAL_ROUTE_PREFIX,
-    LocalArtifactStore,
-    verify_local_signature,
-)
+from mlrun.server.storage.objects.local import LocalArtifactStore
+from mlrun.server.storage.objects.local_signing import LOCAL_ROUTE_PREFIX, verify_local_signature
 from mlrun.server.usecases.artifacts import Artifacts, UploadGrant
 from mlrun.server.usecases.auth import Authenticator
 from mlrun.wire.artifacts import (

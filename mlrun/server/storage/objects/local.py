@@ -5,10 +5,12 @@ Owns `open_local_store` -> `LocalArtifactStore`: objects are files under `root/o
 uploads are written to `root/tmp/` and renamed into place (atomic); multipart parts live under
 `root/uploads/<upload_id>/` until completed. Its URLs point at the server itself
 (`public_base_url` + `LOCAL_ROUTE_PREFIX` + key) and carry `expires` and an HMAC-SHA256
-`signature`; the HTTP edge checks them with the pure `verify_local_signature` and then calls
-`write_object_from` / `write_part_from` / `open_object_reader`.
+`signature`, both defined in `objects.local_signing`: the HTTP edge checks them there with the
+pure `verify_local_signature` and then calls `write_object_from` / `write_part_from` /
+`open_object_reader` here.
 
-Must not import: the HTTP or gRPC edges, trio or asyncio (anyio only), psycopg, chdb.
+Must not import: the HTTP or gRPC edges, the S3 store, trio or asyncio (anyio only), psycopg,
+chdb.
 
 Invariants:
 - Every key goes through `protocols.s3.validate_artifact_key` first, and every path is resolved
@@ -23,141 +25,44 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import hmac
 import os
 import re
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO
-from urllib.parse import urlencode
+from typing import BinaryIO, Final
 
 import anyio
 
 from mlrun.server import errors
 from mlrun.server.ports.objects import (
+    BACKEND,
+    CHUNK_BYTES,
     DEFAULT_COMPLETE_TIMEOUT_S,
     DEFAULT_HASH_TIMEOUT_S,
     DEFAULT_TIMEOUT_S,
+    MIN_PART_BYTES,
     ObjectInfo,
     PresignedRequest,
 )
 from mlrun.server.protocols import s3 as s3proto
-from mlrun.server.storage.objects.s3 import BACKEND, CHUNK_BYTES, MAX_THREADS, MIN_PART_BYTES
+from mlrun.server.storage.objects.local_signing import UPLOAD_ID, signed_local_url
 from mlrun.wire.artifacts import MAX_PART_NUMBER
 from mlrun.wire.error_codes import ErrorCode
 
-MIN_SIGNING_SECRET_BYTES = 32
+MIN_SIGNING_SECRET_BYTES: Final = 32
 
-
-LOCAL_ROUTE_PREFIX = "/artifacts/local/"
-
+# Worker threads for file I/O and hashing, shared by every operation of one store.
+MAX_FILE_THREADS: Final = 4
 
 # Temp files older than this at open were left by a crash (no writer lives that long).
-STALE_TMP_AGE_S = 24 * 3600
+STALE_TMP_AGE_S: Final = 24 * 3600
 
-
-CLEANUP_TIMEOUT_S = 5.0
-
-
-_UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
-
-
-_HEX_SIGNATURE = re.compile(r"^[0-9a-f]{64}$")
-
-
-_DIGITS = re.compile(r"^[0-9]{1,12}$")
-
-
-@dataclass(frozen=True, slots=True)
-class LocalGrant:
-    """What a verified local URL allows: one method on one key (or one part of an upload)."""
-
-    method: str
-    key: str
-    expires_at_s: int
-    upload_id: str | None = None
-    part_number: int | None = None
-
-
-def _local_message(
-    method: str, key: str, expires_at_s: int, upload_id: str | None, part_number: int | None
-) -> bytes:
-    # NUL-separated: keys refuse control characters and upload ids are hex, so no two field
-    # tuples can produce the same message.
-    fields = (
-        "mlrun-local-artifact-v1",
-        method.upper(),
-        key,
-        str(expires_at_s),
-        upload_id or "",
-        str(part_number) if part_number is not None else "",
-    )
-    return "\0".join(fields).encode("utf-8")
-
-
-def sign_local(
-    *,
-    signing_secret: bytes,
-    method: str,
-    key: str,
-    expires_at_s: int,
-    upload_id: str | None = None,
-    part_number: int | None = None,
-) -> str:
-    """Hex HMAC-SHA256 of (method, key, expires[, upload id, part number])."""
-    message = _local_message(method, key, expires_at_s, upload_id, part_number)
-    return hmac.new(signing_secret, message, hashlib.sha256).hexdigest()
-
-
-def verify_local_signature(
-    *, signing_secret: bytes, method: str, key: str, query: Mapping[str, str], now_s: float
-) -> LocalGrant | None:
-    """Check a request on a local artifact URL. Pure; the HTTP edge answers 403 on None.
-
-    `key` is the decoded path after `LOCAL_ROUTE_PREFIX`; `query` the decoded query parameters
-    (`expires`, `signature`, and for a part `upload_id` and `part_number`). None when anything
-    is malformed, tampered with or expired; the signature is compared in constant time.
-    """
-    try:
-        s3proto.validate_artifact_key(key)
-    except errors.InvalidInput:
-        return None
-    expires = query.get("expires", "")
-    given = query.get("signature", "")
-    if not _DIGITS.match(expires) or not _HEX_SIGNATURE.match(given):
-        return None
-    expires_at_s = int(expires)
-    upload_id = query.get("upload_id")
-    part = query.get("part_number")
-    part_number: int | None = None
-    if upload_id is not None or part is not None:
-        if upload_id is None or part is None or method.upper() != "PUT":
-            return None
-        if not _UPLOAD_ID.match(upload_id) or not _DIGITS.match(part):
-            return None
-        part_number = int(part)
-        if not 1 <= part_number <= MAX_PART_NUMBER:
-            return None
-    expected = sign_local(
-        signing_secret=signing_secret,
-        method=method,
-        key=key,
-        expires_at_s=expires_at_s,
-        upload_id=upload_id,
-        part_number=part_number,
-    )
-    # Compare before looking at the clock, so timing says nothing about which check failed.
-    if not hmac.compare_digest(expected, given):
-        return None
-    if now_s > expires_at_s:
-        return None
-    return LocalGrant(method.upper(), key, expires_at_s, upload_id, part_number)
+CLEANUP_TIMEOUT_S: Final = 5.0
 
 
 class ObjectReader:
@@ -228,7 +133,7 @@ class LocalArtifactStore:
         return path
 
     def _upload_dir(self, key: str, upload_id: str) -> Path:
-        if not _UPLOAD_ID.match(upload_id):
+        if not UPLOAD_ID.match(upload_id):
             raise errors.NotFound("no such multipart upload")
         path = self._uploads / upload_id
         try:
@@ -259,7 +164,7 @@ class LocalArtifactStore:
             except (NotADirectoryError, IsADirectoryError, FileExistsError) as exc:
                 raise errors.Conflict(
                     "an artifact name collides with an existing artifact path",
-                        code=ErrorCode.NAME_CONFLICT
+                    code=ErrorCode.NAME_CONFLICT,
                 ) from exc
         raise errors.Conflict("the artifact path kept changing during the upload")
 
@@ -355,21 +260,14 @@ class LocalArtifactStore:
                 f"expires_s must be within 1..{s3proto.MAX_PRESIGN_EXPIRES_S}, got {expires_s}"
             )
         expires_at_s = int(time.time()) + expires_s
-        params: dict[str, str] = {"expires": str(expires_at_s)}
-        if upload_id is not None and part_number is not None:
-            params["upload_id"] = upload_id
-            params["part_number"] = str(part_number)
-        params["signature"] = sign_local(
+        url = signed_local_url(
+            public_base_url=self.public_base_url,
             signing_secret=self._secret,
             method=method,
             key=key,
             expires_at_s=expires_at_s,
             upload_id=upload_id,
             part_number=part_number,
-        )
-        url = (
-            f"{self.public_base_url}{LOCAL_ROUTE_PREFIX}"
-            f"{s3proto.uri_encode(key, encode_slash=False)}?{urlencode(params)}"
         )
         return PresignedRequest(
             url=url, method=method, expires_at=datetime.fromtimestamp(expires_at_s, UTC)
@@ -384,7 +282,7 @@ class LocalArtifactStore:
     def presign_upload_part(
         self, key: str, upload_id: str, part_number: int, *, expires_s: int
     ) -> PresignedRequest:
-        if not _UPLOAD_ID.match(upload_id):
+        if not UPLOAD_ID.match(upload_id):
             raise errors.InvalidInput("not a valid upload id", field="upload_id")
         if not 1 <= part_number <= MAX_PART_NUMBER:
             raise errors.InvalidInput(
@@ -571,8 +469,9 @@ class LocalArtifactStore:
         result: str = await anyio.to_thread.run_sync(digest, limiter=self._limiter)
         return result
 
-    async def copy_object(self, source_key: str, target_key: str, *,
-                          timeout_s: float = DEFAULT_COMPLETE_TIMEOUT_S) -> bool:
+    async def copy_object(
+        self, source_key: str, target_key: str, *, timeout_s: float = DEFAULT_COMPLETE_TIMEOUT_S
+    ) -> bool:
         """A hard link under the target's name: O(1), and safe because every write here
         installs a new file (rename) instead of writing into an existing one, so a later upload
         to the source key can never change the target's bytes."""
@@ -638,7 +537,7 @@ async def open_local_store(
         root=root,
         public_base_url=public_base_url,
         signing_secret=signing_secret,
-        limiter=anyio.CapacityLimiter(MAX_THREADS),
+        limiter=anyio.CapacityLimiter(MAX_FILE_THREADS),
     )
     await store.ensure_bucket()
     await anyio.to_thread.run_sync(store._remove_stale_tmp)

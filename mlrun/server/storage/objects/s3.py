@@ -4,10 +4,10 @@ implementation of the `ArtifactStore` port (the embedded default is `objects.loc
 Owns path-style S3 requests signed with SigV4 (`mlrun.server.protocols.s3`) over httpx:
 presigned PUT/GET/part URLs, multipart create/complete/abort, HEAD, server-side copy, streamed
 SHA-256, DELETE. Bytes of artifacts never pass through this process except when `sha256_of`
-reads an object to verify it (streamed, bounded chunks). Also the store-wide constants the local
-store shares (`BACKEND`, chunk and part sizes).
+reads an object to verify it (streamed, bounded chunks).
 
-Must not import: the HTTP or gRPC edges, trio or asyncio (anyio only), psycopg, chdb.
+Must not import: the HTTP or gRPC edges, the local store, trio or asyncio (anyio only), psycopg,
+chdb.
 
 Invariants:
 - Every key goes through `protocols.s3.validate_artifact_key` first, so no key can traverse.
@@ -32,6 +32,8 @@ import httpx
 
 from mlrun.server import errors
 from mlrun.server.ports.objects import (
+    BACKEND,
+    CHUNK_BYTES,
     DEFAULT_COMPLETE_TIMEOUT_S,
     DEFAULT_HASH_TIMEOUT_S,
     DEFAULT_TIMEOUT_S,
@@ -41,18 +43,12 @@ from mlrun.server.ports.objects import (
 from mlrun.server.protocols import s3 as s3proto
 from mlrun.wire.artifacts import MAX_PART_NUMBER
 
-BACKEND = "artifacts"
-
 CONNECT_TIMEOUT_S = 5.0
 # Below the idle timeout of common S3 servers, so a pooled connection is not reused as it dies.
 KEEPALIVE_EXPIRY_S = 4.0
 # Bodies we read into memory (XML answers, error documents) are small; refuse anything bigger.
 MAX_RESPONSE_BYTES = 1 << 20
-# Hashing and file copies work in chunks of this size: memory stays bounded per operation.
-CHUNK_BYTES = 1 << 20
-# S3 (AWS, MinIO) refuse non-final parts below 5 MiB (EntityTooSmall). rclone does not check;
-# the local store does, so that code written against the embedded default works on S3.
-MIN_PART_BYTES = 5 * 1024 * 1024
+# Worker threads hashing streamed objects, shared by every operation of one store.
 MAX_THREADS = 4
 
 _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
