@@ -17,13 +17,13 @@ from mlrun.server.errors import (
     PermissionDenied,
 )
 from mlrun.server.ports.keys import NewKeyRecord, Principal, StoredKey, UsableKey
+from mlrun.server.usecases.access import RunAccess
 from mlrun.server.usecases.auth import (
     KEY_PREFIX,
     LAST_USED_RESOLUTION_S,
     LOCAL_CHANGE_GRACE_S,
     MAX_STALENESS_S,
     Authenticator,
-    RunAccess,
     display_prefix,
     key_digest,
     new_api_key,

@@ -1,8 +1,10 @@
-"""The key-directory port: where API keys live, and the records that cross it.
+"""The key-directory port: where API keys live, the records that cross it, and `Principal`
+(who a key belongs to and what it may do: scopes, an optional project).
 
-`mlrun.server.usecases.auth` (the authenticator, key management, the refresh task) talks to a
-`KeyDirectory`; `mlrun.server.storage.postgres.keys.PostgresKeyDirectory` implements it. A key
-is only ever held as its digest. Must not import storage, pipelines or edges.
+`mlrun.server.usecases.keys` (key management, and the refresh task that feeds the authenticator
+of `usecases.auth`) talks to a `KeyDirectory`;
+`mlrun.server.storage.postgres.keys.PostgresKeyDirectory` implements it. A key is only ever held
+as its digest. Must not import storage, pipelines, use-cases or edges.
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ from mlrun.server.ports.artifact_rows import ArtifactRow, ArtifactRows
 from mlrun.server.ports.keys import Principal
 from mlrun.server.ports.objects import ArtifactStore, PresignedRequest
 from mlrun.server.protocols.s3 import validate_artifact_key
-from mlrun.server.usecases.auth import RunAccess
+from mlrun.server.usecases.access import RunAccess
 from mlrun.wire.artifacts import (
     MAX_PART_BYTES,
     CompletedPart,

@@ -1,16 +1,15 @@
-"""Access: who is calling, and may they do this?
+"""Authentication: who is calling?
 
 Owns:
 - the API key format: `mlrun_` + 32 random bytes as url-safe base64 (43 characters), its
   digest (`key_digest`) and the short display prefix shown in listings;
 - extracting the key from HTTP headers or gRPC metadata (`Authorization: Bearer <key>` or
   `X-API-Key`; lower-cased names, as both edges deliver them);
-- `Authenticator`: answers `authenticate(headers)` from memory, with no I/O at all;
-- `RunAccess`: the project check for calls that address a run by id (a scoped key gets 404
-  `run_not_found` for another project's run, like for a missing one).
-`Principal` and the key records are the `ports.keys` port; the key API's payloads are
-`mlrun.wire.keys`; key management, the refresh task and the bootstrap file are
-`usecases.keys`.
+- `Authenticator`: answers `authenticate(headers)` from memory, with no I/O at all.
+`Principal` (what a caller may do: scopes, project) and the key records are the `ports.keys`
+port; the key API's payloads are `mlrun.wire.keys`; key management, the refresh task and the
+bootstrap file are `usecases.keys`; the project check of calls that address a run by id is
+`usecases.access.RunAccess`.
 
 Why a SHA-256 digest and not a slow password hash: a key carries 256 random bits, so there is no
 dictionary to try and no way to brute-force the digest back; a slow hash protects low-entropy
@@ -39,8 +38,8 @@ The bootstrap key (`MLRUN_API_KEY`, or the generated one in `<data dir>/bootstra
 global admin that lives only in memory. `MLRUN_AUTH_DISABLED=true` (allowed only on loopback
 listeners, checked by the config) makes every caller the local admin.
 
-Must not import the HTTP or gRPC edges or storage drivers: keys are stored through the
-`KeyDirectory` protocol (`mlrun.server.storage.postgres.keys` implements it on PostgreSQL).
+Must not import the HTTP or gRPC edges or storage: keys are loaded through the `KeyDirectory`
+port (`mlrun.server.storage.postgres.keys` implements it on PostgreSQL) by `usecases.keys`.
 """
 
 from __future__ import annotations
@@ -51,8 +50,7 @@ import logging
 import math
 import secrets
 import time
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from mlrun.server.errors import (
@@ -82,7 +80,6 @@ MAX_STALENESS_S = 30.0
 # A local create/revoke overrides reloads for this long, so a reload that started before the
 # change committed cannot undo it.
 LOCAL_CHANGE_GRACE_S = 10.0
-RUN_PROJECT_CACHE_ENTRIES = 50_000
 
 
 # --- principals ----------------------------------------------------------------------------------
@@ -269,48 +266,3 @@ class Authenticator:
     def statistics(self) -> AuthStatistics:
         age = None if self._loaded_at is None else self._monotonic() - self._loaded_at
         return AuthStatistics(len(self._keys), age, len(self._pending_last_used))
-
-
-# --- the key API's payloads ----------------------------------------------------------------------
-
-
-# --- use-cases -----------------------------------------------------------------------------------
-
-
-class RunAccess:
-    """The project check for calls addressing a run by id: a project-scoped key may only touch
-    runs of its project. Runs never change project, so run -> project answers are cached (LRU,
-    bounded) and the check costs a database round trip only the first time a run is seen."""
-
-    def __init__(
-        self,
-        run_project: Callable[[str], Awaitable[str]],
-        *,
-        max_entries: int = RUN_PROJECT_CACHE_ENTRIES,
-    ) -> None:
-        self._run_project = run_project
-        self._max_entries = max_entries
-        self._cache: OrderedDict[str, str] = OrderedDict()
-
-    async def require(self, principal: Principal, run_id: str) -> None:
-        """404 `run_not_found` for an unknown run and for a run of another project (only
-        looked up for project-scoped keys)."""
-        if principal.project is None:
-            return
-        project = self._cache.get(run_id)
-        if project is None:
-            project = await self._run_project(run_id)
-            self._cache[run_id] = project
-            if len(self._cache) > self._max_entries:
-                self._cache.popitem(last=False)
-        else:
-            self._cache.move_to_end(run_id)
-        principal.require_run_visible(run_id, project)
-
-
-# --- the refresh task ----------------------------------------------------------------------------
-
-
-# --- the bootstrap key ---------------------------------------------------------------------------
-
-

@@ -65,7 +65,7 @@ from mlrun.server.ports.write_path import (
     PointColumns,
     WritePath,
 )
-from mlrun.server.usecases.auth import RunAccess
+from mlrun.server.usecases.access import RunAccess
 from mlrun.wire.error_codes import ErrorCode
 from mlrun.wire.schemas import (
     MAX_NAME_BYTES,

@@ -1,12 +1,13 @@
-"""API keys in PostgreSQL: the `KeyDirectory` of `mlrun.server.usecases.auth` (`api_keys` table).
+"""API keys in PostgreSQL: the `KeyDirectory` port of `mlrun.server.ports.keys` (`api_keys` table).
 
 Owns: the SQL of key creation (with the cap on usable keys), listing, revocation, the load of
 the usable keys that every server process holds in memory, and last-used bookkeeping. Each
 method is one `Postgres.run` call (one worker-thread hop, one transaction), bounded by
 `timeout_s`.
 
-Must not import: trio or asyncio, the HTTP/gRPC edges, ClickHouse or artifact storage. It
-imports the key records and payloads from `mlrun.server.usecases.auth` (which imports no storage).
+Must not import: trio or asyncio, the HTTP/gRPC edges, the use-cases, ClickHouse or artifact
+storage. The key records come from the port (`ports.keys`), the listing payload from
+`mlrun.wire.keys`.
 
 Invariants:
 - Only the SHA-256 digest of a key is stored (`key_hash`), with a short display prefix; no
