@@ -10,7 +10,9 @@ Owns the three ways to get a `Target` (URLs, key, PIDs to watch, the ClickHouse 
 
 Starting and stopping backends reuses the test suite's classes (`tests/backends/`,
 `tests/server_process.py`), imported as the `tests` namespace package from the repository root:
-one way to start each backend, shared by tests and bench. Those classes report a missing binary
+one way to start each backend, shared by tests and bench. Those modules import each other the
+way pytest sees them (`from backends.ports import ...`, with `tests/` on `sys.path`), so the
+bench puts `tests/` on `sys.path` too before importing them. Those classes report a missing binary
 with `pytest.fail`; that is turned into a `BenchError` here.
 
 Invariants: every process started here is stopped here by its PID (SIGTERM, then SIGKILL after a
@@ -28,6 +30,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -39,7 +42,13 @@ import pytest
 from bench.errors import BenchError
 from bench.metrics_store import ChdbStore, ClickHouseServerStore, MetricsStore
 from bench.processes import Watched
-from tests.server_process import ServerProcess, real_backend_env
+
+# The test fixtures import their siblings as top-level modules (pytest puts tests/ on sys.path).
+_TESTS_DIR = str(Path(__file__).resolve().parent.parent / "tests")
+if _TESTS_DIR not in sys.path:
+    sys.path.append(_TESTS_DIR)
+
+from tests.server_process import ServerProcess, real_backend_env  # noqa: E402
 
 TargetKind = Literal["own-real-backends", "own-embedded", "external"]
 
