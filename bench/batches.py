@@ -1,9 +1,12 @@
 """The rows every workload sends: one batch shape, shared by the ingest writers and the baseline.
 
 Owns: which points make up batch `seq` of a writer (metric names, steps, values, timestamp),
-and their three encodings: the HTTP JSON body (columnar `series`, through the wire schemas),
-the gRPC `LogBatchRequest` (columnar `metric_columns`), and RowBinary rows of the `metrics`
-table (through `mlrun.server.protocols.clickhouse.encode_metric_rows`, the server's own encoder).
+and their encodings: the HTTP JSON body in either wire form (`series`: columnar, one object per
+metric name with parallel arrays; `rows`: one `{name, value, step, timestamp}` object per point,
+the form hand-written clients and MLflow-style APIs send; the `http` and `http-rows`
+transports), the gRPC `LogBatchRequest` (columnar `metric_columns`), and RowBinary rows of the
+`metrics` table (through `mlrun.server.protocols.clickhouse.encode_metric_rows`, the server's
+own encoder).
 
 Invariants:
 - Batch `seq` of a writer covers steps [seq * S, (seq + 1) * S) of every metric name (S =
@@ -21,11 +24,14 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 from mlrun.server.protocols.clickhouse import MetricRow, encode_metric_rows
 from mlrun.wire.proto.mlrun.v1 import ingest_pb2
-from mlrun.wire.schemas import IngestBatch, MetricSeries, json_encoder
+from mlrun.wire.schemas import IngestBatch, MetricPoint, MetricSeries, json_encoder
 
+# How an HTTP batch carries its points: `IngestBatch.series` or `IngestBatch.metrics`.
+WireForm = Literal["series", "rows"]
 _MAX_METRIC_NAMES = 10
 _VALUE_SEED = 20240611  # fixed, so every run of the bench sends the same values
 
@@ -89,8 +95,11 @@ def make_batch(shape: BatchShape, run_id: str, seq: int) -> Batch:
     return Batch(shape=shape, run_id=run_id, seq=seq, timestamp_ms=time.time_ns() // 1_000_000)
 
 
-def http_body(batch: Batch) -> bytes:
-    """`POST /api/v1/ingest/batch` JSON with the points in the columnar `series` form."""
+def http_body(batch: Batch, form: WireForm = "series") -> bytes:
+    """`POST /api/v1/ingest/batch` JSON with the points in the columnar `series` form, or in
+    the `rows` form (`metrics`: one object per point, metric by metric)."""
+    if form == "rows":
+        return http_rows_body(batch)
     steps = batch.steps()
     timestamps = [batch.timestamp_ms] * len(steps)
     series = [
@@ -99,6 +108,20 @@ def http_body(batch: Batch) -> bytes:
     ]
     return json_encoder.encode(
         IngestBatch(run_id=batch.run_id, batch_id=batch.batch_id, seq=batch.seq, series=series)
+    )
+
+
+def http_rows_body(batch: Batch) -> bytes:
+    """The same points as `http_body(batch)`, one `{name, value, step, timestamp}` each."""
+    steps = batch.steps()
+    timestamp_ms = batch.timestamp_ms
+    points = [
+        MetricPoint(name=name, value=value, step=step, timestamp=timestamp_ms)
+        for name, values in zip(batch.shape.metric_names, batch.shape.values, strict=True)
+        for step, value in zip(steps, values, strict=True)
+    ]
+    return json_encoder.encode(
+        IngestBatch(run_id=batch.run_id, batch_id=batch.batch_id, seq=batch.seq, metrics=points)
     )
 
 

@@ -1,8 +1,9 @@
 """The ingest workload's writers: batches through the MLRun server, over HTTP and over gRPC.
 
 Owns:
-- `HttpIngestSender`: `POST /api/v1/ingest/batch` with the columnar `series` JSON, over one
-  keep-alive `http.client` connection per writer (see `bench.writers` for why not httpx);
+- `HttpIngestSender`: `POST /api/v1/ingest/batch` with the points in one wire form (columnar
+  `series`, or `rows`: one object per point), over one keep-alive `http.client` connection per
+  writer (see `bench.writers` for why not httpx);
 - `GrpcIngestSender`: `mlrun.v1.IngestService/LogBatch` with `metric_columns`, over one grpcio
   channel per writer (each writer stands for one training process with its own connection);
 - `RunsClient`: creating and finishing the runs a workload writes to (over HTTP; not measured).
@@ -26,7 +27,7 @@ from typing import Any
 import grpc
 import msgspec
 
-from bench.batches import Batch, grpc_request, http_body
+from bench.batches import Batch, WireForm, grpc_request, http_body
 from bench.errors import BenchError
 from bench.writers import Acked, Failed, Outcome, Throttled
 from mlrun.wire.proto.mlrun.v1 import ingest_pb2
@@ -66,7 +67,9 @@ def _retry_after_s(value: str | None) -> float:
 
 
 class HttpIngestSender:
-    def __init__(self, base_url: str, api_key: str, *, timeout_s: float) -> None:
+    def __init__(self, base_url: str, api_key: str, *, timeout_s: float,
+                 form: WireForm = "series") -> None:
+        self._form: WireForm = form
         self._connection = _connection(base_url, timeout_s)
         self._headers = {
             "Authorization": f"Bearer {api_key}",
@@ -79,7 +82,7 @@ class HttpIngestSender:
             raise BenchError(f"cannot connect to {base_url}: {exc}") from exc
 
     def encode(self, batch: Batch) -> bytes:
-        return http_body(batch)
+        return http_body(batch, self._form)
 
     def send(self, payload: bytes) -> Outcome:
         started = time.perf_counter()
