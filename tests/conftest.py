@@ -21,7 +21,6 @@ import pytest
 
 from mlrun.server.storage.postgres.client import Postgres, apply_postgres_migrations, open_postgres
 
-from backends.postgres import fresh_database
 from readback import ClickHouseReader
 from server_process import TEST_API_KEY, ServerProcess, real_backend_env
 
@@ -82,14 +81,6 @@ def reachable_tmp_dir() -> Iterator[Path]:
 @pytest.fixture
 def clickhouse_reader(clickhouse_server: Any, clickhouse_database: str) -> ClickHouseReader:
     return ClickHouseReader(clickhouse_server, clickhouse_database)
-
-
-@pytest.fixture
-def pg_dsn(postgres_server: Any) -> Iterator[str]:
-    """A fresh empty database on the Debian PostgreSQL cluster (modules that also test the
-    embedded pgserver override this with a parametrized fixture of the same name)."""
-    with fresh_database(postgres_server.dsn()) as dsn:
-        yield dsn
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ the suite short); every loop is bounded by a batch count and a time budget.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -33,13 +32,6 @@ def batch_body(run_id: str, worker: int, index: int, batches: int, points: int) 
         "series": [{"name": "loss", "steps": list(range(first, first + points)),
                     "values": [step / 7 for step in range(first, first + points)]}],
     }).encode()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def server_rss_kib(pid: int) -> tuple[int, int]:

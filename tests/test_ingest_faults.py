@@ -20,12 +20,12 @@ from typing import Any
 import httpx
 import pytest
 
+from backends.ports import free_port
 from ingest_load import (
     ANSWER_BOUND_S,
     AUTH,
     LoadStats,
     assert_exactly_once,
-    free_port,
     server_rss_kib,
     start_writers,
 )

@@ -28,6 +28,7 @@ import pytest
 
 from mlrun.wire.proto.mlrun.v1 import ingest_pb2
 
+from backends.ports import free_port
 from backends.postgres import PostgresCluster
 from ingest_load import (
     ANSWER_BOUND_S,
@@ -35,7 +36,6 @@ from ingest_load import (
     LoadStats,
     assert_exactly_once,
     batch_body,
-    free_port,
     start_writers,
 )
 from readback import ClickHouseReader

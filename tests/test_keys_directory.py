@@ -3,7 +3,6 @@ the embedded pgserver (16), a fresh migrated database per test. No mocks."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
@@ -13,36 +12,16 @@ import pytest
 
 from mlrun.server import errors
 from mlrun.server.ports.keys import NewKeyRecord, Principal
-from mlrun.server.storage.postgres.client import Postgres, apply_postgres_migrations, open_postgres
+from mlrun.server.storage.postgres.client import Postgres
 from mlrun.server.storage.postgres.keys import PostgresKeyDirectory
 from mlrun.server.usecases.auth import Authenticator, key_digest
 from mlrun.server.usecases.keys import KeyManagement
 from mlrun.wire.keys import CreateKey
 
-from backends.postgres import fresh_database
-
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.postgres_engines("debian", "embedded")]
 
 ADMIN = Principal("bootstrap", frozenset({"admin"}))
 TEST_DEADLINE_S = 60
-
-
-@pytest.fixture(params=["debian", "embedded"])
-def pg_dsn(request: pytest.FixtureRequest) -> Iterator[str]:
-    if request.param == "debian":
-        admin_dsn = request.getfixturevalue("postgres_server").dsn()
-    else:
-        admin_dsn = request.getfixturevalue("embedded_postgres_dsn")
-    with fresh_database(admin_dsn) as dsn:
-        yield dsn
-
-
-@pytest.fixture
-async def pg(pg_dsn: str) -> AsyncIterator[Postgres]:
-    async with open_postgres(pg_dsn, max_connections=4) as opened:
-        with anyio.fail_after(TEST_DEADLINE_S):
-            await apply_postgres_migrations(opened)
-        yield opened
 
 
 def record(key_id: str, raw: str, *, project: str | None = None,

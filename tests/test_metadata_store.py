@@ -9,7 +9,7 @@ No mocks: concurrency is real concurrency, a "restart" is a closed and reopened 
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
@@ -25,25 +25,12 @@ from mlrun.server.storage.postgres.metadata import MetadataStore
 from mlrun.server.storage.postgres.run_data import render_param_value
 from mlrun.wire.schemas import InitRun, Param, Tag
 
-from backends.postgres import fresh_database
-
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.postgres_engines("debian", "embedded")]
 
 TEST_DEADLINE_S = 60
 LIMITS = CardinalityLimits()
 HASH_A = b"\x01" * 32
 HASH_B = b"\x02" * 32
-
-
-@pytest.fixture(params=["debian", "embedded"])
-def pg_dsn(request: pytest.FixtureRequest) -> Iterator[str]:
-    """A fresh empty database on the Debian cluster, then on the embedded pgserver."""
-    if request.param == "debian":
-        admin_dsn = request.getfixturevalue("postgres_server").dsn()
-    else:
-        admin_dsn = request.getfixturevalue("embedded_postgres_dsn")
-    with fresh_database(admin_dsn) as dsn:
-        yield dsn
 
 
 @asynccontextmanager

@@ -12,7 +12,7 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,9 @@ from mlrun.server.storage.migrations import load_migrations
 from mlrun.server.storage.postgres.client import Postgres, apply_postgres_migrations, open_postgres
 from mlrun.server.storage.postgres.embedded import open_embedded_postgres
 
-from backends.postgres import PostgresCluster, fresh_database, wait_for_exit
+from backends.postgres import PostgresCluster, wait_for_exit
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.postgres_engines("debian", "embedded")]
 
 EXPECTED_VERSIONS = [m.version for m in load_migrations("postgres")]
 LOCK_KEY = 0x7E57_0001
@@ -38,17 +38,6 @@ EXPECTED_TABLES = {
     "projects", "runs", "run_params", "run_tags", "project_tag_keys", "run_metric_names",
     "artifacts", "api_keys", "ingest_batches", "schema_migrations",
 }
-
-
-@pytest.fixture(params=["debian", "embedded"])
-def pg_dsn(request: pytest.FixtureRequest) -> Iterator[str]:
-    """A fresh empty database on the Debian cluster, then on the embedded pgserver."""
-    if request.param == "debian":
-        admin_dsn = request.getfixturevalue("postgres_server").dsn()
-    else:
-        admin_dsn = request.getfixturevalue("embedded_postgres_dsn")
-    with fresh_database(admin_dsn) as dsn:
-        yield dsn
 
 
 async def _scalar(pg: Postgres, query: str, params: tuple[Any, ...] = ()) -> Any:

@@ -2,11 +2,12 @@
 and one shared chdb data directory.
 
 Owns: writing the server's own config.xml and users.xml under a temp dir (loopback only, free
-ports, every path and log file inside the temp dir, the `default` profile from BACKENDS.md,
-a `mlrun` user with a password next to the password-less `default`), starting the binary in the
-foreground, waiting for `GET /ping` -> `Ok.` with a deadline, and stopping it by PID. Tests may
-`stop()`/`start()` it (same port, same data) and `freeze()`/`thaw()` it (SIGSTOP/SIGCONT) to
-exercise readiness and backpressure; whoever does must restore it before the test ends.
+ports, every path and log file inside the temp dir, the `default` profile the README asks of an
+18.16 server, a `mlrun` user with a password next to the password-less `default`), starting the
+binary in the foreground, waiting with a deadline until it answers `SELECT 1` as that user, and
+stopping it by PID. Tests may `stop()`/`start()` it (same port, same data) and
+`freeze()`/`thaw()` it (SIGSTOP/SIGCONT) to exercise readiness and backpressure; whoever does
+must restore it before the test ends.
 
 Fixtures: `clickhouse_server` (session), `clickhouse_database` (a fresh database name per test),
 `embedded_clickhouse_dir` (session: chdb serves one data directory per process, so every test
@@ -23,10 +24,10 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -35,17 +36,11 @@ from xml.sax.saxutils import escape
 
 import pytest
 
+from backends.ports import PORT_ATTEMPTS, address_was_in_use, free_port
+
 _BINARY_CANDIDATES = ("/usr/bin/clickhouse-server", "/usr/sbin/clickhouse-server")
 _START_TIMEOUT_S = 30.0
 _STOP_TIMEOUT_S = 15.0
-_PORT_ATTEMPTS = 3  # a free port found by binding 0 can be taken before the server binds it
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def find_clickhouse_binary() -> str:
@@ -99,14 +94,14 @@ class ClickHouseServer:
         restart reuses them and the data directory."""
         if self.running:
             raise RuntimeError("clickhouse-server is already running")
-        attempts = _PORT_ATTEMPTS if self.port == 0 else 1
+        attempts = PORT_ATTEMPTS if self.port == 0 else 1
         for attempt in range(attempts):
             if self.port == 0 or attempt > 0:
-                self.port, self.tcp_port = _free_port(), _free_port()
+                self.port, self.tcp_port = free_port(), free_port()
             self._write_config()
             if self._launch_and_wait(timeout_s):
                 return
-            if "Address already in use" not in self.log_tail():
+            if not address_was_in_use(self.log_tail()):
                 break
         raise RuntimeError(f"clickhouse-server did not start:\n{self.log_tail()}")
 
@@ -167,9 +162,14 @@ class ClickHouseServer:
         return False
 
     def _ping(self) -> bool:
+        """Our server answers: a query as our own user, whose password only this server knows
+        (a bare `/ping` would also be answered by another worker's server that took the port
+        our start then failed to bind)."""
+        query = urllib.parse.urlencode(
+            {"user": self.user, "password": self.password, "query": "SELECT 1"})
         try:
-            with urllib.request.urlopen(f"{self.url}/ping", timeout=1.0) as response:
-                return bool(response.read().strip() == b"Ok.")
+            with urllib.request.urlopen(f"{self.url}/?{query}", timeout=1.0) as response:
+                return bool(response.read().strip() == b"1")
         except (OSError, urllib.error.URLError):
             return False
 

