@@ -12,8 +12,8 @@
 - sender.py / retry.py / transport*.py: delivery, backpressure-aware retries, HTTP and gRPC.
 - sync_command.py: `mlrun sync [DIR]`, replaying spools of finished or crashed processes.
 - system_monitor.py: opt-in CPU, memory, disk, network (and GPU via NVML) metrics.
-- settings.py, statistics.py, errors.py, rpc_status.py: configuration, counters, exceptions,
-  and the RetryInfo reader.
+- settings.py, statistics.py, errors.py: configuration, counters, exceptions (the RetryInfo
+  reader is shared with the server: `mlrun.wire.rpc_status`).
 
 Must not import `mlrun.server`; httpx and grpc are imported only when a transport is opened.
 """
