@@ -27,8 +27,9 @@ from google.protobuf import (
     message_factory,
 )
 
+from mlrun.server.edges.grpc.connection import MAX_STATUS_MESSAGE_CHARS
 from mlrun.server.edges.grpc.health import HealthServicer
-from mlrun.server.edges.grpc.listener import MAX_STATUS_MESSAGE_CHARS, GrpcAbort, serve_grpc
+from mlrun.server.edges.grpc.listener import GrpcAbort, serve_grpc
 from mlrun.server.errors import GrpcCode, Overloaded
 from mlrun.wire.proto.grpc.health.v1 import health_grpc, health_pb2
 from mlrun.wire.proto.mlrun.v1 import ingest_pb2, query_pb2

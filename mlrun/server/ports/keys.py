@@ -84,7 +84,7 @@ class StoredKey:
 
 
 class KeyDirectory(Protocol):
-    """Where keys live (PostgreSQL: `mlrun.server.storage.keys.PostgresKeyDirectory`)."""
+    """Where keys live (PostgreSQL: `mlrun.server.storage.postgres.keys.PostgresKeyDirectory`)."""
 
     async def load_usable(self) -> list[UsableKey]:
         """Every key not revoked and not expired for longer than EXPIRED_KEY_MEMORY_S."""

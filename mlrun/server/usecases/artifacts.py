@@ -44,9 +44,11 @@ answer stays small; the object limit is S3's 5 TiB. Without a declared size the 
 single PUT (S3 caps those at 5 GiB).
 
 The HTTP and gRPC edges both call `Artifacts`; neither holds any of this logic. The request
-payloads (`CreateArtifact`, `FinalizeArtifact`) are msgspec Structs the HTTP edge decodes into
-and the gRPC edge builds; answers are plain records each edge renders in its own form.
-Must not import the edges, hypercorn, purerpc or storage drivers.
+payloads (`CreateArtifact`, `FinalizeArtifact`) are the msgspec Structs of `mlrun.wire.artifacts`
+that the HTTP edge decodes into and the gRPC edge builds; answers are plain records each edge
+renders in its own form. The store and the artifact records are reached through the ports
+(`ports.objects.ArtifactStore`, `ports.artifact_rows.ArtifactRows`).
+Must not import the edges, hypercorn, purerpc, pipelines or storage.
 """
 
 from __future__ import annotations

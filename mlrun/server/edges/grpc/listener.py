@@ -3,8 +3,9 @@ with bounded memory, per-call deadlines, errors rendered with trailing metadata,
 drain on cancellation.
 
 Owns: `serve_grpc` (bind, accept, dispatch, drain) and `GrpcAbort` (how a servicer ends a call
-with a status code, a message and custom trailing metadata).
-Must not import trio or asyncio (anyio only), storage drivers, or the HTTP edge.
+with a status code, a message and custom trailing metadata). One connection's HTTP/2 and gRPC
+machinery (streams, trailers, flow-control windows) is `edges.grpc.connection`.
+Must not import trio or asyncio (anyio only), the use-cases, storage, or the HTTP edge.
 Invariants: every call gets exactly one status; a client sees only the status message a servicer
 chose (never exception text); cancellation always propagates; resources per connection and
 connections are bounded (below); `serve_grpc` returns within `grace_period_s + close_timeout_s`
@@ -20,9 +21,8 @@ What is reused from purerpc 0.8.0 and what is replaced, and why:
   renders every outcome itself: `GrpcAbort`, `MlrunError` (the error tree), a protobuf
   `DecodeError` (INVALID_ARGUMENT), an expired `grpc-timeout` (DEADLINE_EXCEEDED), anything else
   (INTERNAL "internal error", traceback logged, never sent).
-- Trailing metadata: purerpc refuses custom metadata named `grpc-*`, so it cannot send
-  `grpc-status-details-bin`. `_Stream.finish` writes the trailer block itself through the same h2
-  connection (a Trailers-Only response when no message was sent yet).
+- Extended: its connection and stream (`edges.grpc.connection`), which send trailers with any
+  metadata, run with the limits below, and leak no window.
 - Memory: purerpc opens each connection's HTTP/2 receive window by 1 GiB and acknowledges a
   message (hands its window back) only when a handler reads it; its per-stream queues hold only
   what the windows let in. Here the connection window is the least that cannot deadlock,
@@ -30,13 +30,8 @@ What is reused from purerpc 0.8.0 and what is replaced, and why:
   incomplete message, which nobody can read yet), so unread request bytes stay under
   `max_connections * max_concurrent_streams * max_message_bytes`. That is a bound, not a budget:
   handlers read their message at once; lower `max_message_bytes` to tighten it.
-- Window leaks: purerpc never acknowledges request bytes nobody reads (a call answered before
-  reading, e.g. rejected; a request reset or ended inside a message), so a long-lived connection
-  stalls for good once they add up to its window; and one message over `max_message_bytes` ends
-  the whole connection. `_H2Connection`, `_Stream.end_call` and `_Inbox` acknowledge all of it,
-  end a reset request (its handler stops waiting), and fail only the oversized call:
-  INVALID_ARGUMENT with `mlrun-error-code: payload_too_large` (never RESOURCE_EXHAUSTED, which
-  clients are told to wait on and resend: the same message can never fit).
+- Window leaks and oversized messages: handled per call by `edges.grpc.connection` (a message
+  over `max_message_bytes` fails only its call, INVALID_ARGUMENT `payload_too_large`).
 - Every error status carries `mlrun-error-code` (malformed protobuf, deadlines and internal
   errors included), so a client can always branch on the machine code.
 
@@ -54,12 +49,9 @@ not cancelled; it finishes and its answer is dropped.
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import functools
 import logging
 import re
-import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, cast
@@ -67,18 +59,11 @@ from typing import Any, Final, cast
 import anyio
 import anyio.abc
 import h2.exceptions  # type: ignore[import-untyped]
-import h2.stream  # type: ignore[import-untyped]
 import purerpc
-from anyio.streams.memory import MemoryObjectSendStream
 from google.protobuf.message import DecodeError
-from purerpc.grpc_proto import GRPCProtoSocket, GRPCProtoStream
-from purerpc.grpc_socket import GRPCStreamState, SocketWrapper
-from purerpc.grpclib.buffers import MessageReadBuffer
 from purerpc.grpclib.config import GRPCConfiguration
-from purerpc.grpclib.connection import GRPCConnection
-from purerpc.grpclib.events import MessageReceived, RequestEnded, RequestReceived
+from purerpc.grpclib.events import RequestReceived
 from purerpc.grpclib.exceptions import MessageTooLargeError, ProtocolError, RpcFailedError
-from purerpc.grpclib.status import Status, StatusCode
 from purerpc.rpc import Cardinality
 from purerpc.wrappers import (
     call_server_stream_stream,
@@ -87,6 +72,13 @@ from purerpc.wrappers import (
     call_server_unary_unary,
 )
 
+from mlrun.server.edges.grpc.connection import (
+    H2_DEFAULT_WINDOW_BYTES,
+    GrpcSocket,
+    GrpcStream,
+    Metadata,
+    error_code_trailer,
+)
 from mlrun.server.errors import GrpcCode, MlrunError, Overloaded
 from mlrun.wire.error_codes import ErrorCode
 from mlrun.wire.rpc_status import encode_retry_status
@@ -99,19 +91,11 @@ DEFAULT_MAX_CONNECTIONS: Final = 256
 DEFAULT_GRACE_PERIOD_S: Final = 5.0
 DEFAULT_CLOSE_TIMEOUT_S: Final = 1.0
 
-# HTTP/2's initial connection window (RFC 9113 6.9.2); purerpc adds 1 GiB on top of it.
-_H2_DEFAULT_WINDOW_BYTES: Final = 65_535
 _GRPC_MESSAGE_HEADER_BYTES: Final = 5  # compressed flag and length before every message
 _STATUS_DETAILS_KEY: Final = "grpc-status-details-bin"
-# h2 stream states after the server sent END_STREAM: the call has its answer.
-_ANSWERED_STATES: Final = (h2.stream.StreamState.HALF_CLOSED_LOCAL, h2.stream.StreamState.CLOSED)
-# Status messages travel in a header: a message echoing client input (a 200 KB service name)
-# would exceed grpcio's header list limit and turn the answer into RESOURCE_EXHAUSTED.
-MAX_STATUS_MESSAGE_CHARS: Final = 512
 _METADATA_KEY = re.compile(r"^[0-9a-z_.-]+$")
 _PRINTABLE_ASCII = re.compile(r"^[\x20-\x7e]*$")
 
-Metadata = Sequence[tuple[str, str | bytes]]
 # Told (method path or "unknown", status code name) when a call ends: for telemetry.
 CallObserver = Callable[[str, str], None]
 
@@ -163,11 +147,6 @@ class GrpcAbort(Exception):
         )
 
 
-def _error_code_trailer(code: str) -> Metadata:
-    """The `mlrun-error-code` trailer of a status the listener itself answers."""
-    return (("mlrun-error-code", code),)
-
-
 def _checked_metadata(key: str, value: str | bytes) -> tuple[str, str | bytes]:
     if not _METADATA_KEY.match(key) or key.startswith("grpc-"):
         raise ValueError(f"invalid trailing metadata key {key!r}")
@@ -176,196 +155,6 @@ def _checked_metadata(key: str, value: str | bytes) -> tuple[str, str | bytes]:
     if isinstance(value, str) and not _PRINTABLE_ASCII.match(value):
         raise ValueError(f"metadata {key!r}: text values must be printable ASCII")
     return key, value
-
-
-# --- purerpc internals, extended (see the module docstring) ---------------------------------
-
-
-class _Inbox:
-    """The sending side of a stream's event queue, minus a race. purerpc's reader parses a batch
-    of events, then delivers each with `await send()`, and anyio's `send` checkpoints before it
-    enqueues: a call could be answered and end during that checkpoint, after `end_call` emptied
-    its queue, and its message would then sit there unacknowledged for good (a leak of the
-    connection window). `send_nowait` cannot block (the queue is unbounded; the HTTP/2 windows
-    bound it) and does not checkpoint, so a batch is delivered before any handler runs."""
-
-    def __init__(self, send: MemoryObjectSendStream[Any]) -> None:
-        self._send = send
-
-    async def send(self, event: Any) -> None:
-        self._send.send_nowait(event)
-
-
-class _Stream(GRPCProtoStream):  # type: ignore[misc]  # purerpc has no type information
-    """purerpc's server stream plus: lazy response headers, trailers with any metadata, and
-    acknowledgement of request data the call never read."""
-
-    _incoming_events: tuple[Any, Any]  # purerpc's (send, receive) pair of the event queue
-    _grpc_connection: _H2Connection
-
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        send, receive = self._incoming_events
-        self._incoming_events = (_Inbox(send), receive)
-        # For telemetry: which method this call was (bounded label set) and how it ended;
-        # a call that ends through purerpc's own response path ended OK.
-        self.call_label = "unknown"
-        self.status_code = GrpcCode.OK
-
-    @property
-    def locally_closed(self) -> bool:
-        return self._state in (GRPCStreamState.HALF_CLOSED_LOCAL, GRPCStreamState.CLOSED)
-
-    async def send_message(self, message: Any) -> None:
-        # Headers go out with the first message, so an error before any message is a single
-        # Trailers-Only response (purerpc sends headers eagerly, before reading the request).
-        if not self._response_started:
-            await self.start_response()
-        await super().send_message(message)
-
-    async def finish(self, code: GrpcCode, message: str, metadata: Metadata = ()) -> None:
-        """End the call with a status and trailing metadata; reserved `grpc-*` keys allowed."""
-        self.status_code = code
-        headers: list[tuple[str, str]] = []
-        if not self._response_started:
-            headers += [(":status", "200"), ("content-type", "application/grpc+proto")]
-        headers.append(("grpc-status", str(int(code))))
-        if message:
-            if len(message) > MAX_STATUS_MESSAGE_CHARS:
-                message = message[: MAX_STATUS_MESSAGE_CHARS - 3] + "..."
-            headers.append(("grpc-message", urllib.parse.quote(message, safe="")))
-        for key, value in metadata:
-            if isinstance(value, bytes):  # -bin values: base64 without padding (gRPC spec)
-                headers.append((key, base64.b64encode(value).rstrip(b"=").decode("ascii")))
-            else:
-                headers.append((key, value))
-        try:
-            self._grpc_connection.h2_connection.send_headers(
-                self._stream_id, headers, end_stream=True
-            )
-        finally:  # also when h2 refuses (stream reset by the client): the call is over either way
-            self._close_local()
-        await self._socket.flush()
-
-    async def end_call(self) -> None:
-        """The handler is done: hand back the window of the messages it did not read. Bytes
-        of a message still incomplete are released by `_H2Connection` when more arrive (the
-        call is answered by now), when the request ends, or when the client resets it."""
-        receive = self._incoming_events[1]
-        while True:
-            try:
-                event = receive.receive_nowait()
-            except anyio.WouldBlock:
-                break
-            if isinstance(event, MessageReceived):
-                self._grpc_connection.acknowledge_received_data(
-                    self._stream_id, event.flow_controlled_length
-                )
-        await self._socket.flush()
-
-
-class _H2Connection(GRPCConnection):  # type: ignore[misc]
-    """purerpc's connection with our stream limit, a bounded connection window, and no window
-    leaks: request bytes that will never be read are acknowledged at once (see below)."""
-
-    def __init__(
-        self, config: GRPCConfiguration, *, max_concurrent_streams: int, window_bytes: int
-    ) -> None:
-        # Read by purerpc's settings setup inside super().__init__.
-        self.MAX_CONCURRENT_STREAMS = max_concurrent_streams
-        self._window_bytes = window_bytes
-        super().__init__(config=config)
-
-    def initiate_connection(self) -> None:
-        self.h2_connection.initiate_connection()
-        increment = self._window_bytes - _H2_DEFAULT_WINDOW_BYTES
-        if increment > 0:
-            self.h2_connection.increment_flow_control_window(increment)
-
-    def _answered(self, stream_id: int) -> bool:
-        stream = self.h2_connection.streams.get(stream_id)
-        return stream is None or stream.state_machine.state in _ANSWERED_STATES
-
-    def release_unparsed(self, stream_id: int) -> None:
-        """Acknowledge the bytes buffered for a message that will never be read."""
-        buffer = self.message_read_buffers.get(stream_id)
-        if buffer is None:
-            return
-        # Unparsed bytes, plus the 5-byte header of a message whose body is incomplete.
-        pending = sum(length for _, length in buffer._buffer._deque)
-        pending += buffer._flow_controlled_length or 0
-        if pending:
-            self.h2_connection.acknowledge_received_data(pending, stream_id)
-        self.message_read_buffers[stream_id] = MessageReadBuffer(
-            buffer._message_encoding, self.config.max_message_length
-        )
-
-    def _data_received(self, event: Any) -> list[Any]:
-        # A client may keep uploading after its call was answered (a rejection before reading):
-        # purerpc's own client finishes the message, grpcio resets the stream. purerpc would
-        # buffer those bytes unacknowledged; once they fill the connection window every call
-        # on the connection stalls. Drop them and hand their window back.
-        if self._answered(event.stream_id):
-            self.release_unparsed(event.stream_id)
-            self.h2_connection.acknowledge_received_data(
-                event.flow_controlled_length, event.stream_id
-            )
-            return []
-        try:
-            return cast(list[Any], super()._data_received(event))
-        except MessageTooLargeError:
-            # purerpc raises this out of its frame parser, which ends the whole connection and
-            # every call on it. Answer only this call; the rest of its upload is dropped as
-            # above, and its handler sees the request end without a message.
-            self.release_unparsed(event.stream_id)
-            del self.message_read_buffers[event.stream_id]
-            limit = self.config.max_message_length
-            status = Status(StatusCode.INVALID_ARGUMENT, f"request message over {limit} bytes")
-            self.respond_status(event.stream_id, status,
-                                custom_metadata=_error_code_trailer(ErrorCode.PAYLOAD_TOO_LARGE))
-            return [RequestEnded(event.stream_id)]
-
-    def _stream_ended(self, event: Any) -> list[Any]:
-        # A request that ends inside a message: purerpc drops the partial bytes unacknowledged.
-        self.release_unparsed(event.stream_id)
-        return cast(list[Any], super()._stream_ended(event))
-
-    def _stream_reset(self, event: Any) -> list[Any]:
-        # purerpc ignores RST_STREAM: the partial message stayed buffered (unacknowledged) and
-        # the stream never ended. Release the bytes and end the request.
-        if event.stream_id not in self.message_read_buffers:  # the request had already ended
-            return []
-        self.release_unparsed(event.stream_id)
-        del self.message_read_buffers[event.stream_id]
-        return [RequestEnded(event.stream_id)]
-
-
-class _GrpcSocket(GRPCProtoSocket):  # type: ignore[misc]
-    StreamClass = _Stream
-
-    def __init__(
-        self,
-        config: GRPCConfiguration,
-        sock: anyio.abc.SocketStream,
-        *,
-        max_concurrent_streams: int,
-        window_bytes: int,
-    ) -> None:
-        super().__init__(config, sock)
-        # purerpc builds its connection inside __init__ with fixed limits: replace it (and the
-        # socket wrapper bound to it) before anything is sent.
-        self._grpc_connection = _H2Connection(
-            config, max_concurrent_streams=max_concurrent_streams, window_bytes=window_bytes
-        )
-        self._socket = SocketWrapper(self._grpc_connection, sock)
-
-    def send_goaway(self) -> None:
-        # Already closed (a protocol error, or the peer's GOAWAY): nothing to announce.
-        with contextlib.suppress(h2.exceptions.ProtocolError):
-            self._grpc_connection.h2_connection.close_connection()
-
-    async def flush(self) -> None:
-        await self._socket.flush()
 
 
 # --- the server -------------------------------------------------------------------------------
@@ -414,7 +203,7 @@ class _GrpcServer:
         # other forever (measured: 16 concurrent 250 KB calls stall a 512 KiB window).
         self._window_bytes = (
             max_concurrent_streams * (max_message_bytes + _GRPC_MESSAGE_HEADER_BYTES)
-            + _H2_DEFAULT_WINDOW_BYTES
+            + H2_DEFAULT_WINDOW_BYTES
         )
         self._grace_period_s = grace_period_s
         self._close_timeout_s = close_timeout_s
@@ -434,7 +223,7 @@ class _GrpcServer:
             try:
                 async with (
                     sock,
-                    _GrpcSocket(
+                    GrpcSocket(
                         self._config,
                         sock,
                         max_concurrent_streams=self._max_concurrent_streams,
@@ -456,7 +245,7 @@ class _GrpcServer:
                 if self._draining and not self._connections:
                     self._connections_done.set()
 
-    async def _serve_call(self, stream: _Stream) -> None:
+    async def _serve_call(self, stream: GrpcStream) -> None:
         self._calls_in_flight += 1
         try:
             await self._dispatch(stream)
@@ -477,7 +266,7 @@ class _GrpcServer:
             if self._on_call_finished is not None:
                 self._on_call_finished(stream.call_label, stream.status_code.name)
 
-    async def _dispatch(self, stream: _Stream) -> None:
+    async def _dispatch(self, stream: GrpcStream) -> None:
         event = await stream.receive_event()
         if not isinstance(event, RequestReceived):  # purerpc always delivers headers first
             await self._finish(stream, GrpcCode.INTERNAL, "expected request headers")
@@ -513,36 +302,36 @@ class _GrpcServer:
                 stream,
                 GrpcCode.INVALID_ARGUMENT,
                 f"request is not a valid {request_type.DESCRIPTOR.full_name} message",
-                _error_code_trailer(ErrorCode.INVALID_ARGUMENT),
+                error_code_trailer(ErrorCode.INVALID_ARGUMENT),
             )
         except MessageTooLargeError:  # our answer is over the client's limit: our bug
             log.error("grpc call /%s/%s: response too large", event.service_name,
                       event.method_name)
             await self._finish(stream, GrpcCode.INTERNAL, "response too large",
-                               _error_code_trailer(ErrorCode.INTERNAL))
+                               error_code_trailer(ErrorCode.INTERNAL))
         except ProtocolError:
             await self._finish(
                 stream, GrpcCode.INVALID_ARGUMENT, "malformed request stream for this method",
-                _error_code_trailer(ErrorCode.INVALID_ARGUMENT),
+                error_code_trailer(ErrorCode.INVALID_ARGUMENT),
             )
         except h2.exceptions.H2Error as exc:  # the client reset the stream or the connection
             log.debug("grpc call /%s/%s dropped: %r", event.service_name, event.method_name, exc)
         except RpcFailedError as failed:  # purerpc's own status exceptions, kept working
             await self._finish(
                 stream, GrpcCode(failed.status.int_value), failed.status.status_message or "",
-                _error_code_trailer(ErrorCode.INTERNAL),
+                error_code_trailer(ErrorCode.INTERNAL),
             )
         except Exception:
             log.exception("grpc call /%s/%s failed", event.service_name, event.method_name)
             await self._finish(stream, GrpcCode.INTERNAL, "internal error",
-                               _error_code_trailer(ErrorCode.INTERNAL))
+                               error_code_trailer(ErrorCode.INTERNAL))
         else:
             if deadline.cancelled_caught:
                 await self._finish(stream, GrpcCode.DEADLINE_EXCEEDED, "deadline exceeded",
-                                   _error_code_trailer(ErrorCode.DEADLINE_EXCEEDED))
+                                   error_code_trailer(ErrorCode.DEADLINE_EXCEEDED))
 
     async def _finish(
-        self, stream: _Stream, code: GrpcCode, message: str, metadata: Metadata = ()
+        self, stream: GrpcStream, code: GrpcCode, message: str, metadata: Metadata = ()
     ) -> None:
         if stream.locally_closed:  # already answered (e.g. cancelled after its response)
             return
