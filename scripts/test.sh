@@ -11,6 +11,12 @@
 #     tests; its metadata claims Python >= 3.12 but it is a Go binary in a zip).
 # Then: ruff, mypy (strict), the import contracts of pyproject.toml (lint-imports) and
 # pytest. Exit status is non-zero if any of them fails.
+#
+# pytest runs on every core with pytest-xdist (`-n auto`; PYTEST_XDIST_AUTO_NUM_WORKERS=N sets
+# the count, `-n 0` as an argument runs serially). Each worker is its own session with its own
+# PostgreSQL, ClickHouse and rclone on ports of their own, under its own temp dirs
+# (tests/backends/). `--dist loadfile` keeps a file's tests in one worker, in order: module-scoped
+# servers start once and tests that build on the one before keep working.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -52,4 +58,4 @@ log "mypy (strict)"
 log "import contracts (lint-imports)"
 .venv/bin/lint-imports
 log "pytest"
-exec .venv/bin/python -m pytest "$@"
+exec .venv/bin/python -m pytest -n auto --dist loadfile "$@"
