@@ -7,6 +7,9 @@ workloads, print the table, write the JSON report and the PNG plot next to it.
                                             with MLRUN_PIPELINE_MAX_ROWS=8000; under 5 minutes
     python -m bench --quick                 the same, smaller, in about a minute
     python -m bench --workloads ingest,baseline,sdk    a subset
+    python -m bench --workloads breakdown --breakdown-writers 8 --transports http,http-rows,grpc
+                                            the server's CPU per point split into stages at one
+                                            K (py-spy samples it), next to both references
     python -m bench --embedded              own server on the embedded default
     python -m bench --url http://host:3001 --api-key KEY [--grpc-target host:50051]
                     [--server-pid PID] [--clickhouse-url http://host:8123 ...]
@@ -35,6 +38,7 @@ import msgspec
 from bench.errors import BenchError
 from bench.metrics_store import ClickHouseServerStore
 from bench.plot import write_plot
+from bench.profiler import DEFAULT_RATE_HZ
 from bench.query_workload import quick_settings
 from bench.report import Report, Transport, render_table, write_json
 from bench.sdk import SdkSettings
@@ -45,10 +49,14 @@ _DEFAULT_DURATION_S = 5.0
 _QUICK_DURATION_S = 2.0
 _DEFAULT_GRACE_S = 15.0
 _QUICK_GRACE_S = 5.0
-_TRANSPORTS: tuple[Transport, ...] = ("http", "grpc")
+_TRANSPORTS: tuple[Transport, ...] = ("http", "http-rows", "grpc")
+_DEFAULT_TRANSPORTS: tuple[Transport, ...] = ("http", "grpc")
 _MAX_WRITERS = 512
 _MAX_DURATION_S = 3600.0
-_WORKLOADS = ("ingest", "overload", "query", "sdk", "baseline")
+_WORKLOADS = ("ingest", "overload", "query", "sdk", "baseline", "reference", "breakdown")
+# breakdown needs py-spy and a minute of its own: asked for by name only.
+_DEFAULT_WORKLOADS = frozenset(_WORKLOADS) - {"breakdown"}
+_DEFAULT_BREAKDOWN_WRITERS = 8
 _DEFAULT_WRITERS = (1, 8, 32, 128)
 _QUICK_WRITERS = (1, 8)
 _OVERLOAD_WRITERS = (4, 32, 128)
@@ -141,14 +149,22 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                        metavar="NAME=VALUE", help="extra environment for an own server")
 
     load = parser.add_argument_group("load")
-    load.add_argument("--workloads", type=_workloads, default=frozenset(_WORKLOADS),
-                      help=f"comma list of {','.join(_WORKLOADS)} (default all)")
+    load.add_argument("--workloads", type=_workloads, default=_DEFAULT_WORKLOADS,
+                      help=f"comma list of {','.join(_WORKLOADS)} (default all but breakdown;"
+                      " the references run whenever ingest, baseline or breakdown does)")
     load.add_argument("--writers", type=_writer_counts,
                       help="comma list of writer counts K (default 1,8,32,128; --quick 1,8)")
     load.add_argument("--overload-writers", type=_writer_counts,
                       help="K steps of the overload workload (default 4,32,128; --quick 4,64)")
-    load.add_argument("--transports", type=_transports, default=_TRANSPORTS,
-                      help="comma list of http, grpc (default both)")
+    load.add_argument("--transports", type=_transports, default=_DEFAULT_TRANSPORTS,
+                      help="comma list of http (the columnar `series` wire form), http-rows (the"
+                      " row form `metrics: [...]`), grpc (default http,grpc)")
+    load.add_argument("--breakdown-writers", type=_writer_counts,
+                      help=f"the one K of the breakdown workload (default"
+                      f" {_DEFAULT_BREAKDOWN_WRITERS})")
+    load.add_argument("--sample-rate", type=_positive_int, default=DEFAULT_RATE_HZ,
+                      help=f"py-spy samples per second for the breakdown (default"
+                      f" {DEFAULT_RATE_HZ})")
     load.add_argument("--batch-size", type=_positive_int, default=1000,
                       help="points per batch (default 1000)")
     load.add_argument("--duration", type=_positive_seconds,
@@ -167,6 +183,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("--url needs --api-key (or MLRUN_API_KEY)")
     if not args.url and (args.server_pid or args.grpc_target or args.clickhouse_url):
         parser.error("--server-pid, --grpc-target and --clickhouse-url go with --url")
+    if args.breakdown_writers is not None and len(args.breakdown_writers) != 1:
+        parser.error("the breakdown runs at one load level: --breakdown-writers K")
+    if "breakdown" in args.workloads and args.url and not args.server_pid:
+        parser.error("the breakdown samples the server: --url needs --server-pid")
     return args
 
 
@@ -235,6 +255,9 @@ def _run(args: argparse.Namespace, settings: SuiteSettings, log_dir: Path) -> Re
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    stem = "bench-" + datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    out_dir: Path = args.out
+    log_dir = out_dir / f"{stem}-logs"
     duration_s = args.duration or (_QUICK_DURATION_S if args.quick else _DEFAULT_DURATION_S)
     quick = args.quick
     settings = SuiteSettings(
@@ -253,12 +276,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         visible_samples=10 if quick else 50, visible_timeout_s=10.0,
                         finish_timeout_s=30.0),
         query=quick_settings(quick),
+        breakdown_writers=(args.breakdown_writers or (_DEFAULT_BREAKDOWN_WRITERS,))[0],
+        sample_rate_hz=args.sample_rate,
+        log_dir=log_dir,
     )
-    stem = "bench-" + datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
-    out_dir: Path = args.out
     try:
         _progress("starting the target" if not args.url else f"target {args.url}")
-        report = _run(args, settings, out_dir / f"{stem}-logs")
+        report = _run(args, settings, log_dir)
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1

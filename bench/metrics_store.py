@@ -3,8 +3,9 @@
 Owns: one blocking connection per writer thread to the server's ClickHouse — a clickhouse-server
 over HTTP (`http.client`, keep-alive) or, for a server on the embedded default, chdb on the
 server's data directory once that server has stopped (chdb serves a directory to one process);
-the RowBinary insert into `metrics`; and `count_points`, which reads back how many rows and how
-many distinct (run, name, step) a set of runs holds.
+the RowBinary insert into `metrics` (or another table with its columns: the plain-MergeTree
+reference of `bench.reference`), a DDL statement; and `count_points`, which reads back how many
+rows and how many distinct (run, name, step) a set of runs holds.
 
 SQL, insert requests, row encoding and error parsing come from `mlrun.server.protocols.
 clickhouse` (pure), so the baseline sends exactly the bytes the server's writer would.
@@ -68,9 +69,11 @@ class StoredCount:
 class MetricsConnection(Protocol):
     """One thread's connection to the metrics database."""
 
-    def insert_metrics(self, rowbinary: bytes) -> None: ...
+    def insert_metrics(self, rowbinary: bytes, table: str = METRICS_TABLE) -> None: ...
 
     def query_rows(self, sql: str) -> list[dict[str, Any]]: ...
+
+    def execute(self, sql: str) -> None: ...
 
     def close(self) -> None: ...
 
@@ -83,14 +86,15 @@ class MetricsStore(Protocol):
     def describe(self) -> str: ...
 
 
-def count_points(connection: MetricsConnection, run_ids: Sequence[str]) -> StoredCount:
-    """Rows and distinct (run, name, step) of `run_ids` in `metrics` (portable to 18.16: no
+def count_points(connection: MetricsConnection, run_ids: Sequence[str],
+                 table: str = METRICS_TABLE) -> StoredCount:
+    """Rows and distinct (run, name, step) of `run_ids` in `table` (portable to 18.16: no
     multi-argument uniqExact, a GROUP BY subquery instead)."""
     if not run_ids:
         return StoredCount(rows=0, distinct_points=0)
     sql = (
         "SELECT count() AS distinct_points, sum(copies) AS rows FROM ("
-        f" SELECT count() AS copies FROM {quote_identifier(METRICS_TABLE)}"
+        f" SELECT count() AS copies FROM {quote_identifier(table)}"
         f" WHERE run_id IN {quote_list(run_ids)} GROUP BY run_id, name, step)"
     )
     (row,) = connection.query_rows(sql)
@@ -129,10 +133,16 @@ class ClickHouseHttpConnection:
             store.host, store.port, timeout=store.timeout_s
         )
 
-    def insert_metrics(self, rowbinary: bytes) -> None:
+    def insert_metrics(self, rowbinary: bytes, table: str = METRICS_TABLE) -> None:
         request = build_insert_request(
-            METRICS_TABLE, METRIC_COLUMNS, rowbinary, database=self._store.database
+            table, METRIC_COLUMNS, rowbinary, database=self._store.database
         )
+        status, body = self._post(request.params, request.body)
+        if status != 200:
+            raise _error_from(parse_error(body.decode("utf-8", errors="replace")))
+
+    def execute(self, sql: str) -> None:
+        request = build_query_request(sql, database=self._store.database)
         status, body = self._post(request.params, request.body)
         if status != 200:
             raise _error_from(parse_error(body.decode("utf-8", errors="replace")))
@@ -191,15 +201,16 @@ class ChdbConnection:
 
     def __init__(self, session: Any, database: str) -> None:
         self._session = session
-        self._insert = (
-            f"INSERT INTO {quote_identifier(database)}.{quote_identifier(METRICS_TABLE)} "
-            f"({', '.join(quote_identifier(column) for column in METRIC_COLUMNS)})"
-        )
+        self._database = database
         self._run(f"USE {quote_identifier(database)}")
 
-    def insert_metrics(self, rowbinary: bytes) -> None:
+    def insert_metrics(self, rowbinary: bytes, table: str = METRICS_TABLE) -> None:
+        statement = (
+            f"INSERT INTO {quote_identifier(self._database)}.{quote_identifier(table)} "
+            f"({', '.join(quote_identifier(column) for column in METRIC_COLUMNS)})"
+        )
         try:
-            inserter = self._session.send_insert(self._insert, "RowBinary")
+            inserter = self._session.send_insert(statement, "RowBinary")
             try:
                 inserter.append(rowbinary)
                 inserter.finish()
@@ -211,6 +222,9 @@ class ChdbConnection:
 
     def query_rows(self, sql: str) -> list[dict[str, Any]]:
         return decode_json_each_row(self._run(with_format(sql, "JSONEachRow")))
+
+    def execute(self, sql: str) -> None:
+        self._run(sql)
 
     def close(self) -> None:
         self._session.close()

@@ -24,15 +24,25 @@ _CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 _PROC = Path("/proc")
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """utime + stime of `pid`, all threads included; None if it is gone."""
+def _stat_cpu_seconds(path: Path) -> float | None:
     try:
-        stat = (_PROC / str(pid) / "stat").read_text()
+        stat = path.read_text()
     except OSError:
         return None
     # Fields after the command name, which may contain spaces and parentheses.
     fields = stat[stat.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS_PER_S
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """utime + stime of `pid`, all threads included; None if it is gone."""
+    return _stat_cpu_seconds(_PROC / str(pid) / "stat")
+
+
+def main_thread_cpu_seconds(pid: int) -> float | None:
+    """utime + stime of the thread whose id is `pid` (the main thread: for the server, the
+    event loop); None if it is gone."""
+    return _stat_cpu_seconds(_PROC / str(pid) / "task" / str(pid) / "stat")
 
 
 def _children(pid: int) -> list[int]:

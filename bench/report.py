@@ -22,7 +22,10 @@ import msgspec
 from msgspec import Struct
 
 SCHEMA_VERSION = 1
-Transport = Literal["clickhouse", "http", "grpc"]
+# "http" sends the columnar `series` wire form, "http-rows" the row form (`metrics: [{name, value,
+# step, timestamp}]`, what hand-written and MLflow-style clients send), "grpc" `metric_columns`.
+Transport = Literal["clickhouse", "http", "http-rows", "grpc"]
+ReferenceKind = Literal["plain-mergetree", "schema"]
 
 
 class LatencyMs(Struct, frozen=True, kw_only=True):
@@ -51,8 +54,48 @@ class CountBack(Struct, frozen=True, kw_only=True):
     exactly_once: bool
 
 
+class FlushStats(Struct, frozen=True, kw_only=True):
+    """The server's group commit into ClickHouse's `metrics` during a workload, from its
+    `/metrics` counters: INSERTs made, rows per INSERT, and the wall time spent waiting on them
+    (`clickhouse_wait_us_per_point`: flush seconds over rows; `flush_busy_share`: flush seconds
+    over the workload's wall time, 1.0 = one INSERT always in flight)."""
+
+    flushes: int
+    rows: int
+    rows_per_flush: float | None
+    mean_flush_ms: float | None
+    flush_busy_share: float | None
+    clickhouse_wait_us_per_point: float | None
+
+
+class StageCost(Struct, frozen=True, kw_only=True):
+    stage: str  # bench.stages.STAGES, or "unsampled <thread group>"
+    cpu_us_per_point: float
+    share: float  # of the server's CPU in the window
+
+
+class Breakdown(Struct, frozen=True, kw_only=True):
+    """The server's CPU per point split into stages (bench.profiler, bench.stages)."""
+
+    sampler: str
+    sampled_window_s: float
+    samples: int
+    main_thread_samples: int
+    sample_errors: int | None  # stacks py-spy could not read (torn by --nonblocking): dropped
+    server_cpu_s: float  # from /proc, over the whole workload
+    main_thread_cpu_s: float  # the event loop
+    worker_threads_cpu_s: float  # PostgreSQL calls run in worker threads
+    server_cpu_us_per_point: float
+    coverage: float | None  # sampled GIL-seconds over measured CPU seconds in the window
+    stages: list[StageCost]
+    framework_leaf_share: float | None  # samples whose leaf frame is trio/anyio/hypercorn/...
+    unclaimed_leaves: dict[str, int]  # top leaf frames of `other`: stale rules show up here
+    sampler_cpu_s: float | None  # py-spy's own CPU (it shares the cores)
+    samples_file: str
+
+
 class WorkloadResult(Struct, frozen=True, kw_only=True):
-    workload: Literal["baseline", "ingest", "overload"]
+    workload: Literal["baseline", "ingest", "overload", "reference"]
     transport: Transport
     writers: int
     batch_points: int
@@ -89,6 +132,19 @@ class WorkloadResult(Struct, frozen=True, kw_only=True):
     points_per_s_ratio_to_baseline: float | None = None
     p50_ratio_to_baseline: float | None = None
     p99_ratio_to_baseline: float | None = None
+    # CPU per acknowledged point of ClickHouse and of PostgreSQL alone (all their threads and
+    # background work, merges included, during the workload).
+    clickhouse_cpu_us_per_point: float | None = None
+    postgres_cpu_us_per_point: float | None = None
+    # Ingest only: points/s over the two direct-insert references of the same run.
+    points_per_s_ratio_to_plain_reference: float | None = None
+    points_per_s_ratio_to_schema_reference: float | None = None
+    wire_form: str | None = None  # http: "series" or "rows"; grpc: "columns"
+    flushes: FlushStats | None = None
+    breakdown: Breakdown | None = None
+    # A reference: which one and how many rows each INSERT carried.
+    reference: ReferenceKind | None = None
+    reference_table: str | None = None
 
 
 class OverheadUs(Struct, frozen=True, kw_only=True):
@@ -150,6 +206,10 @@ class Settings(Struct, frozen=True, kw_only=True):
     grace_s: float
     quick: bool
     cpu_count: int
+    breakdown_writers: int | None = None
+    sample_rate_hz: int | None = None
+    reference_writers: int | None = None
+    reference_rows_per_insert: int | None = None
 
 
 class Report(Struct, frozen=True, kw_only=True):
@@ -169,6 +229,12 @@ class Report(Struct, frozen=True, kw_only=True):
     sdk: SdkResult | None = None
     query: QuerySection | None = None
     plot: str | None = None  # the PNG next to the JSON
+    # Large RowBinary INSERTs straight into ClickHouse (bench.reference), measured once per run:
+    # into a plain MergeTree with the metrics columns (what ClickHouse physically does), and
+    # into the real `metrics` table with its materialized views (what the schema costs).
+    references: list[WorkloadResult] = []
+    # Ingest workloads at one K with the server sampled (bench.profiler): CPU per point by stage.
+    breakdown: list[WorkloadResult] = []
 
 
 def percentile_ms(sorted_s: Sequence[float], fraction: float) -> float | None:
@@ -205,10 +271,10 @@ def write_json(report: Report, out_dir: Path, stem: str) -> Path:
 # --------------------------------------------------------------------------- the table
 
 _COLUMNS = (
-    ("workload", 10), ("K", 3), ("points/s", 10), ("x base", 6), ("p50 ms", 8), ("p95 ms", 8),
-    ("p99 ms", 8), ("reqs", 6), ("429 %", 6), ("errors", 6), ("stored/acked", 21),
-    ("srv cpu", 7), ("srv us/pt", 9), ("all us/pt", 9), ("srv MB", 6), ("ch cpu", 6),
-    ("pg cpu", 6), ("gen cpu", 7), ("busy", 5),
+    ("workload", 10), ("K", 3), ("points/s", 10), ("x base", 6), ("x plain", 7),
+    ("x schema", 8), ("p50 ms", 8), ("p95 ms", 8), ("p99 ms", 8), ("reqs", 6), ("429 %", 6),
+    ("errors", 6), ("stored/acked", 21), ("srv cpu", 7), ("srv us/pt", 9), ("ch us/pt", 8),
+    ("all us/pt", 9), ("srv MB", 6), ("ch cpu", 6), ("pg cpu", 6), ("gen cpu", 7), ("busy", 5),
 )
 
 
@@ -222,6 +288,15 @@ def _percent(usage: ProcessUsage | None) -> str:
     return "-" if usage is None else f"{usage.cpu_share * 100:.0f}%"
 
 
+def lane_label(result: WorkloadResult) -> str:
+    """`baseline`, `plain MT`, `schema`, or the transport (`http` sends `series`)."""
+    if result.workload == "baseline":
+        return "baseline"
+    if result.workload == "reference":
+        return "plain MT" if result.reference == "plain-mergetree" else "schema"
+    return result.transport
+
+
 def _row(result: WorkloadResult) -> list[str]:
     count = result.count_back
     if count is None:
@@ -229,12 +304,15 @@ def _row(result: WorkloadResult) -> list[str]:
     else:
         verdict = "ok" if count.exactly_once else "MISMATCH"
         stored = f"{count.stored_distinct_points}/{count.acknowledged_points} {verdict}"
-    name = "baseline" if result.workload == "baseline" else result.transport
+    ingest_like = result.workload in ("ingest", "overload")
     return [
-        name,
+        lane_label(result),
         str(result.writers),
         _cell(result.points_per_s),
-        _cell(result.points_per_s_ratio_to_baseline, 2) if result.workload != "baseline" else "1",
+        _cell(result.points_per_s_ratio_to_baseline, 2) if ingest_like else (
+            "1" if result.workload == "baseline" else "-"),
+        _cell(result.points_per_s_ratio_to_plain_reference, 2),
+        _cell(result.points_per_s_ratio_to_schema_reference, 2),
         _cell(result.latency_ms.p50, 1),
         _cell(result.latency_ms.p95, 1),
         _cell(result.latency_ms.p99, 1),
@@ -244,6 +322,7 @@ def _row(result: WorkloadResult) -> list[str]:
         stored,
         _percent(result.server),
         _cell(result.server_cpu_us_per_point, 2),
+        _cell(result.clickhouse_cpu_us_per_point, 2),
         _cell(result.stack_cpu_us_per_point, 2),
         _cell(result.server.peak_rss_bytes / 2**20
               if result.server and result.server.peak_rss_bytes else None),
@@ -254,20 +333,84 @@ def _row(result: WorkloadResult) -> list[str]:
     ]
 
 
-def _rows_text(results: Sequence[WorkloadResult]) -> list[str]:
-    header = [name for name, _ in _COLUMNS]
-    widths = [max(width, len(name)) for name, width in _COLUMNS]
-    rows = [header, *(_row(result) for result in results)]
+def _aligned(header: list[str], rows: list[list[str]],
+             min_widths: Sequence[int] = ()) -> list[str]:
+    """Plain-text columns: the first left-aligned, the rest right-aligned, a rule under the
+    header."""
+    widths = [max(len(name), *(min_widths[i:i + 1] or [0])) for i, name in enumerate(header)]
     for row in rows:
         widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
     lines = []
-    for index, row in enumerate(rows):
+    for index, row in enumerate([header, *rows]):
         lines.append("  ".join(
             cell.ljust(width) if column < 1 else cell.rjust(width)
             for column, (cell, width) in enumerate(zip(row, widths, strict=True))
         ).rstrip())
         if index == 0:
             lines.append("  ".join("-" * width for width in widths))
+    return lines
+
+
+def _rows_text(results: Sequence[WorkloadResult]) -> list[str]:
+    return _aligned([name for name, _ in _COLUMNS], [_row(result) for result in results],
+                    [width for _, width in _COLUMNS])
+
+
+def _reference_lines(report: Report) -> list[str]:
+    settings = report.settings
+    rows_per_insert = settings.reference_rows_per_insert
+    return [
+        f"references: direct RowBinary INSERTs of {_cell(rows_per_insert)} rows by"
+        f" {settings.reference_writers} writer(s) into a plain MergeTree with the metrics"
+        " columns (plain MT) and into `metrics` with its views (schema); K = writers,"
+        " points/s = rows/s, ch us/pt = ClickHouse CPU per row",
+        *_rows_text(report.references),
+    ]
+
+
+def _breakdown_lines(report: Report) -> list[str]:
+    results = report.breakdown
+    stage_names: list[str] = []
+    for result in results:
+        for cost in result.breakdown.stages if result.breakdown else ():
+            if cost.stage not in stage_names:
+                stage_names.append(cost.stage)
+    header = ["lane", "points/s", "p50 ms", "p99 ms", "srv us/pt", *stage_names, "ch us/pt",
+              "pg us/pt", "ch wait us/pt", "rows/INSERT", "INSERT busy", "x plain", "x schema",
+              "coverage", "samples"]
+    rows = []
+    for result in results:
+        breakdown, flushes = result.breakdown, result.flushes
+        costs = {c.stage: c for c in breakdown.stages} if breakdown else {}
+        rows.append([
+            lane_label(result), _cell(result.points_per_s), _cell(result.latency_ms.p50, 1),
+            _cell(result.latency_ms.p99, 1), _cell(result.server_cpu_us_per_point, 2),
+            *(_cell(costs[name].cpu_us_per_point, 2) if name in costs else "-"
+              for name in stage_names),
+            _cell(result.clickhouse_cpu_us_per_point, 2),
+            _cell(result.postgres_cpu_us_per_point, 2),
+            _cell(flushes.clickhouse_wait_us_per_point if flushes else None, 2),
+            _cell(flushes.rows_per_flush if flushes else None),
+            f"{flushes.flush_busy_share:.0%}" if flushes and flushes.flush_busy_share is not None
+            else "-",
+            _cell(result.points_per_s_ratio_to_plain_reference, 2),
+            _cell(result.points_per_s_ratio_to_schema_reference, 2),
+            _cell(breakdown.coverage if breakdown else None, 2),
+            str(breakdown.samples) if breakdown else "-",
+        ])
+    first = next((r.breakdown for r in results if r.breakdown), None)
+    sampler = f"{first.sampler}" if first else "no samples"
+    lines = [
+        f"breakdown at K={results[0].writers}: server CPU-us per point by stage ({sampler};"
+        " each thread group's /proc CPU shared out by its samples; bench.stages says what each"
+        " stage holds); ch wait = the server's wall time in INSERTs per point; INSERT busy ="
+        " share of the wall time an INSERT into `metrics` was in flight",
+        *_aligned(header, rows),
+    ]
+    for result in results:
+        if result.breakdown and result.breakdown.unclaimed_leaves:
+            leaves = ", ".join(f"{k} {v}" for k, v in result.breakdown.unclaimed_leaves.items())
+            lines.append(f"{lane_label(result)}: top frames in `other`: {leaves}")
     return lines
 
 
@@ -308,11 +451,16 @@ def render_table(report: Report) -> str:
         f" ({report.settings.metric_names_per_batch} metrics x"
         f" {report.settings.batch_points // report.settings.metric_names_per_batch} steps),"
         f" {report.settings.duration_s:g} s per workload, {report.settings.cpu_count} cores;"
-        " cpu columns: % of one core; x base: points/s over the direct ClickHouse insert",
+        " cpu columns: % of one core; x base: points/s over the direct ClickHouse insert of the"
+        " same batches (baseline); x plain / x schema: over the references below",
         "",
     ]
     if results:
         lines += [*_rows_text(results), ""]
+    if report.references:
+        lines += [*_reference_lines(report), ""]
+    if report.breakdown:
+        lines += [*_breakdown_lines(report), ""]
     if report.overload:
         env = " ".join(f"{k}={v}" for k, v in sorted(report.overload_server_env.items()))
         lines += [f"overload (server {env or 'as given'}; srv MB: peak RSS during the step):",
