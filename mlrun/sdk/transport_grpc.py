@@ -30,17 +30,12 @@ from mlrun.sdk.retry import Delivered, Outcome, grpc_outcome
 from mlrun.sdk.settings import Settings
 from mlrun.wire.proto.grpc.health.v1 import health_pb2
 from mlrun.wire.proto.mlrun.v1 import ingest_pb2 as pb
+from mlrun.wire.proto_enums import RUN_STATUS_TO_PROTO
 from mlrun.wire.schemas import IngestBatch, InitRun, ScalarValue
 
 _SERVICE = "/mlrun.v1.IngestService/"
 _PROBE_TIMEOUT_S = 2.0
 _MAX_EXACT_DOUBLE_INT = 2**53
-_STATUS = {
-    "running": pb.RUN_STATUS_RUNNING,
-    "finished": pb.RUN_STATUS_FINISHED,
-    "failed": pb.RUN_STATUS_FAILED,
-    "killed": pb.RUN_STATUS_KILLED,
-}
 
 
 class GrpcTransport:
@@ -82,7 +77,8 @@ class GrpcTransport:
         if isinstance(op, InitOp):
             return self._call(self._init_run, init_run_request(op.request), lambda _: Delivered())
         assert isinstance(op, FinishOp)
-        request = pb.FinishRunRequest(run_id=op.run_id, status=_STATUS[op.request.status])
+        request = pb.FinishRunRequest(run_id=op.run_id,
+                                      status=RUN_STATUS_TO_PROTO[op.request.status])
         return self._call(self._finish_run, request, lambda _: Delivered())
 
     def heartbeat(self, run_id: str) -> Outcome:

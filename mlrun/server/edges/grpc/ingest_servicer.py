@@ -29,19 +29,9 @@ from mlrun.server.usecases.auth import Authenticator
 from mlrun.server.usecases.ingest import Ingest
 from mlrun.wire.error_codes import ErrorCode
 from mlrun.wire.proto.mlrun.v1 import ingest_grpc, ingest_pb2
+from mlrun.wire.proto_enums import FINAL_STATUS_FROM_PROTO, RUN_STATUS_TO_PROTO
 from mlrun.wire.schemas import IngestBatch, IngestResult, IngestWarning, InitRun, RunStatus
 
-_STATUS_TO_PROTO: dict[str, ingest_pb2.RunStatus] = {
-    "running": ingest_pb2.RUN_STATUS_RUNNING,
-    "finished": ingest_pb2.RUN_STATUS_FINISHED,
-    "failed": ingest_pb2.RUN_STATUS_FAILED,
-    "killed": ingest_pb2.RUN_STATUS_KILLED,
-}
-_FINAL_FROM_PROTO: dict[int, str] = {
-    ingest_pb2.RUN_STATUS_FINISHED: "finished",
-    ingest_pb2.RUN_STATUS_FAILED: "failed",
-    ingest_pb2.RUN_STATUS_KILLED: "killed",
-}
 _MAX_EXACT_INT = 2**53
 
 
@@ -121,7 +111,7 @@ def _batch_response(result: IngestResult) -> dict[str, Any]:
 
 
 def _status(status: RunStatus) -> ingest_pb2.RunStatus:
-    return _STATUS_TO_PROTO[status]
+    return RUN_STATUS_TO_PROTO[status]
 
 
 class IngestServicer(ingest_grpc.IngestServiceServicer):
@@ -200,12 +190,12 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
         self, message: ingest_pb2.FinishRunRequest,
                         request: Any) -> ingest_pb2.FinishRunResponse:
         principal = self._principal(request)
-        status = _FINAL_FROM_PROTO.get(message.status)
+        status = FINAL_STATUS_FROM_PROTO.get(message.status)
         if status is None:
             raise InvalidInput("status must be FINISHED, FAILED or KILLED",
                                code=ErrorCode.INVALID_FIELD, field="status")
         state = await self._ingest.finish_run(
-            principal, payloads.run_id(message.run_id), status)  # type: ignore[arg-type]
+            principal, payloads.run_id(message.run_id), status)
         return ingest_pb2.FinishRunResponse(run_id=state.run_id, status=_status(state.status))
 
     async def CreateArtifactUpload(  # type: ignore[override]

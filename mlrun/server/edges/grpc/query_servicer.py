@@ -34,6 +34,7 @@ from mlrun.server.usecases.listing import build_listing
 from mlrun.server.usecases.queries import Queries, SeriesRequest, epoch_ms
 from mlrun.wire.error_codes import ErrorCode
 from mlrun.wire.proto.mlrun.v1 import ingest_pb2, query_grpc, query_pb2
+from mlrun.wire.proto_enums import RUN_STATUS_FROM_PROTO, RUN_STATUS_TO_PROTO
 from mlrun.wire.query_schemas import (
     DEFAULT_PAGE_RUNS,
     CompareRuns,
@@ -43,14 +44,6 @@ from mlrun.wire.query_schemas import (
     Series,
 )
 
-_STATUS_TO_PROTO: dict[str, ingest_pb2.RunStatus] = {
-    "running": ingest_pb2.RUN_STATUS_RUNNING,
-    "finished": ingest_pb2.RUN_STATUS_FINISHED,
-    "failed": ingest_pb2.RUN_STATUS_FAILED,
-    "killed": ingest_pb2.RUN_STATUS_KILLED,
-}
-_STATUS_FROM_PROTO: dict[int, str] = {int(number): name
-                                     for name, number in _STATUS_TO_PROTO.items()}
 _METHOD_FROM_PROTO: dict[int, DownsampleMethod] = {
     query_pb2.DOWNSAMPLE_METHOD_UNSPECIFIED: "lttb",
     query_pb2.DOWNSAMPLE_METHOD_LTTB: "lttb",
@@ -93,7 +86,7 @@ def _ms(iso: str | None) -> int | None:
 def _run(run: RunSummary | RunDetail) -> query_pb2.Run:
     message = query_pb2.Run(
         run_id=run.run_id, project=run.project, name=run.name,
-        status=_STATUS_TO_PROTO[run.status], created_at_ms=_ms(run.created_at),
+        status=RUN_STATUS_TO_PROTO[run.status], created_at_ms=_ms(run.created_at),
         updated_at_ms=_ms(run.updated_at), tags=run.tags,
         params=[ingest_pb2.Param(name=key, value=struct_pb2.Value(string_value=value))
                 for key, value in run.params.items()],
@@ -153,7 +146,7 @@ class QueryServicer(query_grpc.QueryServiceServicer):
         self, message: query_pb2.ListRunsRequest, request: Any
     ) -> query_pb2.ListRunsResponse:
         principal = self._principal(request)
-        statuses = ([_enum(_STATUS_FROM_PROTO, message.status, "status")]
+        statuses = ([_enum(RUN_STATUS_FROM_PROTO, message.status, "status")]
                     if message.status else [])
         listing = build_listing(
             project=message.project or None,
