@@ -40,6 +40,8 @@ class ProcessUsage(Struct, frozen=True, kw_only=True):
     cpu_share: float
     peak_rss_bytes: int | None
     peak_rss_since_start: bool  # true when the peak could not be reset before the workload
+    # ClickHouse: "queries" (the INSERTs and their views) and "background" (merges) threads.
+    cpu_s_by_thread_kind: dict[str, float] | None = None
 
 
 class CountBack(Struct, frozen=True, kw_only=True):
@@ -136,6 +138,12 @@ class WorkloadResult(Struct, frozen=True, kw_only=True):
     # background work, merges included, during the workload).
     clickhouse_cpu_us_per_point: float | None = None
     postgres_cpu_us_per_point: float | None = None
+    # ClickHouse's CPU split by thread: running the INSERTs with their views, and merging
+    # parts in the background (which goes on after a workload: this is what fell inside it);
+    # and the INSERT threads' CPU per INSERT (the server's flushes, or a direct workload's).
+    clickhouse_insert_cpu_us_per_point: float | None = None
+    clickhouse_merge_cpu_us_per_point: float | None = None
+    clickhouse_insert_cpu_ms_per_insert: float | None = None
     # Ingest only: points/s over the two direct-insert references of the same run.
     points_per_s_ratio_to_plain_reference: float | None = None
     points_per_s_ratio_to_schema_reference: float | None = None
@@ -365,7 +373,23 @@ def _reference_lines(report: Report) -> list[str]:
         " columns (plain MT) and into `metrics` with its views (schema); K = writers,"
         " points/s = rows/s, ch us/pt = ClickHouse CPU per row",
         *_rows_text(report.references),
+        *_clickhouse_split_lines(report.references),
     ]
+
+
+def _clickhouse_split_lines(results: Sequence[WorkloadResult]) -> list[str]:
+    lines = []
+    for result in results:
+        if result.clickhouse_insert_cpu_us_per_point is None:
+            continue
+        rows = result.acked_points / result.acked_batches if result.acked_batches else None
+        lines.append(
+            f"{lane_label(result)}: ClickHouse CPU per point"
+            f" {_cell(result.clickhouse_insert_cpu_us_per_point, 2)} us in INSERTs (with views)"
+            f" + {_cell(result.clickhouse_merge_cpu_us_per_point, 2)} us merging;"
+            f" {_cell(result.clickhouse_insert_cpu_ms_per_insert, 1)} ms of CPU per INSERT of"
+            f" {_cell(rows)} rows")
+    return lines
 
 
 def _breakdown_lines(report: Report) -> list[str]:
@@ -376,8 +400,8 @@ def _breakdown_lines(report: Report) -> list[str]:
             if cost.stage not in stage_names:
                 stage_names.append(cost.stage)
     header = ["lane", "points/s", "p50 ms", "p99 ms", "srv us/pt", *stage_names, "ch us/pt",
-              "pg us/pt", "ch wait us/pt", "rows/INSERT", "INSERT busy", "x plain", "x schema",
-              "coverage", "samples"]
+              "ch ins", "ch merge", "pg us/pt", "ch wait us/pt", "rows/INSERT", "ch ms/INSERT",
+              "INSERT busy", "x plain", "x schema", "coverage", "samples"]
     rows = []
     for result in results:
         breakdown, flushes = result.breakdown, result.flushes
@@ -388,9 +412,12 @@ def _breakdown_lines(report: Report) -> list[str]:
             *(_cell(costs[name].cpu_us_per_point, 2) if name in costs else "-"
               for name in stage_names),
             _cell(result.clickhouse_cpu_us_per_point, 2),
+            _cell(result.clickhouse_insert_cpu_us_per_point, 2),
+            _cell(result.clickhouse_merge_cpu_us_per_point, 2),
             _cell(result.postgres_cpu_us_per_point, 2),
             _cell(flushes.clickhouse_wait_us_per_point if flushes else None, 2),
             _cell(flushes.rows_per_flush if flushes else None),
+            _cell(result.clickhouse_insert_cpu_ms_per_insert, 1),
             f"{flushes.flush_busy_share:.0%}" if flushes and flushes.flush_busy_share is not None
             else "-",
             _cell(result.points_per_s_ratio_to_plain_reference, 2),
@@ -403,7 +430,8 @@ def _breakdown_lines(report: Report) -> list[str]:
     lines = [
         f"breakdown at K={results[0].writers}: server CPU-us per point by stage ({sampler};"
         " each thread group's /proc CPU shared out by its samples; bench.stages says what each"
-        " stage holds); ch wait = the server's wall time in INSERTs per point; INSERT busy ="
+        " stage holds); ch ins / ch merge = ClickHouse CPU-us per point in its INSERT threads /"
+        " its merge pool; ch wait = the server's wall time in INSERTs per point; INSERT busy ="
         " share of the wall time an INSERT into `metrics` was in flight",
         *_aligned(header, rows),
     ]

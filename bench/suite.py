@@ -121,6 +121,7 @@ def _process_usage(usage: Usage | None, elapsed_s: float) -> ProcessUsage | None
         cpu_share=round(usage.cpu_s / elapsed_s, 3) if elapsed_s > 0 else 0.0,
         peak_rss_bytes=usage.peak_rss_bytes,
         peak_rss_since_start=usage.peak_rss_since_start,
+        cpu_s_by_thread_kind=usage.cpu_s_by_thread_kind,
     )
 
 
@@ -459,6 +460,10 @@ class Suite:
         in_process_clickhouse = direct and self.target.store is None
         points = run.acked_points
         flushes: FlushStats | None = flush_stats(counters_before, counters_after, elapsed_s)
+        by_kind = clickhouse.cpu_s_by_thread_kind if clickhouse is not None else None
+        # INSERTs ClickHouse ran: one per acknowledged batch when direct, the server's flushes.
+        inserts = sum(t.acked_batches for t in run.tallies) if direct else (
+            flushes.flushes if flushes is not None else 0)
         return WorkloadResult(
             workload=workload,
             transport=transport,
@@ -492,6 +497,15 @@ class Suite:
             clickhouse_cpu_us_per_point=cpu_us_per_point(
                 points, generator if in_process_clickhouse else clickhouse),
             postgres_cpu_us_per_point=None if direct else cpu_us_per_point(points, postgres),
+            clickhouse_insert_cpu_us_per_point=(
+                round(by_kind.get("queries", 0.0) * 1e6 / points, 3)
+                if by_kind is not None and points else None),
+            clickhouse_merge_cpu_us_per_point=(
+                round(by_kind.get("background", 0.0) * 1e6 / points, 3)
+                if by_kind is not None and points else None),
+            clickhouse_insert_cpu_ms_per_insert=(
+                round(by_kind.get("queries", 0.0) * 1e3 / inserts, 2)
+                if by_kind is not None and inserts else None),
             generator=generator,
             machine_busy_share=round(busy_share, 3),
             wire_form=_WIRE_FORMS.get(transport),

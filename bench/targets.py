@@ -41,7 +41,7 @@ import pytest
 
 from bench.errors import BenchError
 from bench.metrics_store import ChdbStore, ClickHouseServerStore, MetricsStore
-from bench.processes import Watched
+from bench.processes import Watched, clickhouse_thread_kind
 
 # The test fixtures import their siblings as top-level modules (pytest puts tests/ on sys.path).
 _TESTS_DIR = str(Path(__file__).resolve().parent.parent / "tests")
@@ -200,7 +200,7 @@ def own_server_on_real_backends(
             ),
             watched={
                 "server": Watched(server.pid),
-                "clickhouse": Watched(clickhouse.pid),
+                "clickhouse": Watched(clickhouse.pid, thread_kinds=clickhouse_thread_kind),
                 "postgres": Watched(postgres.pid, tree=True, rss=False),
             },
             store=ClickHouseServerStore(

@@ -41,6 +41,8 @@ _WORKLOAD_KEYS = {
     "server_cpu_us_per_point", "stack_cpu_us_per_point", "clickhouse_cpu_us_per_point",
     "postgres_cpu_us_per_point", "points_per_s_ratio_to_plain_reference",
     "points_per_s_ratio_to_schema_reference", "wire_form", "flushes", "breakdown",
+    "clickhouse_insert_cpu_us_per_point", "clickhouse_merge_cpu_us_per_point",
+    "clickhouse_insert_cpu_ms_per_insert",
 }
 
 
@@ -223,6 +225,9 @@ def test_quick_bench_on_real_backends_stores_every_acknowledged_point_once(
         assert ref["acked_points"] > 0 and ref["batch_points"] == 100_000
         assert ref["count_back"]["exactly_once"] is True, ref["count_back"]
         assert ref["clickhouse_cpu_us_per_point"] > 0
+        # ClickHouse names its threads: INSERT work apart from the merge pool.
+        assert ref["clickhouse_insert_cpu_ms_per_insert"] > 0
+        assert set(ref["clickhouse"]["cpu_s_by_thread_kind"]) >= {"queries"}
     assert report["references"][1]["points_per_s_ratio_to_plain_reference"] > 0
     assert report["settings"]["reference_rows_per_insert"] == 100_000
     assert report["breakdown"] == []
