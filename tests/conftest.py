@@ -2,7 +2,9 @@
 and the environment for an `mlrun serve` child process on fresh databases of those backends.
 
 Each backend module starts its server under a temp dir on a free port and stops it by PID at
-session end. Never mock a database here; fakes belong only where a fault is injected on cue.
+session end. Under pytest-xdist (scripts/test.sh runs `-n auto`) every worker is a session of its
+own, with backends of its own; nothing here may assume one process runs the whole suite.
+Never mock a database here; fakes belong only where a fault is injected on cue.
 """
 
 from __future__ import annotations
