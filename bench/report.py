@@ -147,6 +147,10 @@ class WorkloadResult(Struct, frozen=True, kw_only=True):
     # Ingest only: points/s over the two direct-insert references of the same run.
     points_per_s_ratio_to_plain_reference: float | None = None
     points_per_s_ratio_to_schema_reference: float | None = None
+    # The same in CPU, which holds on a shared box where rates swing: the whole stack's CPU per
+    # point over the reference's ClickHouse CPU per row (how many times the physical cost).
+    stack_cpu_ratio_to_plain_reference: float | None = None
+    stack_cpu_ratio_to_schema_reference: float | None = None
     wire_form: str | None = None  # http: "series" or "rows"; grpc: "columns"
     flushes: FlushStats | None = None
     breakdown: Breakdown | None = None
@@ -282,7 +286,8 @@ _COLUMNS = (
     ("workload", 10), ("K", 3), ("points/s", 10), ("x base", 6), ("x plain", 7),
     ("x schema", 8), ("p50 ms", 8), ("p95 ms", 8), ("p99 ms", 8), ("reqs", 6), ("429 %", 6),
     ("errors", 6), ("stored/acked", 21), ("srv cpu", 7), ("srv us/pt", 9), ("ch us/pt", 8),
-    ("all us/pt", 9), ("srv MB", 6), ("ch cpu", 6), ("pg cpu", 6), ("gen cpu", 7), ("busy", 5),
+    ("all us/pt", 9), ("cpu x plain", 11), ("srv MB", 6), ("ch cpu", 6), ("pg cpu", 6),
+    ("gen cpu", 7), ("busy", 5),
 )
 
 
@@ -332,6 +337,7 @@ def _row(result: WorkloadResult) -> list[str]:
         _cell(result.server_cpu_us_per_point, 2),
         _cell(result.clickhouse_cpu_us_per_point, 2),
         _cell(result.stack_cpu_us_per_point, 2),
+        _cell(result.stack_cpu_ratio_to_plain_reference, 1),
         _cell(result.server.peak_rss_bytes / 2**20
               if result.server and result.server.peak_rss_bytes else None),
         _percent(result.clickhouse),
@@ -401,7 +407,8 @@ def _breakdown_lines(report: Report) -> list[str]:
                 stage_names.append(cost.stage)
     header = ["lane", "points/s", "p50 ms", "p99 ms", "srv us/pt", *stage_names, "ch us/pt",
               "ch ins", "ch merge", "pg us/pt", "ch wait us/pt", "rows/INSERT", "ch ms/INSERT",
-              "INSERT busy", "x plain", "x schema", "coverage", "samples"]
+              "INSERT busy", "x plain", "x schema", "all us/pt", "cpu x plain", "cpu x schema",
+              "coverage", "samples"]
     rows = []
     for result in results:
         breakdown, flushes = result.breakdown, result.flushes
@@ -422,6 +429,9 @@ def _breakdown_lines(report: Report) -> list[str]:
             else "-",
             _cell(result.points_per_s_ratio_to_plain_reference, 2),
             _cell(result.points_per_s_ratio_to_schema_reference, 2),
+            _cell(result.stack_cpu_us_per_point, 2),
+            _cell(result.stack_cpu_ratio_to_plain_reference, 1),
+            _cell(result.stack_cpu_ratio_to_schema_reference, 1),
             _cell(breakdown.coverage if breakdown else None, 2),
             str(breakdown.samples) if breakdown else "-",
         ])
@@ -480,7 +490,8 @@ def render_table(report: Report) -> str:
         f" {report.settings.batch_points // report.settings.metric_names_per_batch} steps),"
         f" {report.settings.duration_s:g} s per workload, {report.settings.cpu_count} cores;"
         " cpu columns: % of one core; x base: points/s over the direct ClickHouse insert of the"
-        " same batches (baseline); x plain / x schema: over the references below",
+        " same batches (baseline); x plain / x schema: over the references below; cpu x plain:"
+        " all us/pt over the plain reference's ClickHouse CPU per row",
         "",
     ]
     if results:

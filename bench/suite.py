@@ -382,14 +382,24 @@ class Suite:
         if result.workload == "reference":
             if result.reference != "schema" or plain is None:
                 return result
-            return msgspec.structs.replace(result, points_per_s_ratio_to_plain_reference=ratio(
-                result.points_per_s, plain.points_per_s))
+            return msgspec.structs.replace(
+                result,
+                points_per_s_ratio_to_plain_reference=ratio(
+                    result.points_per_s, plain.points_per_s),
+                stack_cpu_ratio_to_plain_reference=ratio(
+                    result.stack_cpu_us_per_point, plain.clickhouse_cpu_us_per_point))
         result = msgspec.structs.replace(
             result,
             points_per_s_ratio_to_plain_reference=ratio(
                 result.points_per_s, plain.points_per_s if plain else None),
             points_per_s_ratio_to_schema_reference=ratio(
                 result.points_per_s, schema.points_per_s if schema else None),
+            stack_cpu_ratio_to_plain_reference=ratio(
+                result.stack_cpu_us_per_point,
+                plain.clickhouse_cpu_us_per_point if plain else None),
+            stack_cpu_ratio_to_schema_reference=ratio(
+                result.stack_cpu_us_per_point,
+                schema.clickhouse_cpu_us_per_point if schema else None),
         )
         base = next((b for b in self.baseline if b.writers == result.writers), None)
         if base is None:

@@ -247,6 +247,8 @@ def test_quick_bench_on_real_backends_stores_every_acknowledged_point_once(
         assert result["points_per_s_ratio_to_baseline"] > 0
         assert result["points_per_s_ratio_to_plain_reference"] > 0
         assert result["points_per_s_ratio_to_schema_reference"] > 0
+        assert result["stack_cpu_ratio_to_plain_reference"] > 0
+        assert result["stack_cpu_ratio_to_schema_reference"] > 0
         assert result["server"]["cpu_s"] > 0
         assert result["server"]["peak_rss_bytes"] > 0
         assert result["server_cpu_us_per_point"] > 0
