@@ -12,7 +12,7 @@ Why this method (measured on the 2-core box, server on real backends, 8 HTTP wri
 - `--gil`: a sample counts only the thread holding the GIL. Without it, py-spy counts a thread
   that is runnable as busy, and on a loaded 2-core box the event loop waking up from epoll and
   the idle worker threads' wake-ups came out as ~1.7x the CPU /proc measured; with it the
-  sampled seconds matched /proc within ~10 %.
+  sampled seconds came to 0.8-1.1x of it (`coverage`).
 - The CPU itself is exact: /proc gives the process's CPU and its main thread's (the trio event
   loop); the rest is the worker threads (PostgreSQL calls). Each group's CPU is shared out by
   that group's samples, so CPU spent without the GIL (libpq, the kernel) stays with the
