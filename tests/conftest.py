@@ -32,6 +32,7 @@ pytest_plugins = [
     "backends.postgres",
     "backends.clickhouse",
     "backends.s3",
+    "backends.redis",
 ]
 
 
