@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mlrun.__main__ import main as mlrun_main
 from mlrun.keys_command import UsageError, keys_main, parse_duration_s, parse_scopes
 
 from server_process import TEST_API_KEY, ServerProcess, clean_server
@@ -106,6 +107,10 @@ def test_create_list_revoke_against_a_live_server(
     # Options where users type them: after the sub-command too.
     assert keys_main(["list", "--api-key-file", str(key_file), "--server", server.base_url]) == 0
     assert "KEY_ID" in capsys.readouterr().out
+    # The exact line, through the `mlrun` entry point (it used to exit 2).
+    assert mlrun_main(["keys", "create", "--name", "after", "--scope", "read",
+                       "--api-key-file", str(key_file)]) == 0
+    assert capsys.readouterr().out.strip().startswith("mlrun_")
     # With no key given, the bootstrap key of the server's data dir is found by itself.
     data_dir = tmp_path / "data"
     data_dir.mkdir()
