@@ -67,6 +67,27 @@ def encode_columns(run_id: str, columns: PointColumns) -> bytes:
                                   columns.timestamps_ms, columns.versions, strict=False))
 
 
+async def clickhouse_holds(clickhouse: ClickHouse, write: BatchWrite, *, timeout_s: float
+                           ) -> bool:
+    """`WritePath.holds` for any write path whose rows end up in ClickHouse: SELECT count() of
+    the batch's versions per table."""
+    first = write.identity.first_version
+    last = first + write.rows - 1
+    expected = {"metrics": len(write.metrics), "system_metrics": len(write.system_metrics)}
+    selects = " UNION ALL ".join(
+        f"SELECT '{table}' AS t, count() AS n FROM {quote_identifier(table)}"
+        f" WHERE run_id = {quote_string(write.identity.run_id)}"
+        f" AND version >= {first} AND version <= {last}"
+        for table in TABLES if expected[table])
+    if not selects:
+        return True
+    rows = await clickhouse.query_rows(selects, timeout_s=timeout_s)
+    found = {row["t"]: int(row["n"]) for row in rows}
+    # Fewer rows than written is possible only if a later write of the same steps replaced
+    # some in a merge; then writing the batch again (same versions) is harmless.
+    return all(found.get(table, 0) >= count for table, count in expected.items() if count)
+
+
 class _BatchProgress:
     """Parts of one batch still waiting for their flush; the ledger mark goes out at zero."""
 
@@ -136,21 +157,7 @@ class ClickHouseWritePath:
         return _Reservation(self, reserve_all(requests))
 
     async def holds(self, write: BatchWrite, *, timeout_s: float) -> bool:
-        first = write.identity.first_version
-        last = first + write.rows - 1
-        expected = {"metrics": len(write.metrics), "system_metrics": len(write.system_metrics)}
-        selects = " UNION ALL ".join(
-            f"SELECT '{table}' AS t, count() AS n FROM {quote_identifier(table)}"
-            f" WHERE run_id = {quote_string(write.identity.run_id)}"
-            f" AND version >= {first} AND version <= {last}"
-            for table in TABLES if expected[table])
-        if not selects:
-            return True
-        rows = await self._clickhouse.query_rows(selects, timeout_s=timeout_s)
-        found = {row["t"]: int(row["n"]) for row in rows}
-        # Fewer rows than written is possible only if a later write of the same steps replaced
-        # some in a merge; then writing the batch again (same versions) is harmless.
-        return all(found.get(table, 0) >= count for table, count in expected.items() if count)
+        return await clickhouse_holds(self._clickhouse, write, timeout_s=timeout_s)
 
     # --- lifetime ------------------------------------------------------------------------------
 

@@ -42,12 +42,17 @@ from mlrun.server.edges.http.artifact_api import add_artifact_routes, add_local_
 from mlrun.server.edges.http.health import add_health_routes
 from mlrun.server.edges.http.key_api import add_key_routes
 from mlrun.server.edges.http.openapi import add_openapi_route
-from mlrun.server.edges.http.prometheus import PipelineGauges, add_metrics_route
+from mlrun.server.edges.http.prometheus import ExtraFamilies, PipelineGauges, add_metrics_route
 from mlrun.server.edges.http.query_api import add_query_routes
 from mlrun.server.errors import BackendUnavailable, ConfigError, MlrunError
-from mlrun.server.pipelines.clickhouse_write_path import ClickHouseWritePath
 from mlrun.server.ports.objects import ArtifactStore
 from mlrun.server.runtime.config import Config
+from mlrun.server.runtime.write_paths import (
+    build_write_path,
+    drained_summary,
+    metric_families,
+    open_queue_redis,
+)
 from mlrun.server.storage.clickhouse.client import ClickHouse
 from mlrun.server.storage.clickhouse.embedded import open_embedded_clickhouse
 from mlrun.server.storage.clickhouse.http_client import open_http_clickhouse
@@ -62,6 +67,7 @@ from mlrun.server.storage.postgres.keys import PostgresKeyDirectory
 from mlrun.server.storage.postgres.metadata import MetadataStore
 from mlrun.server.storage.postgres.planner_statistics import PlannerStatistics
 from mlrun.server.storage.postgres.run_reads import RunQueries
+from mlrun.server.storage.redis.client import RedisClient
 from mlrun.server.telemetry import Telemetry
 from mlrun.server.usecases.artifacts import Artifacts
 from mlrun.server.usecases.auth import Authenticator
@@ -280,6 +286,8 @@ class Services:
     queries: Queries
     # The local artifact store's URL signing key (None when artifacts live on S3).
     local_signing_secret: bytes | None = None
+    # More /metrics families (the queue's, in queued mode).
+    metric_families: tuple[ExtraFamilies, ...] = ()
 
 
 def build_http_app(services: Services, *, max_body_bytes: int) -> App:
@@ -292,7 +300,7 @@ def build_http_app(services: Services, *, max_body_bytes: int) -> App:
     if isinstance(store, LocalArtifactStore) and services.local_signing_secret is not None:
         add_local_store_routes(router, store, signing_secret=services.local_signing_secret)
     add_query_routes(router, services.queries, services.authenticator)
-    add_metrics_route(router, services.telemetry, services.pipelines)
+    add_metrics_route(router, services.telemetry, services.pipelines, services.metric_families)
     add_openapi_route(router)
     return App(router, max_body_bytes=max_body_bytes, telemetry=services.telemetry)
 
@@ -332,8 +340,10 @@ async def serve(
                 await prepare_schemas(storage, startup_timeout_s=config.startup_timeout_s)
             except (ConfigError, MlrunError) as exc:
                 raise StartupError(str(exc)) from exc
+            redis = await stack.enter_async_context(open_queue_redis(config))
             await _run_listeners(
-                config, storage, http_sock, base_url, serve_http, shutdown_requested, task_status
+                config, storage, redis, http_sock, base_url, serve_http, shutdown_requested,
+                task_status,
             )
     finally:
         if http_sock.fileno() != -1:  # start-up failed before hypercorn took the descriptor
@@ -344,6 +354,7 @@ async def serve(
 async def _run_listeners(
     config: Config,
     storage: Storage,
+    redis: RedisClient | None,
     http_sock: socket.socket,
     base_url: str,
     serve_http: ServeHttp,
@@ -351,10 +362,9 @@ async def _run_listeners(
     task_status: anyio.abc.TaskStatus[BoundAddresses],
 ) -> None:
     metadata = MetadataStore(storage.postgres, timeout_s=IngestTimeouts().metadata_s)
-    write_path = ClickHouseWritePath(
-        storage.clickhouse, metadata,
-        max_rows=config.ingest.pipeline_max_rows,
-        max_bytes=config.ingest.pipeline_max_bytes,
+    # INGEST_MODE: straight into ClickHouse, or into the Redis queue (`redis` set).
+    write_path = build_write_path(
+        config, storage.clickhouse, metadata, redis,
         before_ledger_mark=(_kill_self if config.fault_injection == "kill_before_ledger_mark"
                             else None),
     )
@@ -362,7 +372,8 @@ async def _run_listeners(
     authenticator = build_authenticator(config)
     key_directory = PostgresKeyDirectory(storage.postgres)
     services = Services(
-        readiness=Readiness([storage.postgres, storage.clickhouse, storage.artifacts]),
+        readiness=Readiness([storage.postgres, storage.clickhouse, storage.artifacts,
+                             *([redis] if redis is not None else [])]),
         authenticator=authenticator,
         ingest=Ingest(
             metadata,
@@ -379,6 +390,7 @@ async def _run_listeners(
             local_signing_secret(prepare_data_dir(config.data_dir))
             if isinstance(storage.artifacts, LocalArtifactStore) else None
         ),
+        metric_families=metric_families(write_path),
     )
     app = build_http_app(services, max_body_bytes=config.ingest.max_body_bytes)
 
@@ -430,10 +442,7 @@ async def _run_listeners(
             keys_scope.cancel()
             statistics_scope.cancel()
             write_path.close()
-    pipeline_statistics, marks = write_path.statistics()
-    logger.info("writers drained: %s; ledger marks written %d, left %d", ", ".join(
-        f"{p.name} committed {p.committed_rows} rows" for p in pipeline_statistics),
-        marks.marked, marks.pending)
+    logger.info("writers drained: %s", drained_summary(write_path))
 
 
 def _kill_self() -> None:

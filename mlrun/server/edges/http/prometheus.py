@@ -9,7 +9,7 @@ Must not import storage drivers or pipelines: it reads whatever has the `Pipelin
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import msgspec
@@ -59,7 +59,12 @@ class PrometheusBody(msgspec.Struct, frozen=True):
     """Placeholder type for the OpenAPI document: the body is text/plain, not JSON."""
 
 
-def render_metrics(telemetry: Telemetry, pipelines: Sequence[PipelineGauges]) -> bytes:
+# Adds more families to a scrape (e.g. the queue's, `edges.http.queue_metrics`).
+ExtraFamilies = Callable[[Exposition], None]
+
+
+def render_metrics(telemetry: Telemetry, pipelines: Sequence[PipelineGauges],
+                   extra: Sequence[ExtraFamilies] = ()) -> bytes:
     exposition = Exposition()
     stats = [(pipeline.name, pipeline.statistics()) for pipeline in pipelines]
     for name, kind, attribute, help_text in _PIPELINE_FAMILIES:
@@ -69,14 +74,17 @@ def render_metrics(telemetry: Telemetry, pipelines: Sequence[PipelineGauges]) ->
     exposition.histogram(
         "mlrun_pipeline_flush_duration_seconds", "Duration of successful flushes.",
         [((("pipeline", p.name),), p.flush_latency) for p in pipelines])
+    for add_families in extra:
+        add_families(exposition)
     render_counters(exposition, telemetry)
     return exposition.render()
 
 
 def add_metrics_route(router: Router, telemetry: Telemetry,
-                      pipelines: Sequence[PipelineGauges]) -> None:
+                      pipelines: Sequence[PipelineGauges],
+                      extra: Sequence[ExtraFamilies] = ()) -> None:
     async def metrics(request: Request) -> Response:
-        return Response(status=200, body=render_metrics(telemetry, pipelines),
+        return Response(status=200, body=render_metrics(telemetry, pipelines, extra),
                         content_type="text/plain; version=0.0.4; charset=utf-8")
 
     router.add("GET", "/metrics", metrics, RouteSpec(

@@ -1,0 +1,173 @@
+"""The queued-ingest stream entry: what a server XADDs for one batch and a processor reads back.
+
+Owns: the stream and counter key names of a deployment (`StreamKeys`), which stream a run's
+batches go to, the entry's fields, the command that adds one (XADD plus the queue's byte
+counter), and decoding an entry back into a `QueuedBatch`, refusing anything that is not one
+(`MalformedEntry`: the processor moves it to the dead-letter stream).
+
+Fields, always in this order (so Redis keeps the names once per listpack node, not per entry):
+
+    format          b"mlrun.batch.1"  (anything else is a foreign entry)
+    run             run_id
+    batch           batch_id, empty for a batch without one (a batch id is never empty)
+    first_version   the version of the batch's first row (decimal)
+    metrics_rows    rows in `metrics` (decimal)
+    system_rows     rows in `system_metrics` (decimal)
+    metrics         RowBinary of the `metrics` rows, `protocols.clickhouse.METRIC_COLUMNS`
+    system_metrics  RowBinary of the `system_metrics` rows
+    crc32           CRC-32 of metrics + system_metrics (decimal): a truncated or altered
+                    payload is refused here instead of running into the next entry's rows
+                    in a grouped INSERT
+
+The RowBinary carries every row's own version (`first_version + i`, assigned at admission),
+so inserting an entry twice, or a resent batch's second entry, writes the very same rows.
+
+The queue's byte counter (`StreamKeys.bytes_counter`) counts `entry_bytes`: the two payloads'
+lengths. The server adds them in the same MULTI/EXEC as the XADD; a processor subtracts them
+when it acknowledges the entry, computed from the fields it read, so the two always agree.
+
+The RowBinary encoding is the in-process write path's (`clickhouse_write_path.encode_columns`).
+
+Must not import storage drivers or the edges, nor do I/O: plain functions, unit-tested without
+a loop.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Final
+
+from mlrun.server.pipelines.clickhouse_write_path import encode_columns
+from mlrun.server.ports.write_path import BatchIdentity, BatchWrite
+from mlrun.server.protocols.redis_streams import StreamEntry
+from mlrun.server.protocols.resp import encode_command
+
+ENTRY_FORMAT: Final = b"mlrun.batch.1"
+# The fewest RowBinary bytes a metric row takes beyond its run id's: two string length
+# prefixes (a byte each at least) and four 8-byte numbers; a name only adds to it.
+_MIN_ROW_BYTES: Final = 34
+
+
+@dataclass(frozen=True)  # not slots: `streams` is a cached_property
+class StreamKeys:
+    """Key names of one deployment's queue; every server and processor must agree on them."""
+
+    prefix: str
+    partitions: int
+
+    def stream_of(self, run_id: str) -> bytes:
+        """A run's batches all go to one stream (CRC-32 of the run id: stable everywhere)."""
+        return self.streams[zlib.crc32(run_id.encode()) % self.partitions]
+
+    @cached_property
+    def streams(self) -> tuple[bytes, ...]:
+        return tuple(f"{self.prefix}:{index}".encode() for index in range(self.partitions))
+
+    @property
+    def bytes_counter(self) -> bytes:
+        return f"{self.prefix}:queued-bytes".encode()
+
+    @property
+    def drained_counter(self) -> bytes:
+        return f"{self.prefix}:drained-entries".encode()
+
+    @property
+    def dead_letters(self) -> bytes:
+        return f"{self.prefix}:dead-letter".encode()
+
+
+def encode_xadd(keys: StreamKeys, write: BatchWrite) -> tuple[bytes, int]:
+    """The commands that queue `write`: XADD of its entry, then INCRBY of the byte counter.
+    Returns (the encoded commands, the entry's bytes as the queue bound counts them)."""
+    identity = write.identity
+    metrics = encode_columns(identity.run_id, write.metrics) if len(write.metrics) else b""
+    system = (encode_columns(identity.run_id, write.system_metrics)
+              if len(write.system_metrics) else b"")
+    crc = zlib.crc32(system, zlib.crc32(metrics))
+    xadd = encode_command(
+        "XADD", keys.stream_of(identity.run_id), "*",
+        "format", ENTRY_FORMAT,
+        "run", identity.run_id,
+        "batch", identity.batch_id or b"",
+        "first_version", identity.first_version,
+        "metrics_rows", len(write.metrics),
+        "system_rows", len(write.system_metrics),
+        "metrics", metrics,
+        "system_metrics", system,
+        "crc32", crc,
+    )
+    size = len(metrics) + len(system)
+    return xadd + encode_command("INCRBY", keys.bytes_counter, size), size
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedBatch:
+    """One decoded entry: a batch's rows for both tables, and where it came from."""
+
+    stream: bytes
+    entry_id: bytes
+    identity: BatchIdentity
+    metrics_rows: int
+    system_rows: int
+    metrics: bytes
+    system_metrics: bytes
+
+    @property
+    def rows(self) -> int:
+        return self.metrics_rows + self.system_rows
+
+    @property
+    def size(self) -> int:
+        return len(self.metrics) + len(self.system_metrics)
+
+
+class MalformedEntry(Exception):
+    """An entry that is not a batch of this format; the message says why (for the dead
+    letter), never quoting the payload."""
+
+
+def entry_bytes(entry: StreamEntry) -> int:
+    """What the byte counter holds for this entry (0 for one that no server counted)."""
+    fields = entry.fields or {}
+    if fields.get(b"format") != ENTRY_FORMAT:
+        return 0
+    return len(fields.get(b"metrics", b"")) + len(fields.get(b"system_metrics", b""))
+
+
+def decode_entry(entry: StreamEntry) -> QueuedBatch:
+    fields = entry.fields
+    if fields is None:
+        raise MalformedEntry("the entry was deleted")
+    if fields.get(b"format") != ENTRY_FORMAT:
+        raise MalformedEntry("not an mlrun batch entry (format field missing or unknown)")
+    try:
+        run = fields[b"run"].decode()
+        batch = fields[b"batch"].decode()
+        first_version = int(fields[b"first_version"])
+        metrics_rows = int(fields[b"metrics_rows"])
+        system_rows = int(fields[b"system_rows"])
+        metrics = fields[b"metrics"]
+        system = fields[b"system_metrics"]
+        crc = int(fields[b"crc32"])
+    except KeyError as exc:
+        raise MalformedEntry(f"field {exc.args[0].decode(errors='replace')!r} is missing"
+                             ) from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise MalformedEntry(f"a field does not parse ({type(exc).__name__})") from None
+    if not run:
+        raise MalformedEntry("empty run id")
+    if min(first_version, metrics_rows, system_rows) < 0:
+        raise MalformedEntry("negative version or row count")
+    if zlib.crc32(system, zlib.crc32(metrics)) != crc:
+        raise MalformedEntry("payload checksum mismatch (truncated or altered)")
+    row_floor = _MIN_ROW_BYTES + len(run.encode())
+    for rows, payload, table in ((metrics_rows, metrics, "metrics"),
+                                 (system_rows, system, "system_metrics")):
+        if (rows == 0) != (not payload) or len(payload) < rows * row_floor:
+            raise MalformedEntry(f"{table}: {len(payload)} bytes cannot hold {rows} rows")
+    return QueuedBatch(stream=entry.stream, entry_id=entry.entry_id,
+                       identity=BatchIdentity(run, batch or None, first_version),
+                       metrics_rows=metrics_rows, system_rows=system_rows,
+                       metrics=metrics, system_metrics=system)
