@@ -44,12 +44,10 @@ _GRPC_LINE = re.compile(r"gRPC listening on (?P<host>[^\s]+):(?P<port>\d+)")
 
 
 class ServerProcess:
-    def __init__(self, env: Mapping[str, str], log_path: Path, *, backend: str = "trio",
-                 command: str = "serve") -> None:
+    def __init__(self, env: Mapping[str, str], log_path: Path, *, backend: str = "trio") -> None:
         self.env = {**os.environ, **env}
         self.log_path = log_path
         self.backend = backend
-        self.command = command
         self.process: subprocess.Popen[bytes] | None = None
         self.http_port = 0
         self.grpc_port = 0
@@ -75,7 +73,7 @@ class ServerProcess:
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "mlrun", self.command, "--backend", self.backend],
+            [sys.executable, "-m", "mlrun", "serve", "--backend", self.backend],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -104,7 +102,7 @@ class ServerProcess:
         """Start and wait for the process to exit by itself (for start-up failures)."""
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "mlrun", self.command, "--backend", self.backend],
+                [sys.executable, "-m", "mlrun", "serve", "--backend", self.backend],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
