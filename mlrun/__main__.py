@@ -1,5 +1,5 @@
-"""The `mlrun` command line: `mlrun serve`, `mlrun sync [DIR]` and `mlrun keys ...` (also as
-`python -m mlrun ...`).
+"""The `mlrun` command line: `mlrun serve`, `mlrun process` (a queued-ingest processor),
+`mlrun sync [DIR]` and `mlrun keys ...` (also as `python -m mlrun ...`).
 
 This is the only module that imports trio or hypercorn's backend modules: it picks the event
 loop (`--backend trio`, the default, or `asyncio`), hands the matching hypercorn `serve` to the
@@ -56,6 +56,15 @@ def _parser() -> argparse.ArgumentParser:
     sync.add_argument("--retry-dead-letters", action="store_true",
                       help="also resend batches the server refused before (e.g. after fixing a "
                       "revoked key)")
+    process = commands.add_parser(
+        "process",
+        help="run a queued-ingest processor (INGEST_MODE=queued): Redis streams -> ClickHouse",
+        description="Consume the ingest queue's Redis streams into ClickHouse, as one member of "
+        "the processors' consumer group. Same configuration as `mlrun serve`; its /health, "
+        "/ready and /metrics are on PROCESSOR_HTTP_PORT.",
+    )
+    process.add_argument("--backend", choices=("trio", "asyncio"), default="trio",
+                         help="event loop to run on (default: trio)")
     commands.add_parser(
         "keys",
         help="create, list or revoke API keys on a running server (mlrun keys --help)",
@@ -71,8 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return keys_main(argv[1:])
     args = _parser().parse_args(argv)
-    if args.command == "serve":
-        return _serve_command(args.backend)
+    if args.command in ("serve", "process"):
+        return _serve_command(args.backend, processor=args.command == "process")
     if args.command == "sync":
         from mlrun.sdk.sync_command import sync_command
 
@@ -80,20 +89,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise AssertionError(f"unhandled command {args.command}")
 
 
-def _serve_command(backend: Backend) -> int:
+def _serve_command(backend: Backend, *, processor: bool = False) -> int:
     from mlrun.server.errors import ConfigError
-    from mlrun.server.runtime.config import load_config
+    from mlrun.server.runtime.config import check_processor_config, load_config
     from mlrun.server.runtime.logs import configure_logging
 
     try:
         config = load_config()
+        if processor:
+            check_processor_config(config)
     except ConfigError as exc:
         print(f"mlrun: configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, config.log_format)
     serve_http = _hypercorn_serve(backend)
     try:
-        return anyio.run(_run_server, config, serve_http, backend=backend)
+        return anyio.run(_run_server, config, serve_http, processor, backend=backend)
     except KeyboardInterrupt:  # a SIGINT that arrived before the signal receiver was installed
         return 0
 
@@ -119,11 +130,14 @@ def _hypercorn_serve(backend: Backend) -> Callable[..., Coroutine[Any, Any, None
     return serve_http_asyncio
 
 
-async def _run_server(config: object, serve_http: Callable[..., Coroutine[Any, Any, None]]) -> int:
+async def _run_server(config: object, serve_http: Callable[..., Coroutine[Any, Any, None]],
+                      processor: bool = False) -> int:
     from mlrun.server.runtime.config import Config
+    from mlrun.server.runtime.processor import serve_processor
     from mlrun.server.runtime.supervisor import StartupError, serve
 
     assert isinstance(config, Config)
+    run = serve_processor if processor else serve
     shutdown_requested = anyio.Event()
     started = False
     deadline_hit = False
@@ -151,7 +165,7 @@ async def _run_server(config: object, serve_http: Callable[..., Coroutine[Any, A
 
         async def run_serve(*, task_status: anyio.abc.TaskStatus[object]) -> None:
             try:
-                await serve(
+                await run(
                     config,
                     serve_http=serve_http,
                     shutdown_requested=shutdown_requested,

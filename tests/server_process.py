@@ -44,10 +44,12 @@ _GRPC_LINE = re.compile(r"gRPC listening on (?P<host>[^\s]+):(?P<port>\d+)")
 
 
 class ServerProcess:
-    def __init__(self, env: Mapping[str, str], log_path: Path, *, backend: str = "trio") -> None:
+    def __init__(self, env: Mapping[str, str], log_path: Path, *, backend: str = "trio",
+                 command: str = "serve") -> None:
         self.env = {**os.environ, **env}
         self.log_path = log_path
         self.backend = backend
+        self.command = command
         self.process: subprocess.Popen[bytes] | None = None
         self.http_port = 0
         self.grpc_port = 0
@@ -73,7 +75,7 @@ class ServerProcess:
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "mlrun", "serve", "--backend", self.backend],
+            [sys.executable, "-m", "mlrun", self.command, "--backend", self.backend],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -102,7 +104,7 @@ class ServerProcess:
         """Start and wait for the process to exit by itself (for start-up failures)."""
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "mlrun", "serve", "--backend", self.backend],
+                [sys.executable, "-m", "mlrun", self.command, "--backend", self.backend],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -126,6 +128,37 @@ class ServerProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)
+
+
+_PROCESSOR_LINE = re.compile(r"processor HTTP listening on http://(?P<host>[^\s]+):(?P<port>\d+)")
+
+
+class ProcessorProcess(ServerProcess):
+    """`mlrun process` (queued ingest): started like a server, ready once its HTTP port (for
+    /health, /ready, /metrics) is in the log; `http_port` is that port."""
+
+    def __init__(self, env: Mapping[str, str], log_path: Path, *, backend: str = "trio") -> None:
+        super().__init__(env, log_path, backend=backend, command="process")
+
+    def start(self, *, timeout_s: float = 60.0) -> ProcessorProcess:
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "mlrun", "process", "--backend", self.backend],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            found = list(_PROCESSOR_LINE.finditer(self.log_text()[offset:]))
+            if found:
+                self.http_port = int(found[-1]["port"])
+                return self
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mlrun process exited with {self.process.returncode} "
+                                   "during start-up:\n" + self.log_text()[-4000:])
+            time.sleep(0.05)  # waiting for a child process to come up: bounded by the deadline
+        self.kill()
+        raise TimeoutError(f"mlrun process did not start in {timeout_s}s:\n"
+                           + self.log_text()[-4000:])
 
 
 def wait_for_exit(process: subprocess.Popen[bytes], *, timeout_s: float) -> int:

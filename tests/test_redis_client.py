@@ -96,7 +96,7 @@ async def test_a_crashed_redis_is_reached_again_after_restart_with_back_off(
                     break
                 except BackendUnavailable:
                     await anyio.sleep(0.05)  # until the back-off lets the next attempt through
-        assert value == b"v"  # AOF (appendfsync always) kept what was acknowledged
+        assert value == b"v"  # the AOF kept what was acknowledged
 
 
 async def test_redis_down_at_open_then_up(tmp_path: Path) -> None:

@@ -3,9 +3,11 @@
 Owns: starting `redis-server` on a free loopback port with its data (the append-only file)
 under a temp dir, waiting with a deadline until it answers PING, and stopping it by PID. Tests
 may `kill()` it (SIGKILL, as a crash would) and `start()` it again on the same port with the
-same data: the AOF (`appendfsync always` by default here, so a crash loses nothing it
-acknowledged) is replayed. `freeze()`/`thaw()` send SIGSTOP/SIGCONT; whoever freezes or stops
-it must restore it before the test ends.
+same data: the AOF is replayed. The default `appendfsync everysec` is the production default:
+Redis has written every acknowledged command to the file (the OS page cache) before it
+answers, so a killed process loses nothing; only a power loss could cost the last second.
+`freeze()`/`thaw()` send SIGSTOP/SIGCONT; whoever freezes or stops it must restore it before
+the test ends.
 
 Fixture: `redis_server`, one fresh server per test (it starts in ~0.05 s; a test that kills
 it must not disturb another's streams).
@@ -45,7 +47,7 @@ def find_redis_binary() -> str:
 class RedisServer:
     host = "127.0.0.1"
 
-    def __init__(self, root: Path, binary: str, *, appendfsync: str = "always",
+    def __init__(self, root: Path, binary: str, *, appendfsync: str = "everysec",
                  password: str | None = None) -> None:
         self.root = root
         self.binary = binary

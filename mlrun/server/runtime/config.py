@@ -24,7 +24,7 @@ import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal, TypeVar, cast
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import msgspec
 
@@ -38,8 +38,9 @@ LogFormat = Literal["text", "json"]
 # Faults the crash tests inject on cue (MLRUN_FAULT_INJECTION; never set it in production):
 # `kill_before_ledger_mark` kills the process with SIGKILL when the write path is about to mark
 # its first committed batch in the ledger, i.e. between the ClickHouse commit and the ledger
-# update.
-FaultInjection = Literal["kill_before_ledger_mark"]
+# update; `kill_before_stream_ack` kills `mlrun process` the same way between its ClickHouse
+# insert and the XACK of the entries it carried.
+FaultInjection = Literal["kill_before_ledger_mark", "kill_before_stream_ack"]
 IngestMode = Literal["direct", "queued"]
 
 
@@ -94,12 +95,41 @@ class ArtifactStoreConfig(msgspec.Struct, frozen=True):
 
 class IngestConfig(msgspec.Struct, frozen=True):
     mode: IngestMode = "direct"
-    redis_url: Secret | None = None
     # Capacity of each ingest pipeline (metrics, system metrics): what may be queued or in
     # flight to ClickHouse before new batches get 429. Rows cost ~50 bytes each once encoded.
     pipeline_max_rows: int = 2_000_000
     pipeline_max_bytes: int = 128 * 1024 * 1024
     max_body_bytes: int = 16 * 1024 * 1024
+
+
+class RedisConfig(msgspec.Struct, frozen=True):
+    """`REDIS_URL`: redis://[user:password@]host:port[/db]."""
+
+    host: str
+    port: int = 6379
+    username: str | None = None
+    password: Secret | None = None
+    db: int = 0
+
+
+class QueueConfig(msgspec.Struct, frozen=True):
+    """Queued ingest (`INGEST_MODE=queued`): the Redis streams between servers and processors.
+
+    Streams are `{stream}:{0..partitions-1}`, a run's batches always in the same one; every
+    server and processor of a deployment must agree on `stream`, `partitions` and `group`.
+    The bound (entries, bytes) is what the servers admit before answering 429."""
+
+    redis: RedisConfig | None = None
+    stream: str = "mlrun:ingest"
+    partitions: int = 8
+    group: str = "mlrun-processors"
+    max_entries: int = 100_000
+    max_bytes: int = 512 * 1024 * 1024
+    # A processor's pending entries idle this long are claimed by another (it died).
+    claim_idle_s: float = 30.0
+    processor_http_port: int = 3002
+    processor_name: str | None = None  # the consumer name; None: host name and PID
+    processor_read_entries: int = 1000
 
 
 class Config(msgspec.Struct, frozen=True):
@@ -110,6 +140,7 @@ class Config(msgspec.Struct, frozen=True):
     clickhouse: ClickHouseConfig = ClickHouseConfig()
     artifacts: ArtifactStoreConfig = ArtifactStoreConfig()
     ingest: IngestConfig = IngestConfig()
+    queue: QueueConfig = QueueConfig()
     data_dir: Path = Path("mlrun-data")
     log_level: LogLevel = "info"
     log_format: LogFormat = "text"
@@ -201,7 +232,8 @@ def _log_format(name: str, raw: str) -> LogFormat:
 
 
 def _fault_injection(name: str, raw: str) -> FaultInjection:
-    return cast(FaultInjection, _choice("kill_before_ledger_mark")(name, raw))
+    return cast(FaultInjection,
+                _choice("kill_before_ledger_mark", "kill_before_stream_ack")(name, raw))
 
 
 def _host(name: str, raw: str) -> str:
@@ -257,6 +289,49 @@ def _endpoint(name: str, raw: str) -> str:
     except ValueError:
         raise ConfigError(f"{name}: bad port in {raw!r}") from None
     return f"{parts.scheme}://{parts.netloc}"
+
+
+_REDIS_URL_FORM = "redis://[user:password@]host:port[/db]"
+
+
+def _redis_url(name: str, raw: str) -> RedisConfig:
+    """REDIS_URL. Only the scheme is ever echoed: the rest may carry a password."""
+    value = raw.strip()
+    parts = urlsplit(value)
+    if parts.scheme == "rediss":
+        raise ConfigError(f"{name}: rediss:// (TLS) is not supported; use redis:// on a private "
+                          "network, or a TLS tunnel (stunnel, a sidecar) in front of Redis")
+    if parts.scheme != "redis" or not value.startswith("redis://"):
+        raise ConfigError(f"{name}: expected {_REDIS_URL_FORM} "
+                          f"(got a value with scheme {parts.scheme!r})")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"{name}: bad port; expected {_REDIS_URL_FORM}") from None
+    if not parts.hostname:
+        raise ConfigError(f"{name}: no host; expected {_REDIS_URL_FORM}")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"{name}: query parameters are not supported; expected "
+                          f"{_REDIS_URL_FORM}")
+    db_text = parts.path[1:] if parts.path.startswith("/") else parts.path
+    if db_text and not (db_text.isascii() and db_text.isdigit()):
+        raise ConfigError(f"{name}: the database after the host must be a number; expected "
+                          f"{_REDIS_URL_FORM}")
+    username = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password is not None else None
+    if username and password is None:
+        raise ConfigError(f"{name}: a user name needs a password; expected {_REDIS_URL_FORM}")
+    return RedisConfig(host=parts.hostname, port=6379 if port is None else port,
+                       username=username,
+                       password=Secret(password) if password is not None else None,
+                       db=int(db_text or 0))
+
+
+def _key_name(name: str, raw: str) -> str:
+    if not raw or len(raw) > 100 or not all(c.isprintable() and not c.isspace() for c in raw):
+        raise ConfigError(f"{name}: expected 1-100 printable characters without spaces, "
+                          f"got {raw!r}")
+    return raw
 
 
 def _database_name(name: str, raw: str) -> str:
@@ -346,11 +421,9 @@ def _load(env: _Reader) -> Config:
         bucket=env.get("MINIO_BUCKET", _text, defaults.artifacts.bucket),
         region=env.get("MINIO_REGION", _text, defaults.artifacts.region),
     )
-    redis_url = env.optional("REDIS_URL", _text)
     ingest_defaults = IngestConfig()
     ingest = IngestConfig(
         mode=env.get("INGEST_MODE", _ingest_mode, "direct"),
-        redis_url=Secret(redis_url) if redis_url else None,
         pipeline_max_rows=env.get(
             "MLRUN_PIPELINE_MAX_ROWS", _positive_int, ingest_defaults.pipeline_max_rows
         ),
@@ -361,6 +434,7 @@ def _load(env: _Reader) -> Config:
             "MLRUN_MAX_BODY_BYTES", _positive_int, ingest_defaults.max_body_bytes
         ),
     )
+    queue = _load_queue(env)
     config = Config(
         listen=listen,
         auth=auth,
@@ -369,6 +443,7 @@ def _load(env: _Reader) -> Config:
         clickhouse=clickhouse,
         artifacts=artifacts,
         ingest=ingest,
+        queue=queue,
         data_dir=Path(env.get("MLRUN_DATA_DIR", _text, str(defaults.data_dir))),
         log_level=env.get("MLRUN_LOG_LEVEL", _log_level, "info"),
         log_format=env.get("MLRUN_LOG_FORMAT", _log_format, "text"),
@@ -384,6 +459,30 @@ def _load(env: _Reader) -> Config:
     return config
 
 
+def _load_queue(env: _Reader) -> QueueConfig:
+    defaults = QueueConfig()
+    return QueueConfig(
+        redis=env.optional("REDIS_URL", _redis_url),
+        stream=env.get("MLRUN_QUEUE_STREAM", _key_name, defaults.stream),
+        partitions=env.get("MLRUN_QUEUE_PARTITIONS", _positive_int, defaults.partitions),
+        group=env.get("MLRUN_QUEUE_GROUP", _key_name, defaults.group),
+        max_entries=env.get("MLRUN_QUEUE_MAX_ENTRIES", _positive_int, defaults.max_entries),
+        max_bytes=env.get("MLRUN_QUEUE_MAX_BYTES", _positive_int, defaults.max_bytes),
+        claim_idle_s=env.get("MLRUN_QUEUE_CLAIM_IDLE_S", _positive_float, defaults.claim_idle_s),
+        processor_http_port=env.get("PROCESSOR_HTTP_PORT", _port, defaults.processor_http_port),
+        processor_name=env.optional("MLRUN_PROCESSOR_NAME", _key_name),
+        processor_read_entries=env.get("MLRUN_PROCESSOR_READ_ENTRIES", _positive_int,
+                                       defaults.processor_read_entries),
+    )
+
+
+def check_processor_config(config: Config) -> None:
+    """`mlrun process` consumes the queue of queued mode; in direct mode there is none."""
+    if config.ingest.mode != "queued":
+        raise ConfigError(f"INGEST_MODE: `mlrun process` needs INGEST_MODE=queued "
+                          f"(got {config.ingest.mode!r})")
+
+
 def _check_combinations(config: Config) -> None:
     if config.auth.disabled and not config.listeners_are_loopback:
         raise ConfigError(
@@ -396,6 +495,14 @@ def _check_combinations(config: Config) -> None:
         raise ConfigError("MINIO_ACCESS_KEY: MINIO_ENDPOINT is set, so MINIO_ACCESS_KEY and "
                           "MINIO_SECRET_KEY are required")
     if config.ingest.mode == "queued":
-        # Parsed so the name is reserved and a typo is caught, but refused: a mode that is
-        # accepted and then silently behaves like `direct` would be a lie to the operator.
-        raise ConfigError("INGEST_MODE: 'queued' is not available in this version; use 'direct'")
+        if config.queue.redis is None:
+            raise ConfigError(f"REDIS_URL: required with INGEST_MODE=queued ({_REDIS_URL_FORM})")
+        # Servers and processors are separate processes sharing the databases: the embedded
+        # defaults belong to one process each.
+        if config.clickhouse.host is None:
+            raise ConfigError("CLICKHOUSE_HOST: INGEST_MODE=queued needs a ClickHouse server "
+                              "that the processors write to (embedded chdb is one process's)")
+        if config.postgres.dsn is None:
+            raise ConfigError("DATABASE_URL: INGEST_MODE=queued needs a PostgreSQL server "
+                              "shared by servers and processors (the embedded one is one "
+                              "process's)")

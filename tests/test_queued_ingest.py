@@ -1,0 +1,314 @@
+"""Queued ingest end to end (`INGEST_MODE=queued`): `mlrun serve` puts batches into Redis
+streams, `mlrun process` moves them into ClickHouse; real Redis (AOF on), PostgreSQL and
+ClickHouse, every process a child process as a user runs it.
+
+The promise under test: what ClickHouse holds equals what was acknowledged, exactly once,
+whatever dies on the way (a processor, Redis itself); Redis down at start-up makes /ready 503
+and recovers without a restart; a full queue answers 429 / RESOURCE_EXHAUSTED with a delay;
+a malformed or foreign entry is set aside in the dead-letter stream without blocking the group.
+Clients are the retrying writer threads of `ingest_load`; stored points are counted back in
+ClickHouse (`assert_exactly_once`).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import psycopg
+import pytest
+
+from mlrun.wire.proto.mlrun.v1 import ingest_pb2
+
+from backends.ports import free_port
+from backends.redis import RedisServer, find_redis_binary
+from ingest_load import AUTH, LoadStats, assert_exactly_once, start_writers
+from readback import ClickHouseReader
+from server_process import TEST_API_KEY, ProcessorProcess, ServerProcess
+
+pytestmark = pytest.mark.timeout(300)
+GRPC_METADATA = (("authorization", f"Bearer {TEST_API_KEY}"),)
+
+
+@pytest.fixture
+def queued_env(server_env: dict[str, str], redis_server: RedisServer) -> dict[str, str]:
+    return {**server_env, "INGEST_MODE": "queued", "REDIS_URL": redis_server.url,
+            "MLRUN_QUEUE_STREAM": f"test-{uuid.uuid4().hex[:8]}", "MLRUN_QUEUE_PARTITIONS": "4",
+            "MLRUN_QUEUE_CLAIM_IDLE_S": "2", "PROCESSOR_HTTP_PORT": "0",
+            "MLRUN_SHUTDOWN_TIMEOUT_S": "20"}
+
+
+@pytest.fixture
+def start(servers: list[ServerProcess], tmp_path: Path
+          ) -> Callable[..., Any]:
+    """start(kind, env, name) -> a started ServerProcess / ProcessorProcess, stopped by the
+    `servers` fixture if the test leaves it running."""
+    def start_one(kind: str, env: dict[str, str], name: str) -> Any:
+        process: ServerProcess = (ProcessorProcess(env, tmp_path / f"{name}.log")
+                                  if kind == "process" else
+                                  ServerProcess(env, tmp_path / f"{name}.log"))
+        servers.append(process)
+        return process.start()
+
+    return start_one
+
+
+def create_run(base_url: str, run_id: str) -> None:
+    response = httpx.post(f"{base_url}/api/v1/runs", headers=AUTH, timeout=10,
+                          json={"project": "queued", "run_id": run_id})
+    assert response.status_code in (200, 201), response.text
+
+
+def metric(base_url: str, name: str, labels: str = "") -> float:
+    """One sample of a process's /metrics (summed over label sets when `labels` is empty)."""
+    text = httpx.get(f"{base_url}/metrics", timeout=5).text
+    pattern = re.compile(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", re.MULTILINE)
+    values = [float(m[2]) for m in pattern.finditer(text) if labels in (m[1] or "")]
+    assert values, f"{name} not in /metrics"
+    return sum(values)
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)  # polling another process's state, bounded by the deadline
+
+
+def wait_drained(server: ServerProcess, env: dict[str, str], timeout_s: float = 90) -> None:
+    """The streams are empty (every entry committed and acknowledged) and no ledger row is
+    still pending (the processors' marks landed)."""
+    wait_until(lambda: metric(server.base_url, "mlrun_queue_entries") == 0, timeout_s,
+               "the queue to drain")
+
+    def no_pending_rows() -> bool:
+        with psycopg.connect(env["DATABASE_URL"]) as conn:
+            row = conn.execute("SELECT count(*) FROM ingest_batches WHERE state = 'pending'"
+                               ).fetchone()
+        return row is not None and row[0] == 0
+
+    wait_until(no_pending_rows, 30, "the ledger marks")
+
+
+def test_http_and_grpc_batches_are_stored_exactly_once(
+    queued_env: dict[str, str], start: Callable[..., Any], clickhouse_reader: ClickHouseReader,
+) -> None:
+    server = start("serve", queued_env, "server")
+    processors = [start("process", queued_env, f"processor-{i}") for i in range(2)]
+    assert httpx.get(f"{server.base_url}/ready", timeout=5).json()["backends"]["redis"]["ok"]
+    create_run(server.base_url, "q-http")
+    stats = LoadStats()
+    for thread in start_writers(lambda: server.base_url, "q-http", 4, 25, 200, stats,
+                                budget_s=120):
+        thread.join(timeout=150)
+    assert not stats.failures, stats.failures[:5]
+    assert stats.acked_points == 4 * 25 * 200
+
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        log_batch = channel.unary_unary(
+            "/mlrun.v1.IngestService/LogBatch", request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=ingest_pb2.LogBatchResponse.FromString)
+        create_run(server.base_url, "q-grpc")
+        for index in range(5):
+            reply = log_batch(ingest_pb2.LogBatchRequest(
+                run_id="q-grpc", batch_id=f"g{index}",
+                metric_columns=[ingest_pb2.MetricColumn(
+                    name="acc", steps=list(range(index * 50, index * 50 + 50)),
+                    values=[s / 7 for s in range(index * 50, index * 50 + 50)])],
+                system_metrics=[ingest_pb2.MetricPoint(name="cpu", value=1.0, step=index)]),
+                metadata=GRPC_METADATA, timeout=10)
+            assert (reply.accepted, reply.duplicate) == (51, False)
+
+    # Refused exactly as in direct mode, before anything reaches the queue.
+    bad = httpx.post(f"{server.base_url}/api/v1/ingest/batch", headers=AUTH, timeout=10,
+                     json={"run_id": "q-http", "batch_id": "w0-b0",
+                           "metrics": [{"name": "loss", "value": 9.0, "step": 0}]})
+    assert bad.status_code == 409 and bad.json()["error"]["code"] == "batch_conflict"
+    missing = httpx.post(f"{server.base_url}/api/v1/ingest/batch", headers=AUTH, timeout=10,
+                         json={"run_id": "nope", "metrics": [{"name": "l", "value": 1.0,
+                                                               "step": 0}]})
+    assert missing.status_code == 404
+
+    wait_drained(server, queued_env)
+    assert_exactly_once(clickhouse_reader, "q-http", stats.acked_steps)
+    assert clickhouse_reader.scalar(
+        "SELECT count() FROM metrics FINAL WHERE run_id = 'q-grpc'") == 250
+    assert clickhouse_reader.scalar(
+        "SELECT count() FROM system_metrics FINAL WHERE run_id = 'q-grpc'") == 5
+    # Once committed and marked, a resend is a duplicate, as in direct mode.
+    again = httpx.post(f"{server.base_url}/api/v1/ingest/batch", headers=AUTH, timeout=10,
+                       content=_batch_body("q-http", 0, 0))
+    assert again.status_code == 200 and again.json()["duplicate"] is True
+    assert sum(metric(p.base_url, "mlrun_processor_entries_committed_total")
+               for p in processors) == 100 + 5
+    for process in (server, *processors):
+        assert process.stop() == 0, process.log_text()[-3000:]
+        assert "Traceback" not in process.log_text()
+
+
+def _batch_body(run_id: str, worker: int, index: int) -> bytes:
+    from ingest_load import batch_body
+
+    return batch_body(run_id, worker, index, 25, 200)
+
+
+def test_a_processor_killed_between_insert_and_ack_has_its_entries_redelivered(
+    queued_env: dict[str, str], start: Callable[..., Any], clickhouse_reader: ClickHouseReader,
+) -> None:
+    server = start("serve", queued_env, "server")
+    doomed = start("process", {**queued_env, "MLRUN_FAULT_INJECTION": "kill_before_stream_ack"},
+                   "doomed")
+    create_run(server.base_url, "q-kill")
+    stats = LoadStats()
+    threads = start_writers(lambda: server.base_url, "q-kill", 4, 30, 300, stats, budget_s=120)
+    # The doomed processor dies (SIGKILL) right after its first insert, before any XACK: its
+    # entries stay pending in the group under its name.
+    assert doomed.process.wait(timeout=60) == -9
+    survivor = start("process", queued_env, "survivor")
+    for thread in threads:
+        thread.join(timeout=150)
+    assert not stats.failures, stats.failures[:5]
+    wait_drained(server, queued_env)
+    assert metric(survivor.base_url, "mlrun_processor_redeliveries_total") > 0
+    assert "took over" in survivor.log_text()
+    assert_exactly_once(clickhouse_reader, "q-kill", stats.acked_steps)
+    assert survivor.stop() == 0 and server.stop() == 0
+
+
+def test_redis_killed_and_restarted_under_load_loses_and_duplicates_nothing(
+    queued_env: dict[str, str], start: Callable[..., Any], redis_server: RedisServer,
+    clickhouse_reader: ClickHouseReader,
+) -> None:
+    server = start("serve", queued_env, "server")
+    processor = start("process", queued_env, "processor")
+    create_run(server.base_url, "q-redis")
+    stats = LoadStats()
+    threads = start_writers(lambda: server.base_url, "q-redis", 4, 40, 300, stats, budget_s=150)
+    wait_until(lambda: stats.acked_points > 4 * 40 * 300 // 4, 60, "load under way")
+    redis_server.kill()  # SIGKILL: a crash, AOF (appendfsync everysec) on disk
+    acked_at_kill = stats.acked_points
+    time.sleep(2.0)
+    redis_server.start()
+    for thread in threads:
+        thread.join(timeout=180)
+    assert not stats.failures, stats.failures[:5]
+    assert acked_at_kill < 4 * 40 * 300 and stats.acked_points == 4 * 40 * 300
+    assert stats.statuses.get(503, 0) > 0  # the outage was answered with retryable 503s
+    wait_drained(server, queued_env)
+    assert_exactly_once(clickhouse_reader, "q-redis", stats.acked_steps)
+    assert metric(processor.base_url, "mlrun_processor_redis_failures_total") > 0
+    assert processor.stop() == 0 and server.stop() == 0
+
+
+def test_redis_down_at_start_up_then_ready_without_a_restart(
+    queued_env: dict[str, str], start: Callable[..., Any], tmp_path: Path,
+    clickhouse_reader: ClickHouseReader,
+) -> None:
+    late = RedisServer(tmp_path / "late-redis", find_redis_binary())
+    (tmp_path / "late-redis").mkdir()
+    late.port = free_port()
+    env = {**queued_env, "REDIS_URL": late.url}
+    try:
+        server = start("serve", env, "server")
+        processor = start("process", env, "processor")
+        for process in (server, processor):
+            ready = httpx.get(f"{process.base_url}/ready", timeout=10)
+            assert ready.status_code == 503
+            assert ready.json()["backends"]["redis"]["ok"] is False
+        create_run(server.base_url, "q-late")  # PostgreSQL work does not need the queue
+        refused = httpx.post(f"{server.base_url}/api/v1/ingest/batch", headers=AUTH, timeout=10,
+                             content=_batch_body("q-late", 0, 0))
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "backend_unavailable"
+
+        late.start()
+        for process in (server, processor):
+            wait_until(lambda p=process: httpx.get(f"{p.base_url}/ready", timeout=10)
+                       .status_code == 200, 30, "ready once redis is up")
+        stats = LoadStats()
+        for thread in start_writers(lambda: server.base_url, "q-late", 2, 10, 100, stats,
+                                    budget_s=60):
+            thread.join(timeout=90)
+        assert not stats.failures, stats.failures[:5]
+        wait_drained(server, env)
+        assert_exactly_once(clickhouse_reader, "q-late", stats.acked_steps)
+        assert processor.stop() == 0 and server.stop() == 0
+    finally:
+        late.stop()
+
+
+def test_a_full_queue_answers_429_with_retry_after_then_drains(
+    queued_env: dict[str, str], start: Callable[..., Any], clickhouse_reader: ClickHouseReader,
+) -> None:
+    env = {**queued_env, "MLRUN_QUEUE_MAX_ENTRIES": "20"}
+    server = start("serve", env, "server")  # no processor yet: nothing drains
+    create_run(server.base_url, "q-full")
+    with httpx.Client(headers=AUTH, timeout=10) as http:
+        answers = [http.post(f"{server.base_url}/api/v1/ingest/batch",
+                             content=_batch_body("q-full", 0, index)) for index in range(24)]
+        time.sleep(0.5)  # the queue view is refreshed every 0.2 s
+        late = http.post(f"{server.base_url}/api/v1/ingest/batch",
+                         content=_batch_body("q-full", 0, 24))
+    statuses = [a.status_code for a in answers] + [late.status_code]
+    assert statuses.count(200) >= 20 and late.status_code == 429, statuses
+    assert late.json()["error"]["code"] == "overloaded"
+    assert late.headers["retry-after"] == "5"  # no processor drained anything lately
+
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        log_batch = channel.unary_unary(
+            "/mlrun.v1.IngestService/LogBatch", request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=ingest_pb2.LogBatchResponse.FromString)
+        with pytest.raises(grpc.RpcError) as exhausted:
+            log_batch(ingest_pb2.LogBatchRequest(
+                run_id="q-full", batch_id="grpc-1",
+                metrics=[ingest_pb2.MetricPoint(name="loss", value=1.0, step=99_999)]),
+                metadata=GRPC_METADATA, timeout=10)
+    assert exhausted.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    trailing = dict(exhausted.value.trailing_metadata() or ())
+    assert int(trailing["retry-after-ms"]) == 5000
+    assert metric(server.base_url, "mlrun_queue_rejected_total", 'reason="full"') >= 2
+
+    processor = start("process", env, "processor")
+    stats = LoadStats()
+    for thread in start_writers(lambda: server.base_url, "q-full", 1, 25, 200, stats,
+                                budget_s=60):
+        thread.join(timeout=90)
+    assert not stats.failures, stats.failures[:5]
+    wait_drained(server, env)
+    assert_exactly_once(clickhouse_reader, "q-full", stats.acked_steps)
+    assert processor.stop() == 0 and server.stop() == 0
+
+
+def test_malformed_and_foreign_entries_go_to_the_dead_letters_without_blocking(
+    queued_env: dict[str, str], start: Callable[..., Any], redis_server: RedisServer,
+    clickhouse_reader: ClickHouseReader,
+) -> None:
+    prefix = queued_env["MLRUN_QUEUE_STREAM"]
+    server = start("serve", queued_env, "server")
+    processor = start("process", queued_env, "processor")
+    redis_server.command("XADD", f"{prefix}:0", "*", "hello", "world")
+    redis_server.command("XADD", f"{prefix}:1", "*", "format", "mlrun.batch.1", "run", "x",
+                         "batch", "b", "first_version", "1", "metrics_rows", "1",
+                         "system_rows", "0", "metrics", "short", "system_metrics", "",
+                         "crc32", "0")
+    create_run(server.base_url, "q-after")
+    stats = LoadStats()
+    for thread in start_writers(lambda: server.base_url, "q-after", 2, 5, 100, stats,
+                                budget_s=60):
+        thread.join(timeout=90)
+    assert not stats.failures, stats.failures[:5]
+    wait_drained(server, queued_env)
+    assert_exactly_once(clickhouse_reader, "q-after", stats.acked_steps)
+    wait_until(lambda: metric(processor.base_url, "mlrun_queue_dead_letter_entries") == 2, 10,
+               "the dead-letter gauge")
+    assert metric(processor.base_url, "mlrun_processor_dead_lettered_total") == 2
+    dead = redis_server.command("XRANGE", f"{prefix}:dead-letter", "-", "+")
+    assert "not an mlrun batch entry" in dead and "checksum mismatch" in dead
+    assert processor.stop() == 0 and server.stop() == 0
