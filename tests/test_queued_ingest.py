@@ -13,9 +13,11 @@ ClickHouse (`assert_exactly_once`).
 from __future__ import annotations
 
 import re
+import subprocess
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -312,3 +314,123 @@ def test_malformed_and_foreign_entries_go_to_the_dead_letters_without_blocking(
     dead = redis_server.command("XRANGE", f"{prefix}:dead-letter", "-", "+")
     assert "not an mlrun batch entry" in dead and "checksum mismatch" in dead
     assert processor.stop() == 0 and server.stop() == 0
+
+
+def test_clickhouse_frozen_the_queue_absorbs_until_its_bound_then_drains(
+    queued_env: dict[str, str], start: Callable[..., Any], clickhouse_server: Any,
+    clickhouse_reader: ClickHouseReader,
+) -> None:
+    env = {**queued_env, "MLRUN_QUEUE_MAX_ENTRIES": "60"}
+    server = start("serve", env, "server")
+    processor = start("process", env, "processor")
+    create_run(server.base_url, "q-frozen")
+    stats = LoadStats()
+    threads = start_writers(lambda: server.base_url, "q-frozen", 4, 60, 200, stats, budget_s=150)
+    wait_until(lambda: stats.acked_points > 4 * 10 * 200, 60, "load under way")
+    clickhouse_server.freeze()
+    try:
+        acked_at_freeze = stats.acked_points
+        # Nothing reaches ClickHouse, yet batches are acknowledged until the queue holds its
+        # bound (what the processor had read before the freeze counts: it is not committed).
+        wait_until(lambda: metric(server.base_url, "mlrun_queue_entries") >= 60, 20,
+                   "the queue to fill up to its bound")
+        wait_until(lambda: stats.statuses.get(429, 0) > 0, 20, "429 once the queue is full")
+        acked_while_frozen = stats.acked_points - acked_at_freeze
+        time.sleep(3.0)  # held at the bound for a while: nothing is lost meanwhile
+    finally:
+        clickhouse_server.thaw()
+    for thread in threads:
+        thread.join(timeout=150)
+    assert not stats.failures, stats.failures[:5]
+    assert acked_while_frozen > 0
+    assert stats.retry_after_values - {"missing"}
+    assert stats.acked_points == 4 * 60 * 200
+    wait_drained(server, env)
+    assert_exactly_once(clickhouse_reader, "q-frozen", stats.acked_steps)
+    assert processor.stop() == 0 and server.stop() == 0
+
+
+HAPROXY_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "haproxy.cfg"
+
+
+@pytest.fixture
+def balanced(queued_env: dict[str, str], start: Callable[..., Any], tmp_path: Path
+             ) -> Iterator[tuple[str, list[ServerProcess]]]:
+    """Two servers and one processor of one deployment, behind haproxy running the shipped
+    deploy/haproxy.cfg (its addresses rewritten to this test's ports): (haproxy's URL, servers)."""
+    pair = [start("serve", queued_env, f"server-{name}") for name in "ab"]
+    start("process", queued_env, "processor")
+    port, grpc_port = free_port(), free_port()
+    config = HAPROXY_CONFIG.read_text().replace("bind :3001", f"bind 127.0.0.1:{port}")
+    config = config.replace("bind :50051", f"bind 127.0.0.1:{grpc_port}")
+    for name, server in zip("ab", pair, strict=True):
+        config = config.replace(f"mlrun-{name}:3001", f"127.0.0.1:{server.http_port}")
+        config = config.replace(f"mlrun-{name}:50051", f"127.0.0.1:{server.grpc_port}")
+    (tmp_path / "haproxy.cfg").write_text(config)
+    with (tmp_path / "haproxy.log").open("wb") as log:
+        haproxy = subprocess.Popen(["haproxy", "-db", "-f", str(tmp_path / "haproxy.cfg")],
+                                   stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _answers(f"{url}/ready"), 20, "haproxy in front of ready servers")
+        yield url, pair
+    finally:
+        haproxy.terminate()
+        haproxy.wait(timeout=10)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def test_two_servers_one_killed_under_load_behind_haproxy_exactly_once(
+    balanced: tuple[str, list[ServerProcess]], queued_env: dict[str, str],
+    clickhouse_reader: ClickHouseReader,
+) -> None:
+    url, (first, second) = balanced
+    create_run(url, "q-pair")
+    stats = LoadStats()
+    threads = start_writers(lambda: url, "q-pair", 4, 40, 200, stats, budget_s=120)
+    wait_until(lambda: stats.acked_points > 4 * 40 * 200 // 3, 60, "load under way")
+    first.process.kill()  # SIGKILL: in-flight requests on it get no answer and are retried
+    first.process.wait(timeout=10)
+    for thread in threads:
+        thread.join(timeout=150)
+    assert not stats.failures, stats.failures[:5]
+    assert stats.acked_points == 4 * 40 * 200
+    wait_drained(second, queued_env)
+    assert_exactly_once(clickhouse_reader, "q-pair", stats.acked_steps)
+    assert second.stop() == 0
+
+
+def test_the_same_batch_sent_to_two_servers_at_once_is_stored_once(
+    balanced: tuple[str, list[ServerProcess]], queued_env: dict[str, str],
+    clickhouse_reader: ClickHouseReader,
+) -> None:
+    _, pair = balanced
+    create_run(pair[0].base_url, "q-twice")
+    answers: list[httpx.Response] = []
+    for index in range(20):
+        body = _batch_body("q-twice", 0, index)
+        barrier = threading.Barrier(2)
+
+        def send(server: ServerProcess, body: bytes = body,
+                 barrier: threading.Barrier = barrier) -> None:
+            barrier.wait(timeout=10)
+            answers.append(httpx.post(f"{server.base_url}/api/v1/ingest/batch", headers=AUTH,
+                                      content=body, timeout=15))
+
+        senders = [threading.Thread(target=send, args=(server,)) for server in pair]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join(timeout=30)
+    assert [a.status_code for a in answers] == [200] * 40, [a.text for a in answers][:3]
+    wait_drained(pair[0], queued_env)
+    assert_exactly_once(clickhouse_reader, "q-twice", set(range(20 * 200)))
+    for server in pair:
+        assert server.stop() == 0
