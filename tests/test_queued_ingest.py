@@ -76,6 +76,14 @@ def metric(base_url: str, name: str, labels: str = "") -> float:
     return sum(values)
 
 
+def grpc_log_batch(channel: grpc.Channel) -> Callable[..., Any]:
+    """IngestService/LogBatch as a grpcio unary call (the stubs are purerpc's)."""
+    call: Callable[..., Any] = channel.unary_unary(
+        "/mlrun.v1.IngestService/LogBatch", request_serializer=lambda m: m.SerializeToString(),
+        response_deserializer=ingest_pb2.LogBatchResponse.FromString)
+    return call
+
+
 def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -114,9 +122,7 @@ def test_http_and_grpc_batches_are_stored_exactly_once(
     assert stats.acked_points == 4 * 25 * 200
 
     with grpc.insecure_channel(server.grpc_target) as channel:
-        log_batch = channel.unary_unary(
-            "/mlrun.v1.IngestService/LogBatch", request_serializer=lambda m: m.SerializeToString(),
-            response_deserializer=ingest_pb2.LogBatchResponse.FromString)
+        log_batch = grpc_log_batch(channel)
         create_run(server.base_url, "q-grpc")
         for index in range(5):
             reply = log_batch(ingest_pb2.LogBatchRequest(
@@ -264,9 +270,7 @@ def test_a_full_queue_answers_429_with_retry_after_then_drains(
     assert late.headers["retry-after"] == "5"  # no processor drained anything lately
 
     with grpc.insecure_channel(server.grpc_target) as channel:
-        log_batch = channel.unary_unary(
-            "/mlrun.v1.IngestService/LogBatch", request_serializer=lambda m: m.SerializeToString(),
-            response_deserializer=ingest_pb2.LogBatchResponse.FromString)
+        log_batch = grpc_log_batch(channel)
         with pytest.raises(grpc.RpcError) as exhausted:
             log_batch(ingest_pb2.LogBatchRequest(
                 run_id="q-full", batch_id="grpc-1",

@@ -33,18 +33,15 @@ from mlrun.server.edges.http.app import App, Router
 from mlrun.server.edges.http.health import add_health_routes
 from mlrun.server.edges.http.prometheus import add_metrics_route
 from mlrun.server.edges.http.queue_metrics import processor_families, queue_families
-from mlrun.server.errors import ConfigError, MlrunError
 from mlrun.server.pipelines.ledger_marker import LedgerMarker
 from mlrun.server.pipelines.queue_monitor import QueueMonitor
 from mlrun.server.pipelines.stream_processor import StreamProcessor
 from mlrun.server.runtime.config import Config
 from mlrun.server.runtime.supervisor import (
     ServeHttp,
-    StartupError,
     bind_http_socket,
     hypercorn_config,
-    open_storage,
-    prepare_schemas,
+    open_prepared_storage,
     public_base_url,
 )
 from mlrun.server.runtime.write_paths import queue_keys, redis_address
@@ -87,12 +84,8 @@ async def serve_processor(
     base_url = public_base_url(config.listen.host, http_port)
     try:
         async with AsyncExitStack() as stack:
-            try:
-                storage = await stack.enter_async_context(
-                    open_storage(config, public_base_url=base_url))
-                await prepare_schemas(storage, startup_timeout_s=config.startup_timeout_s)
-            except (ConfigError, MlrunError) as exc:
-                raise StartupError(str(exc)) from exc
+            storage = await stack.enter_async_context(
+                open_prepared_storage(config, public_base_url=base_url))
             redis = await stack.enter_async_context(open_redis(redis_address(config)))
             keys = queue_keys(config)
             processor = StreamProcessor(

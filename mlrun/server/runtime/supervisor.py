@@ -238,6 +238,22 @@ async def prepare_schemas(storage: Storage, *, startup_timeout_s: float) -> None
         return
 
 
+@asynccontextmanager
+async def open_prepared_storage(config: Config, *, public_base_url: str
+                                ) -> AsyncIterator[Storage]:
+    """`open_storage`, then `prepare_schemas`: what `mlrun serve` and `mlrun process` start
+    with. A failure of either is a `StartupError` (one line for the operator)."""
+    async with AsyncExitStack() as stack:
+        try:
+            storage = await stack.enter_async_context(
+                open_storage(config, public_base_url=public_base_url))
+            logger.info("storage: %s", ", ".join(f"{k}={v}" for k, v in storage.modes.items()))
+            await prepare_schemas(storage, startup_timeout_s=config.startup_timeout_s)
+        except (ConfigError, MlrunError) as exc:
+            raise StartupError(str(exc)) from exc
+        yield storage
+
+
 def bind_http_socket(host: str, port: int) -> socket.socket:
     """Bind the HTTP listening socket ourselves so the real port is known even for port 0,
     before any slow start-up work: a port clash fails in milliseconds, not after migrations."""
@@ -330,16 +346,8 @@ async def serve(
     base_url = public_base_url(config.listen.host, http_port)
     try:
         async with AsyncExitStack() as stack:
-            try:
-                storage = await stack.enter_async_context(
-                    open_storage(config, public_base_url=base_url)
-                )
-                logger.info(
-                    "storage: %s", ", ".join(f"{k}={v}" for k, v in storage.modes.items())
-                )
-                await prepare_schemas(storage, startup_timeout_s=config.startup_timeout_s)
-            except (ConfigError, MlrunError) as exc:
-                raise StartupError(str(exc)) from exc
+            storage = await stack.enter_async_context(
+                open_prepared_storage(config, public_base_url=base_url))
             redis = await stack.enter_async_context(open_queue_redis(config))
             await _run_listeners(
                 config, storage, redis, http_sock, base_url, serve_http, shutdown_requested,
