@@ -136,7 +136,10 @@ class RedisWritePath:
         not_yet_seen_bytes = self._added[1] - self._added_at_refresh[1]
         in_flight_bytes = self.pipeline.statistics().queued_bytes
         entries = snapshot.entries + not_yet_seen_entries
-        queued_bytes = snapshot.bytes + not_yet_seen_bytes + in_flight_bytes
+        # An empty queue holds no bytes, whatever the counter says (it would drift only if
+        # someone deleted entries by hand; this keeps such a drift from refusing forever).
+        counted_bytes = snapshot.bytes if snapshot.entries else 0
+        queued_bytes = counted_bytes + not_yet_seen_bytes + in_flight_bytes
         if (entries >= self.max_entries or queued_bytes + payload_bytes > self.max_bytes
                 or snapshot.memory_full):
             self._rejected_full += 1
