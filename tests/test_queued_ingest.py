@@ -190,6 +190,28 @@ def test_a_processor_killed_between_insert_and_ack_has_its_entries_redelivered(
     assert survivor.stop() == 0 and server.stop() == 0
 
 
+def test_sigterm_to_a_processor_mid_stream_drains_its_round_and_exits_0(
+    queued_env: dict[str, str], start: Callable[..., Any], clickhouse_reader: ClickHouseReader,
+) -> None:
+    server = start("serve", queued_env, "server")
+    leaving, staying = (start("process", queued_env, f"processor-{i}") for i in range(2))
+    create_run(server.base_url, "q-term")
+    stats = LoadStats()
+    threads = start_writers(lambda: server.base_url, "q-term", 4, 30, 300, stats, budget_s=120)
+    wait_until(lambda: metric(leaving.base_url, "mlrun_processor_entries_committed_total") > 5,
+               60, "the leaving processor at work")
+    assert leaving.stop() == 0, leaving.log_text()[-3000:]
+    assert "processor drained" in leaving.log_text()
+    for thread in threads:
+        thread.join(timeout=150)
+    assert not stats.failures, stats.failures[:5]
+    wait_drained(server, queued_env)
+    # What the leaving one had read it committed and acknowledged: nothing to take over.
+    assert metric(staying.base_url, "mlrun_processor_redeliveries_total") == 0
+    assert_exactly_once(clickhouse_reader, "q-term", stats.acked_steps)
+    assert staying.stop() == 0 and server.stop() == 0
+
+
 def test_redis_killed_and_restarted_under_load_loses_and_duplicates_nothing(
     queued_env: dict[str, str], start: Callable[..., Any], redis_server: RedisServer,
     clickhouse_reader: ClickHouseReader,
