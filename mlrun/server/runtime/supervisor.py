@@ -44,6 +44,7 @@ from mlrun.server.edges.http.key_api import add_key_routes
 from mlrun.server.edges.http.openapi import add_openapi_route
 from mlrun.server.edges.http.prometheus import ExtraFamilies, PipelineGauges, add_metrics_route
 from mlrun.server.edges.http.query_api import add_query_routes
+from mlrun.server.edges.http.ui import add_ui_routes
 from mlrun.server.errors import BackendUnavailable, ConfigError, MlrunError
 from mlrun.server.ports.objects import ArtifactStore
 from mlrun.server.runtime.config import Config
@@ -318,6 +319,7 @@ def build_http_app(services: Services, *, max_body_bytes: int) -> App:
     add_query_routes(router, services.queries, services.authenticator)
     add_metrics_route(router, services.telemetry, services.pipelines, services.metric_families)
     add_openapi_route(router)
+    add_ui_routes(router, auth_disabled=services.authenticator.disabled)
     return App(router, max_body_bytes=max_body_bytes, telemetry=services.telemetry)
 
 
