@@ -417,6 +417,23 @@ def test_a_filter_and_a_sort_change_rows_and_url_and_a_reload_restores_them(
     assert page.find("#runs th.sorted-asc").text.startswith("Name")
 
 
+def test_metric_summary_columns_show_last_min_and_max(page: Page) -> None:
+    page.open("#/runs?project=demo&q=compare&sort=name"
+              "&cols=status,m:last:train/loss,m:min:train/loss,m:max:train/loss")
+    page.wait(lambda: page.timing("metric-columns-filled"), "the metric columns")
+    rows = page.js("""return Array.from(document.querySelectorAll('#runs tr.runrow'),
+        row => Array.from(row.cells, cell => cell.textContent))""")
+    headers = [th.text for th in page.find_all("#runs thead th")]
+    assert headers[3:] == ["train/loss (last)", "train/loss (min)", "train/loss (max)"]
+    for index, row in enumerate(rows):  # cmp-a, cmp-b, cmp-c: 1/(1+step) + 0.1*index
+        last, low, high = (float(cell) for cell in row[3:])
+        assert last == pytest.approx(1 / 200 + 0.1 * index, rel=1e-4)
+        assert low == last and high == pytest.approx(1 + 0.1 * index)
+    page.find("#runs thead th:nth-of-type(4)").click()  # sort by the metric's last value
+    page.wait(lambda: page.hash_params().get("sort") == ["metric:train/loss"], "the metric sort")
+    page.wait(lambda: page.table_run_ids() == ["cmp-a", "cmp-b", "cmp-c"], "sorted by last value")
+
+
 def test_paging_reaches_the_last_of_10k_runs(page: Page) -> None:
     page.open("#/runs?project=big&limit=1000")
     page.wait(lambda: len(page.table_run_ids()) == 1000, "1000 rows")
@@ -602,6 +619,25 @@ def test_a_backend_down_shows_the_banner(
         clickhouse_server.thaw()
     page.wait(lambda: not page.find("#banner").is_displayed(), "the banner gone", timeout_s=25)
     assert page.console_errors(allow=("503",)) == []
+
+
+def test_with_auth_disabled_the_ui_needs_no_sign_in(
+    browser: webdriver.Chrome, backends: Backends, server: ServerProcess,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    log_dir = tmp_path_factory.mktemp("ui-open-server")
+    open_server = ServerProcess({**server.env, "MLRUN_AUTH_DISABLED": "true",
+                                 "MLRUN_DATA_DIR": str(log_dir / "data")}, log_dir / "server.log")
+    try:
+        open_server.start()
+        ui = Page(browser, open_server.base_url)
+        ui.open("#/runs?project=demo")
+        ui.wait(lambda: ui.find_all("#runs tr.runrow"), "the table without signing in")
+        assert ui.find_all("#signin") == []
+        assert not ui.find("#signout").is_displayed()
+        assert ui.console_errors() == []
+    finally:
+        assert open_server.stop() == 0
 
 
 def test_static_files_carry_a_strict_csp_and_no_inline_script(server: ServerProcess) -> None:

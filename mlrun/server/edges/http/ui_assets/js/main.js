@@ -140,14 +140,14 @@ signout.addEventListener('click', () => { setKey(null); showSignIn(); });
 window.addEventListener('hashchange', route);
 
 async function start() {
-  try {
-    const config = await uiConfig();
-    session.authDisabled = Boolean(config.auth_disabled);
-  } catch {
-    // fall through: sign-in still works and the banner says why reads fail
-  }
-  checkReady();
+  const config = uiConfig().then((c) => { session.authDisabled = Boolean(c.auth_disabled); })
+    .catch(() => { /* sign-in still works; the banner says why reads fail */ });
+  // Signed in already (a reload): no need to wait for the config before the first page.
+  if (!session.key) await config;
   route();
+  await config;
+  signout.hidden = session.authDisabled;
+  checkReady();
 }
 
 start();

@@ -2,7 +2,7 @@
 // backward with a stack of cursors, "last page" by the reversed sort), a column chooser for
 // params and tags, row selection for compare. Every piece of state is in the URL hash.
 import { api, query } from './api.js';
-import { clear, fmtDuration, fmtTime, h, statusBadge } from './dom.js';
+import { append, clear, fmtDuration, fmtNumber, fmtTime, h, statusBadge } from './dom.js';
 
 const STATUSES = ['running', 'finished', 'failed', 'killed'];
 const SORTABLE = { name: 'name', status: 'status', created_at: 'created_at',
@@ -19,6 +19,39 @@ const DEFAULT_COLUMNS = 'status,created_at,duration,tags';
 const SELECTION_ITEM = 'mlrun.selection';
 const MAX_COMPARE = 100;
 const REFRESH_MS = 5000;
+const METRIC_COLUMN = /^m:(last|min|max):(.+)$/;
+const MAX_COMPARE_SERIES = 1000;
+
+// Last/min/max of some metrics for a page of runs, from the compare route: `minmax` with a
+// budget of 6 returns the first and last stored points and one bucket's min and max points, so
+// the series' min, max and last value are among them (no route of its own needed).
+async function metricCells(runIds, names) {
+  const cells = {};
+  const per = Math.max(1, Math.min(MAX_COMPARE, Math.floor(MAX_COMPARE_SERIES / names.length)));
+  const requests = [];
+  for (let i = 0; i < runIds.length; i += per) {
+    requests.push(api('/api/v1/runs/compare', { method: 'POST', quiet: true, body: {
+      run_ids: runIds.slice(i, i + per), metric_names: names, method: 'minmax', max_points: 6 } }));
+  }
+  for (const result of await Promise.all(requests)) {
+    for (const run of result.runs) {
+      const byName = (cells[run.run_id] = {});
+      for (const series of run.series) {
+        if (series.points.length === 0) continue;
+        let last = series.points[0];
+        let min = Infinity;
+        let max = -Infinity;
+        for (const p of series.points) {
+          if (p.step >= last.step) last = p;
+          if (p.value < min) min = p.value;
+          if (p.value > max) max = p.value;
+        }
+        byName[series.name] = { last: last.value, min, max };
+      }
+    }
+  }
+  return cells;
+}
 
 function flip(sort) { return sort.startsWith('-') ? sort.slice(1) : `-${sort}`; }
 
@@ -43,6 +76,8 @@ export async function renderRuns(ctx) {
   let stopped = false;
   let controller = null;
 
+  // With the project in the URL, the page of runs is asked for at once, next to the projects.
+  const early = state.project !== null ? load().catch((err) => err) : null;
   const projects = (await api('/api/v1/projects')).projects.map((p) => p.name).sort();
   if (state.project === null) state.project = projects[0] ?? '';
 
@@ -173,11 +208,53 @@ export async function renderRuns(ctx) {
       [...keys.p].sort().map((k) => option(`p:${k}`, k)));
     chooserMenu.append(h('strong', { text: 'Tags' }),
       [...keys.t].sort().map((k) => option(`t:${k}`, k)));
+    const metricIds = state.cols.filter((c) => METRIC_COLUMN.test(c));
+    const nameInput = h('input', { type: 'text', id: 'metric-column-name', list: 'metric-names',
+      placeholder: 'metric name', 'aria-label': 'metric name' });
+    const aggSelect = h('select', { id: 'metric-column-agg', 'aria-label': 'summary' },
+      ['last', 'min', 'max'].map((a) => h('option', { value: a, text: a })));
+    const names = h('datalist', { id: 'metric-names' });
+    const add = h('button', { type: 'button', id: 'metric-column-add', text: 'Add' });
+    add.addEventListener('click', () => {
+      const name = nameInput.value.trim();
+      const id = `m:${aggSelect.value}:${name}`;
+      if (!name || state.cols.includes(id)) return;
+      state.cols = [...state.cols, id];
+      navigate('/runs', urlParams(), { replace: true });
+      fillChooser();
+      fillMetrics().then(renderTable);
+    });
+    chooserMenu.append(h('strong', { text: 'Metric summaries' }),
+      metricIds.map((id) => option(id, id.replace(METRIC_COLUMN, '$2 ($1)'))),
+      h('div', null, nameInput, aggSelect, add), names);
+    // Suggestions: the metrics every run of this page has (the compare route's common_metrics).
+    const ids = (page?.runs ?? []).slice(0, MAX_COMPARE).map((r) => r.run_id);
+    if (ids.length) {
+      api('/api/v1/runs/compare', { method: 'POST', quiet: true, body: { run_ids: ids, metric_names: [] } })
+        .then((r) => append(names, r.common_metrics.map((n) => h('option', { value: n }))))
+        .catch(() => {});
+    }
+  }
+
+  async function fillMetrics(target = page) {
+    const names = [...new Set(state.cols.map((c) => METRIC_COLUMN.exec(c)?.[2]).filter(Boolean))];
+    if (!target || names.length === 0 || target.runs.length === 0) return;
+    try {
+      target.metrics = await metricCells(target.runs.map((r) => r.run_id), names);
+    } catch (err) {
+      if (err.status !== 401) error.textContent = `metric columns: ${err.message}`;
+    }
   }
 
   function columnDefs() {
     return state.cols.map((id) => {
       if (BASE_COLUMNS[id]) return { id, ...BASE_COLUMNS[id] };
+      const metric = METRIC_COLUMN.exec(id);
+      if (metric) {
+        const [, agg, name] = metric;
+        return { id, label: `${name} (${agg})`, num: true, sort: agg === 'last' ? `metric:${name}` : null,
+          cell: (r) => fmtNumber(page?.metrics?.[r.run_id]?.[name]?.[agg]) };
+      }
       const m = /^([pt]):(.*)$/.exec(id);
       if (!m) return null;
       const key = m[2];
@@ -197,7 +274,7 @@ export async function renderRuns(ctx) {
     th.setAttribute('aria-sort', bare === column ? (state.sort.startsWith('-') ? 'descending' : 'ascending') : 'none');
     const toggle = () => {
       state.sort = bare === column ? flip(state.sort) : column;
-      metricInput.value = '';
+      metricInput.value = column.startsWith('metric:') ? column.slice('metric:'.length) : '';
       restart();
     };
     th.addEventListener('click', toggle);
@@ -228,7 +305,7 @@ export async function renderRuns(ctx) {
       else if (e.key === 'ArrowDown') { e.preventDefault(); tr.nextElementSibling?.focus(); }
       else if (e.key === 'ArrowUp') { e.preventDefault(); tr.previousElementSibling?.focus(); }
     });
-    tr.dataset.json = JSON.stringify(run);
+    tr.dataset.json = JSON.stringify([run, page?.metrics?.[run.run_id]]);
     return tr;
   }
 
@@ -269,15 +346,24 @@ export async function renderRuns(ctx) {
     return listed;
   }
 
-  async function show({ quiet = false } = {}) {
+  async function show({ quiet = false, prefetched = null } = {}) {
     try {
-      const loaded = await load({ quiet });
+      const loaded = prefetched ? await prefetched : await load({ quiet });
+      if (loaded instanceof Error) throw loaded;
       if (stopped) return;
       error.textContent = '';
-      if (quiet && page) { patchRows(loaded); return; }
+      if (quiet && page) {
+        await fillMetrics(loaded);
+        if (!stopped) patchRows(loaded);
+        return;
+      }
       page = loaded;
       renderTable();
       requestAnimationFrame(() => mark('runs-painted'));
+      if (state.cols.some((c) => METRIC_COLUMN.test(c))) {
+        await fillMetrics();
+        if (page === loaded && !stopped) { renderTable(); mark('metric-columns-filled'); }
+      }
     } catch (err) {
       if (err.name === 'AbortError' || err.status === 401) return;
       error.textContent = err.field ? `${err.field}: ${err.message}` : err.message;
@@ -289,9 +375,10 @@ export async function renderRuns(ctx) {
   // Running runs update in place: the same page again, quietly; changed rows are replaced.
   function patchRows(loaded) {
     const defs = columnDefs();
+    page = { ...loaded, knownTotal: page.knownTotal };
     for (const run of loaded.runs) {
       const tr = table.querySelector(`tr[data-run-id="${CSS.escape(run.run_id)}"]`);
-      const json = JSON.stringify(run);
+      const json = JSON.stringify([run, page.metrics?.[run.run_id]]);
       if (tr && tr.dataset.json !== json) {
         const hadFocus = document.activeElement === tr;
         const fresh = rowOf(run, defs);
@@ -299,7 +386,6 @@ export async function renderRuns(ctx) {
         if (hadFocus) fresh.focus();
       }
     }
-    page = { ...loaded, knownTotal: page.knownTotal };
   }
 
   function scheduleRefresh() {
@@ -334,6 +420,6 @@ export async function renderRuns(ctx) {
   updateSelectionUi();
   navigate('/runs', urlParams(), { replace: true });
   renderTable();
-  await show();
+  await show({ prefetched: early });
   return () => { stopped = true; clearTimeout(refreshTimer); clearTimeout(debounce); controller?.abort(); };
 }
