@@ -39,6 +39,7 @@ from selenium.common.exceptions import NoAlertPresentException, WebDriverExcepti
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webelement import WebElement
 
 from backends.postgres import fresh_database
@@ -146,8 +147,12 @@ def seed_demo(client: httpx.Client, clickhouse: Any, database: str, seeded: Seed
         ok(client.post(f"/api/v1/runs/{run_id}/finish", json={"status": "finished"}))
     ok(client.post("/api/v1/runs", json={"project": "demo", "run_id": seeded.live,
                                          "name": "live run"}), 201)
+    now_ms = int(time.time() * 1000)
     log_points(client, seeded.live, "train/loss", range(50), lambda s: 1.0 / (1 + s),
-               t0_ms=int(time.time() * 1000) - 60_000)
+               t0_ms=now_ms - 60_000)
+    ok(client.post("/api/v1/ingest/batch", json={"run_id": seeded.live, "system_metrics": [
+        {"name": "cpu_percent", "value": 10.0 + i % 7, "step": i,
+         "timestamp": now_ms - 60_000 + i * 1000} for i in range(60)]}))
     ok(client.post("/api/v1/runs", json={"project": "demo", "run_id": seeded.xss,
                                          "name": XSS_NAME, "tags": {XSS_NAME: XSS_NAME}}), 201)
     grant = ok(client.post(f"/api/v1/runs/{seeded.compared[0]}/artifacts", json={
@@ -391,6 +396,13 @@ def test_sign_in_then_the_table_of_10k_runs(
     timings["table_10k_runs_painted_ms"] = round(painted, 1)
     timings["table_page_bytes_cold"] = ui.transferred_bytes()
     ui.screenshot("runs-table")
+    browser.set_window_size(600, 800)  # a narrow window: the table scrolls, the page does not
+    try:
+        ui.wait(lambda: ui.js("return document.documentElement.scrollWidth <= window.innerWidth"),
+                "a page as narrow as the window")
+        ui.screenshot("runs-table-narrow")
+    finally:
+        browser.set_window_size(1280, 800)
     assert ui.console_errors() == []
 
 
@@ -438,10 +450,11 @@ def test_paging_reaches_the_last_of_10k_runs(page: Page) -> None:
     page.open("#/runs?project=big&limit=1000")
     page.wait(lambda: len(page.table_run_ids()) == 1000, "1000 rows")
     seen = set(page.table_run_ids())
+    first_row = "return document.querySelector('#runs tr.runrow').dataset.runId"
     for _ in range(9):
-        first = page.table_run_ids()[0]
+        first = page.js(first_row)
         page.find("#page-next").click()
-        page.wait(lambda first=first: page.table_run_ids()[:1] != [first], "the next page")
+        page.wait(lambda first=first: page.js(first_row) != first, "the next page")
         seen |= set(page.table_run_ids())
     assert len(seen) == BIG_RUNS
     assert page.table_run_ids()[-1] == "run-00000"
@@ -511,6 +524,10 @@ def test_points_logged_now_appear_on_the_open_run_page_within_3_s(
 ) -> None:
     page.open(f"#/run/{seeded.live}")
     page.wait(lambda: (page.plotted("train/loss") or [[0]])[0][-1] == 49, "the live chart")
+    system = page.wait(
+        lambda: page.find_all('#system-charts .chart[data-metric="cpu_percent"] canvas'),
+        "the system metrics chart")
+    assert system
     lags = []
     for round_ in range(3):
         steps = range(50 + 10 * round_, 60 + 10 * round_)
@@ -532,8 +549,11 @@ def test_compare_three_runs_with_a_legend_and_the_differing_params(
     page.js("sessionStorage.removeItem('mlrun.selection')")
     page.open("#/runs?project=demo&q=compare")
     page.wait(lambda: len(page.find_all("#runs tr.runrow")) == 3, "the three runs")
-    for box in page.find_all("#runs tr.runrow input.select"):
-        box.click()
+    page.find("#runs tr.runrow").send_keys(Keys.SPACE)  # the keyboard: select, move down, select
+    page.driver.switch_to.active_element.send_keys(Keys.ARROW_DOWN)
+    page.driver.switch_to.active_element.send_keys(Keys.SPACE)
+    page.find_all("#runs tr.runrow input.select")[2].click()  # and the mouse
+    page.wait(lambda: "(3)" in page.find("#compare").text, "three selected runs")
     page.find("#compare").click()
     page.wait(lambda: len(page.find_all("#legend button")) == 3, "a legend of three runs")
     assert sorted(page.hash_params()["runs"][0].split(",")) == sorted(seeded.compared)

@@ -3,7 +3,7 @@
 // time, and a params table of the runs with the params that differ highlighted.
 import { api, bounded } from './api.js';
 import { Chart, plotWidth } from './chart.js';
-import { clear, colour, fmtNumber, h, statusBadge } from './dom.js';
+import { afterPaint, clear, colour, fmtNumber, h, statusBadge } from './dom.js';
 
 const MAX_RUNS = 100;
 
@@ -108,7 +108,7 @@ export async function renderCompare(ctx) {
     mark('compare-arrived');
     drawLegend();
     drawCharts();
-    requestAnimationFrame(() => mark('compare-drawn'));
+    afterPaint(() => mark('compare-drawn'));
   }
 
   async function loadParams() {

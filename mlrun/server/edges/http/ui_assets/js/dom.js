@@ -60,3 +60,9 @@ export function statusBadge(status) {
 export function colour(index) {
   return `hsl(${Math.round((index * 137.508) % 360)}, 70%, 42%)`;
 }
+
+// Runs `fn` once the next frame has been laid out and painted (a frame callback runs before
+// layout; a task queued from it runs after the frame).
+export function afterPaint(fn) {
+  requestAnimationFrame(() => setTimeout(fn, 0));
+}

@@ -6,7 +6,7 @@
 // second), never by refetching whole series. State (x axis, log, smoothing, zoom) is in the URL.
 import { api, query } from './api.js';
 import { Chart, plotWidth } from './chart.js';
-import { clear, fmtDuration, fmtNumber, fmtTime, h, statusBadge } from './dom.js';
+import { afterPaint, clear, fmtDuration, fmtNumber, fmtTime, h, statusBadge } from './dom.js';
 
 const LIVE_SERIES_MS = 1000;
 const LIVE_RUN_MS = 3000;
@@ -230,7 +230,7 @@ export async function renderRun(ctx, runId) {
       fill(s, one.points);
       drawSeries(s);
     }
-    requestAnimationFrame(() => mark('charts-drawn'));
+    afterPaint(() => mark('charts-drawn'));
   }
 
   async function loadSystem() {

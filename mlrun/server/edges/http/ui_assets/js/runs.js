@@ -2,7 +2,7 @@
 // backward with a stack of cursors, "last page" by the reversed sort), a column chooser for
 // params and tags, row selection for compare. Every piece of state is in the URL hash.
 import { api, query } from './api.js';
-import { append, clear, fmtDuration, fmtNumber, fmtTime, h, statusBadge } from './dom.js';
+import { afterPaint, append, clear, fmtDuration, fmtNumber, fmtTime, h, statusBadge } from './dom.js';
 
 const STATUSES = ['running', 'finished', 'failed', 'killed'];
 const SORTABLE = { name: 'name', status: 'status', created_at: 'created_at',
@@ -359,7 +359,7 @@ export async function renderRuns(ctx) {
       }
       page = loaded;
       renderTable();
-      requestAnimationFrame(() => mark('runs-painted'));
+      afterPaint(() => mark('runs-painted'));
       if (state.cols.some((c) => METRIC_COLUMN.test(c))) {
         await fillMetrics();
         if (page === loaded && !stopped) { renderTable(); mark('metric-columns-filled'); }
