@@ -41,6 +41,7 @@ from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support.ui import Select
 
 from backends.postgres import fresh_database
 from server_process import TEST_API_KEY, ServerProcess, real_backend_env
@@ -334,14 +335,18 @@ class Page:
                         " || null", name)
         return None if value is None else float(value)
 
-    def transferred_bytes(self) -> dict[str, int]:
+    def transferred_bytes(self) -> dict[str, Any]:
+        """Bytes over the wire since the navigation (headers included), and how long each API
+        request took in the browser (ms)."""
         entries = self.js(
             "return performance.getEntriesByType('navigation')"
             ".concat(performance.getEntriesByType('resource'))"
-            ".map(e => [e.name, e.transferSize, e.encodedBodySize, e.initiatorType])")
-        api = sum(e[1] for e in entries if "/api/v1/" in e[0])
-        return {"total": sum(e[1] for e in entries), "api": api,
-                "assets": sum(e[1] for e in entries) - api, "requests": len(entries)}
+            ".map(e => [e.name, e.transferSize, Math.round(e.duration)])")
+        calls = [e for e in entries if "/api/v1/" in e[0] or "/ready" in e[0]]
+        api = sum(e[1] for e in calls)
+        total = sum(e[1] for e in entries)
+        return {"total": total, "api": api, "assets": total - api, "requests": len(entries),
+                "api_ms": [[urlsplit(e[0]).path, e[2]] for e in calls]}
 
     def plotted(self, metric: str) -> list[list[float | None]] | None:
         result: list[list[float | None]] | None = self.js(
@@ -519,6 +524,35 @@ def test_a_drag_zooms_and_requeries_the_step_range(page: Page, seeded: Seeded) -
     page.wait(lambda: (page.plotted("train/loss") or [[0]])[0][-1] == MILLION - 1, "reset zoom")
 
 
+def test_run_page_axes_smoothing_log_scale_and_synced_hover(page: Page, seeded: Seeded) -> None:
+    run_id = seeded.compared[1]  # train/loss = 1/(1+step) + 0.1 at steps 0..199, 1 s apart
+    page.open(f"#/run/{run_id}")
+    page.wait(lambda: page.timing("charts-drawn"), "the charts")
+    raw = page.plotted("train/loss")
+    assert raw is not None and len(raw) == 2 and raw[0][:3] == [0, 1, 2]
+    page.js("const s = document.getElementById('smoothing'); s.value = '0.9';"
+            " s.dispatchEvent(new Event('input'))")
+    smoothed = page.wait(lambda: (lambda d: d if d and len(d) == 3 else None)(
+        page.plotted("train/loss")), "the EMA over the raw line")
+    assert smoothed[1] == raw[1]  # the raw line is still drawn, unchanged
+    assert smoothed[2][0] == pytest.approx(raw[1][0]) and smoothed[2][50] > raw[1][50]
+    page.find("#log-scale").click()
+    Select(page.find("#x-axis")).select_by_value("relative")
+    page.wait(lambda: page.hash_params().get("x") == ["relative"], "the axis in the URL")
+    assert page.hash_params()["log"] == ["1"] and page.hash_params()["smooth"] == ["0.9"]
+    page.driver.refresh()
+    page.wait(lambda: page.timing("charts-drawn"), "the charts after a reload")
+    relative = page.plotted("train/loss")
+    assert relative is not None and len(relative) == 3
+    seconds = [x for x in relative[0] if x is not None]
+    assert seconds == sorted(seconds) and seconds[-1] - seconds[0] == pytest.approx(199)
+    assert page.find("#log-scale").is_selected()
+    over = page.find('#charts .chart[data-metric="train/loss"] .u-over')
+    ActionChains(page.driver).move_to_element(over).perform()
+    page.wait(lambda: (page.js("return window.mlrunDebug.cursorLeft('val/acc')") or -1) > 0,
+              "the hover synced to the other chart")
+
+
 def test_points_logged_now_appear_on_the_open_run_page_within_3_s(
     page: Page, client: httpx.Client, seeded: Seeded, timings: dict[str, Any],
 ) -> None:
@@ -574,7 +608,14 @@ def test_compare_three_runs_with_a_legend_and_the_differing_params(
               "a hidden run")
     assert page.js("return document.querySelector('#legend button').getAttribute('aria-pressed')") \
         == "false"
-    timings["compare_page_bytes"] = page.transferred_bytes()
+    page.driver.execute_cdp_cmd("Network.clearBrowserCache", {})
+    page.open(f"#/compare?runs={','.join(seeded.compared)}")
+    drawn = page.wait(lambda: page.timing("compare-drawn"), "the compare page, cold")
+    arrived = page.timing("compare-arrived")
+    assert arrived is not None
+    timings["compare_3_runs_arrived_ms"] = round(arrived, 1)
+    timings["compare_3_runs_drawn_after_data_ms"] = round(drawn - arrived, 1)
+    timings["compare_page_bytes_cold"] = page.transferred_bytes()
 
 
 def test_an_artifact_downloads(page: Page, browser: webdriver.Chrome, seeded: Seeded) -> None:

@@ -161,6 +161,7 @@ export async function renderRun(ctx, runId) {
     }
     return s;
   }
+  debug.cursorLeft = (name) => series.get(name)?.chart.plot?.cursor.left ?? null;
   debug.plotted = (name) => {
     const s = series.get(name);
     return s?.chart.plot ? s.chart.plot.data.map((column) => Array.from(column)) : null;
