@@ -577,6 +577,19 @@ def test_points_logged_now_appear_on_the_open_run_page_within_3_s(
     page.screenshot("run-page-live")
 
 
+def test_a_running_run_updates_in_place_in_the_table(
+    page: Page, client: httpx.Client, seeded: Seeded,
+) -> None:
+    page.open("#/runs?project=demo&q=live")
+    page.wait(lambda: page.table_run_ids() == [seeded.live], "the running run")
+    assert page.find("#runs tr.runrow .status").text == "running"
+    painted = page.timing("runs-painted")
+    ok(client.post(f"/api/v1/runs/{seeded.live}/finish", json={"status": "finished"}))
+    page.wait(lambda: page.find("#runs tr.runrow .status").text == "finished",
+              "the row updated without a reload", timeout_s=10)
+    assert page.timing("runs-painted") == painted  # same document, same first paint
+
+
 def test_compare_three_runs_with_a_legend_and_the_differing_params(
     page: Page, seeded: Seeded, timings: dict[str, Any],
 ) -> None:
@@ -645,7 +658,8 @@ def test_a_revoked_key_goes_back_to_sign_in(
     browser: webdriver.Chrome, server: ServerProcess, client: httpx.Client, seeded: Seeded,
 ) -> None:
     ui = Page(browser, server.base_url)
-    created = ok(client.post("/api/v1/keys", json={"name": "ui-reader", "scopes": ["read"]}), 201)
+    created = ok(client.post("/api/v1/keys", json={"name": "ui-reader", "scopes": ["read"],
+                                                    "project": "demo"}), 201)
     ui.open("#/runs?project=demo")
     ui.wait(lambda: ui.find_all("#signout") and ui.find("#signout").is_displayed(), "signed in")
     ui.find("#signout").click()
@@ -653,6 +667,9 @@ def test_a_revoked_key_goes_back_to_sign_in(
     ui.find("#apikey").send_keys(created["key"])
     ui.find("#signin button[type=submit]").click()
     ui.wait(lambda: ui.find_all("#runs tr.runrow"), "the table with a read key")
+    # a project-scoped key: the switcher offers its project only
+    assert [option.get_attribute("value") for option in ui.find_all("#project option")] == [
+        "", "demo"]
     ok(client.delete(f"/api/v1/keys/{created['key_id']}"))
     ui.open("#/runs?project=demo")
     ui.wait(lambda: ui.find_all("#signin"), "back to sign-in")
