@@ -20,6 +20,7 @@ Screenshots and the timings measured in this browser (navigation to the painted 
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 import time
@@ -51,6 +52,7 @@ pytestmark = pytest.mark.timeout(240)
 T = TypeVar("T")
 AUTH = {"Authorization": f"Bearer {TEST_API_KEY}"}
 OUT_DIR = Path(__file__).resolve().parents[1] / "bench-out" / "ui"
+UI_ASSETS = Path(__file__).resolve().parents[1] / "mlrun/server/edges/http/ui_assets"
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -142,9 +144,11 @@ def seed_demo(client: httpx.Client, clickhouse: Any, database: str, seeded: Seed
         ok(client.post("/api/v1/runs", json={
             "project": "demo", "run_id": run_id, "name": f"compare {run_id}",
             "config": {"lr": 0.1 / (index + 1), "opt": "adam"}}), 201)
+        started_ms = int(time.time() * 1000)
         log_points(client, run_id, "train/loss", range(200),
-                   lambda s, i=index: 1.0 / (1 + s) + 0.1 * i)
-        log_points(client, run_id, "val/acc", range(0, 200, 10), lambda s: s / 200)
+                   lambda s, i=index: 1.0 / (1 + s) + 0.1 * i, t0_ms=started_ms)
+        log_points(client, run_id, "val/acc", range(0, 200, 10), lambda s: s / 200,
+                   t0_ms=started_ms)
         ok(client.post(f"/api/v1/runs/{run_id}/finish", json={"status": "finished"}))
     ok(client.post("/api/v1/runs", json={"project": "demo", "run_id": seeded.live,
                                          "name": "live run"}), 201)
@@ -616,6 +620,14 @@ def test_compare_three_runs_with_a_legend_and_the_differing_params(
     assert "diff" in str(page.find('#params-table tr[data-param="lr"]').get_attribute("class"))
     assert "diff" not in str(page.find('#params-table tr[data-param="opt"]').get_attribute("class"))
     page.screenshot("compare")
+    Select(page.find("#alignment")).select_by_value("relative_time")
+    page.wait(lambda: page.hash_params().get("align") == ["relative_time"], "the alignment")
+
+    page.wait(lambda: page.js("return window.mlrunDebug.drawnAlignment") == "relative_time",
+              "the charts redrawn")
+    data = page.plotted("train/loss")  # steps were logged 1 s apart from each run's start
+    xs = [x for x in (data or [[]])[0] if x is not None]
+    assert xs and 199 <= max(xs) < 1000 and min(xs) >= 0
     page.find("#legend button").click()
     page.wait(lambda: "off" in str(page.find("#legend button").get_attribute("class")),
               "a hidden run")
@@ -654,6 +666,13 @@ def test_a_run_named_like_markup_is_rendered_as_text(page: Page, seeded: Seeded)
     assert page.no_alert()
 
 
+def test_an_empty_project_says_so(page: Page, client: httpx.Client) -> None:
+    ok(client.post("/api/v1/projects", json={"name": "empty"}), 201)
+    page.open("#/runs?project=empty")
+    page.wait(lambda: page.find_all("#runs td.empty"), "the empty state")
+    assert "No runs in project" in page.find("#runs td.empty").text
+
+
 def test_a_revoked_key_goes_back_to_sign_in(
     browser: webdriver.Chrome, server: ServerProcess, client: httpx.Client, seeded: Seeded,
 ) -> None:
@@ -688,7 +707,9 @@ def test_a_backend_down_shows_the_banner(
     assert not page.find("#banner").is_displayed()
     clickhouse_server.freeze()
     try:
-        page.open("#/runs?project=demo")
+        page.open("#/run/cmp-a")
+        # the series wait for ClickHouse: a spinner, then the banner naming it
+        page.wait(lambda: page.find("#busy").is_displayed(), "the spinner")
         banner = page.wait(lambda: page.find("#banner").is_displayed() and page.find("#banner"),
                            "the banner", timeout_s=20)
         assert "clickhouse" in banner.text
@@ -728,3 +749,9 @@ def test_static_files_carry_a_strict_csp_and_no_inline_script(server: ServerProc
     assert again.status_code == 304
     assert httpx.get(f"{server.base_url}/ui/../pyproject.toml").status_code == 404
     assert httpx.get(f"{server.base_url}/ui/config.json").json() == {"auth_disabled": False}
+    shipped = [path for path in UI_ASSETS.rglob("*") if path.suffix in (".js", ".css")]
+    gzipped = sum(len(gzip.compress(path.read_bytes(), 9)) for path in shipped)
+    assert gzipped < 200_000, f"{gzipped} bytes of JS + CSS gzipped"
+    for path in shipped:
+        response = httpx.get(f"{server.base_url}/ui/{path.relative_to(UI_ASSETS).as_posix()}")
+        assert response.status_code == 200 and response.content == path.read_bytes()

@@ -108,6 +108,7 @@ export async function renderCompare(ctx) {
     mark('compare-arrived');
     drawLegend();
     drawCharts();
+    debug.drawnAlignment = state.align;
     afterPaint(() => mark('compare-drawn'));
   }
 
