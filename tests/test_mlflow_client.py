@@ -301,3 +301,36 @@ def test_keys_as_token_and_basic_auth_and_a_revoked_key(tracking: str, api: http
     with pytest.raises(RestException) as revoked:
         client.get_experiment_by_name(name)
     assert error_code(revoked) == "UNAUTHENTICATED"
+
+
+# --------------------------------------------------------------------------- artifacts
+
+
+def test_log_artifacts_through_the_proxy(tracking: str, api: httpx.Client,
+                                         tmp_path: Path) -> None:
+    big = tmp_path / "weights.bin"
+    big.write_bytes(os.urandom(1024 * 1024) * 30)  # 30 MiB: split into store parts
+    folder = tmp_path / "cfg"
+    (folder / "nested").mkdir(parents=True)
+    (folder / "a.json").write_text('{"a": 1}')
+    (folder / "nested" / "b.txt").write_text("bee")
+    mlflow.set_experiment(experiment_name())
+    with mlflow.start_run() as run:
+        mlflow.log_artifact(str(big))
+        mlflow.log_artifacts(str(folder), artifact_path="cfg")
+        mlflow.log_dict({"k": [1, 2]}, "extra/d.json")
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:/")
+    client = MlflowClient()
+    run_id = run.info.run_id
+    listed = {(f.path, f.is_dir, f.file_size) for f in client.list_artifacts(run_id)}
+    assert listed == {("weights.bin", False, big.stat().st_size), ("cfg", True, None),
+                      ("extra", True, None)}
+    assert {(f.path, f.is_dir) for f in client.list_artifacts(run_id, "cfg")} == {
+        ("cfg/a.json", False), ("cfg/nested", True)}
+    out = Path(client.download_artifacts(run_id, "", str(tmp_path / "out")))
+    assert (out / "weights.bin").read_bytes() == big.read_bytes()
+    assert (out / "cfg" / "nested" / "b.txt").read_text() == "bee"
+    assert mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/extra/d.json") == {"k": [1, 2]}
+    # The same artifacts in our own API.
+    names = {a["name"] for a in ok(api.get(f"/api/v1/runs/{run_id}/artifacts"))["artifacts"]}
+    assert names == {"weights.bin", "cfg/a.json", "cfg/nested/b.txt", "extra/d.json"}

@@ -325,7 +325,7 @@ def build_http_app(services: Services, *, max_body_bytes: int) -> App:
     add_metrics_route(router, services.telemetry, services.pipelines, services.metric_families)
     add_openapi_route(router)
     if services.mlflow is not None:
-        add_mlflow_routes(router, services.mlflow, services.authenticator)
+        add_mlflow_routes(router, services.mlflow, services.artifacts, services.authenticator)
     return App(router, max_body_bytes=max_body_bytes, telemetry=services.telemetry)
 
 

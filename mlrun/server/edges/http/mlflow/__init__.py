@@ -15,16 +15,19 @@ import storage or pipelines.
 from __future__ import annotations
 
 from mlrun.server.edges.http.app import Router
+from mlrun.server.edges.http.mlflow.artifact_routes import add_mlflow_artifact_routes
 from mlrun.server.edges.http.mlflow.tracking_routes import (
     add_mlflow_fallback_routes,
     add_mlflow_tracking_routes,
 )
+from mlrun.server.usecases.artifacts import Artifacts
 from mlrun.server.usecases.auth import Authenticator
 from mlrun.server.usecases.mlflow.tracking import MlflowTracking
 
 
-def add_mlflow_routes(router: Router, tracking: MlflowTracking,
+def add_mlflow_routes(router: Router, tracking: MlflowTracking, artifacts: Artifacts,
                       authenticator: Authenticator) -> None:
     """Mount the MLflow surface; its fallback (ENDPOINT_NOT_FOUND) goes last."""
     add_mlflow_tracking_routes(router, tracking, authenticator)
+    add_mlflow_artifact_routes(router, artifacts, authenticator)
     add_mlflow_fallback_routes(router)
