@@ -5,6 +5,8 @@ downsampled series), MLflow's errors as the client raises them, and the credenti
 
 One server per module; each test works in its own experiment. The client's retries are cut
 down (MLFLOW_HTTP_REQUEST_MAX_RETRIES) so a wrong 5xx fails the test in seconds, not minutes.
+The server's pipeline holds 999 rows (MLRUN_PIPELINE_MAX_ROWS), one less than MLflow's largest
+batch, so a full pipeline (429 REQUEST_LIMIT_EXCEEDED) can be shown on cue.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def server(postgres_server: Any, clickhouse_server: Any, s3_server: Any,
         env = {
             "API_HOST": "127.0.0.1", "API_HTTP_PORT": "0", "API_GRPC_PORT": "0",
             "MLRUN_API_KEY": TEST_API_KEY, "MLRUN_STARTUP_TIMEOUT_S": "30",
-            "MLRUN_DATA_DIR": str(log_dir / "data"),
+            "MLRUN_DATA_DIR": str(log_dir / "data"), "MLRUN_PIPELINE_MAX_ROWS": "999",
             **real_backend_env(database_url=dsn, clickhouse=clickhouse_server,
                                clickhouse_database=f"test_{uuid.uuid4().hex[:16]}",
                                s3=s3_server, bucket=f"test-{uuid.uuid4().hex[:12]}"),
@@ -182,12 +184,22 @@ def test_retried_log_batch_is_stored_once(tracking: str, api: httpx.Client) -> N
         (t0 + i, float(i)) for i in range(50)]
     assert ok(api.get(f"/api/v1/runs/{run_id}"))["metrics_summary"][0]["count"] == 50
     # The MlflowClient's own log_batch (entities) and paging of get-history.
-    client.log_batch(run_id, metrics=[Metric("p", float(i), t0 + i, i) for i in range(1, 1201)],
+    client.log_batch(run_id, metrics=[Metric("p", float(i), t0 + i, i) for i in range(1, 901)],
                      params=[Param("a", "1")], tags=[RunTag("t", "x")])
     page = ok(api.get("/api/2.0/mlflow/metrics/get-history",
                       params={"run_id": run_id, "metric_key": "p", "max_results": 500}))
     assert len(page["metrics"]) == 500 and page["next_page_token"]
-    assert len(client.get_metric_history(run_id, "p")) == 1200
+    rest = ok(api.get("/api/2.0/mlflow/metrics/get-history", params={
+        "run_id": run_id, "metric_key": "p", "max_results": 500,
+        "page_token": page["next_page_token"]}))
+    assert [m["step"] for m in page["metrics"] + rest["metrics"]] == list(range(1, 901))
+    assert "next_page_token" not in rest
+    assert len(client.get_metric_history(run_id, "p")) == 900
+    # A full pipeline: 429 in MLflow's shape with Retry-After, which the client honours.
+    full = api.post("/api/2.0/mlflow/runs/log-batch", json={"run_id": run_id, "metrics": [
+        {"key": "q", "value": 1.0, "timestamp": t0, "step": i} for i in range(1000)]})
+    assert full.status_code == 429 and int(full.headers["retry-after"]) >= 1
+    assert full.json()["error_code"] == "REQUEST_LIMIT_EXCEEDED"
 
 
 # --------------------------------------------------------------------------- search
