@@ -49,13 +49,15 @@ _DEFAULT_DURATION_S = 5.0
 _QUICK_DURATION_S = 2.0
 _DEFAULT_GRACE_S = 15.0
 _QUICK_GRACE_S = 5.0
-_TRANSPORTS: tuple[Transport, ...] = ("http", "http-rows", "grpc")
+_TRANSPORTS: tuple[Transport, ...] = ("http", "http-rows", "grpc", "mlflow")
 _DEFAULT_TRANSPORTS: tuple[Transport, ...] = ("http", "grpc")
 _MAX_WRITERS = 512
 _MAX_DURATION_S = 3600.0
-_WORKLOADS = ("ingest", "overload", "query", "sdk", "baseline", "reference", "breakdown")
-# breakdown needs py-spy and a minute of its own: asked for by name only.
-_DEFAULT_WORKLOADS = frozenset(_WORKLOADS) - {"breakdown"}
+_WORKLOADS = ("ingest", "overload", "query", "sdk", "baseline", "reference", "breakdown",
+              "mlflow")
+# breakdown needs py-spy and a minute of its own, mlflow the official client (bench/mlflow.py):
+# asked for by name only.
+_DEFAULT_WORKLOADS = frozenset(_WORKLOADS) - {"breakdown", "mlflow"}
 _DEFAULT_BREAKDOWN_WRITERS = 8
 _DEFAULT_WRITERS = (1, 8, 32, 128)
 _QUICK_WRITERS = (1, 8)

@@ -47,6 +47,7 @@ from bench.batches import Batch, BatchShape, make_batch
 from bench.errors import BenchError
 from bench.ingest import GrpcIngestSender, HttpIngestSender, RunsClient
 from bench.metrics_store import METRICS_TABLE, MetricsStore, StoreError, count_points
+from bench.mlflow import MlflowBatchSender, official_client_rates
 from bench.processes import Usage, UsageProbe
 from bench.profiler import DEFAULT_RATE_HZ, StageProfiler, find_py_spy
 from bench.query import Settings as QuerySettings
@@ -83,7 +84,7 @@ _MAX_REFERENCE_S = 5.0
 _SETTLE_MAX_S = 15.0
 _SETTLE_POLL_S = 0.25
 Workload = Literal["baseline", "ingest", "overload", "reference"]
-_WIRE_FORMS = {"http": "series", "http-rows": "rows", "grpc": "columns"}
+_WIRE_FORMS = {"http": "series", "http-rows": "rows", "grpc": "columns", "mlflow": "mlflow-rows"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +187,10 @@ class Suite:
                 self.breakdown.append(self._breakdown(transport, store, py_spy))
         if store is not None and self.settings.references:
             self.references = self._references(store)
+        if "mlflow" in workloads:
+            self._progress("mlflow: the official client's rate")
+            self.notes.extend(official_client_rates(
+                self.target, duration_s=self.settings.duration_s, session=self.session))
         if "sdk" in workloads and self.settings.sdk is not None:
             self.sdk = run_sdk_workload(self.target, self.settings.sdk, progress)
         if "query" in workloads and self.settings.query is not None:
@@ -275,6 +280,9 @@ class Suite:
                         raise BenchError("the gRPC transport needs --grpc-target")
                     senders.append(
                         GrpcIngestSender(target.grpc_target, target.api_key, timeout_s=timeout_s))
+                elif transport == "mlflow":
+                    senders.append(MlflowBatchSender(target.http_url, target.api_key,
+                                                     timeout_s=timeout_s))
                 else:
                     senders.append(HttpIngestSender(
                         target.http_url, target.api_key, timeout_s=timeout_s,
