@@ -69,8 +69,9 @@ class MlflowBatchSender:
 
     def __init__(self, base_url: str, api_key: str, *, timeout_s: float) -> None:
         self._connection = _connection(base_url, timeout_s)
-        self._headers = {"Authorization": f"Bearer {api_key}",
-                         "Content-Type": "application/json"}
+        self._headers = {"Content-Type": "application/json"}
+        if api_key:  # a peer may run without authentication
+            self._headers["Authorization"] = f"Bearer {api_key}"
         try:
             self._connection.connect()
         except OSError as exc:
