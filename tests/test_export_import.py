@@ -234,6 +234,7 @@ def test_every_read_route_answers_the_same_after_export_and_import(transfer: Tra
     # The seeded data is really in the answers compared (not two empty answers).
     run_a, run_b = transfer.run_ids
     assert source["listing"]["total"] == 2
+    assert source[run_b]["run"]["status"] == "running"
     assert [run["run_id"] for run in source["filtered"]["runs"]] == [run_a]
     detail = source[run_a]["run"]
     assert detail["status"] == "finished" and detail["params"]["epochs"] == "3"
