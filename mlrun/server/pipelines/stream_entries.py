@@ -45,6 +45,14 @@ from mlrun.server.protocols.redis_streams import StreamEntry
 from mlrun.server.protocols.resp import encode_command
 
 ENTRY_FORMAT: Final = b"mlrun.batch.1"
+# Fields of the processing hash (`StreamKeys.processing_stats`): rows acknowledged (added by the
+# processors' ack script), redeliveries, inserts, their total time in microseconds, and per
+# latency bucket of `telemetry.DEFAULT_LATENCY_BUCKETS_S` (by index) the inserts in it.
+STAT_ROWS: Final = b"rows"
+STAT_REDELIVERED: Final = b"redelivered"
+STAT_INSERTS: Final = b"inserts"
+STAT_INSERT_US: Final = b"insert_us"
+STAT_INSERT_BUCKET: Final = b"insert_bucket:"
 # The fewest RowBinary bytes a metric row takes beyond its run id's: two string length
 # prefixes (a byte each at least) and four 8-byte numbers; a name only adds to it.
 _MIN_ROW_BYTES: Final = 34
@@ -76,6 +84,12 @@ class StreamKeys:
     @property
     def dead_letters(self) -> bytes:
         return f"{self.prefix}:dead-letter".encode()
+
+    @property
+    def processing_stats(self) -> bytes:
+        """A hash every processor adds to: rows acknowledged, redeliveries, its inserts'
+        count, time and latency buckets (telemetry of all processors, for every /metrics)."""
+        return f"{self.prefix}:processing".encode()
 
 
 def encode_xadd(keys: StreamKeys, write: BatchWrite) -> tuple[bytes, int]:
