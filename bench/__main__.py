@@ -53,9 +53,11 @@ _TRANSPORTS: tuple[Transport, ...] = ("http", "http-rows", "grpc")
 _DEFAULT_TRANSPORTS: tuple[Transport, ...] = ("http", "grpc")
 _MAX_WRITERS = 512
 _MAX_DURATION_S = 3600.0
-_WORKLOADS = ("ingest", "overload", "query", "sdk", "baseline", "reference", "breakdown")
-# breakdown needs py-spy and a minute of its own: asked for by name only.
-_DEFAULT_WORKLOADS = frozenset(_WORKLOADS) - {"breakdown"}
+_WORKLOADS = ("ingest", "overload", "query", "sdk", "baseline", "reference", "breakdown",
+              "queued")
+# breakdown needs py-spy and a minute of its own; queued (bench.queued) a deployment of its
+# own and about five minutes: asked for by name only.
+_DEFAULT_WORKLOADS = frozenset(_WORKLOADS) - {"breakdown", "queued"}
 _DEFAULT_BREAKDOWN_WRITERS = 8
 _DEFAULT_WRITERS = (1, 8, 32, 128)
 _QUICK_WRITERS = (1, 8)
@@ -187,6 +189,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("the breakdown runs at one load level: --breakdown-writers K")
     if "breakdown" in args.workloads and args.url and not args.server_pid:
         parser.error("the breakdown samples the server: --url needs --server-pid")
+    if "queued" in args.workloads and (len(args.workloads) > 1 or args.url or args.embedded):
+        parser.error("--workloads queued runs alone, on backends it starts itself")
     return args
 
 
@@ -260,6 +264,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     log_dir = out_dir / f"{stem}-logs"
     duration_s = args.duration or (_QUICK_DURATION_S if args.quick else _DEFAULT_DURATION_S)
     quick = args.quick
+    if "queued" in args.workloads:
+        from bench.queued import QueuedSettings, main_queued
+
+        return main_queued(QueuedSettings(
+            writers=args.writers or (8, 32), duration_s=args.duration or (3.0 if quick else 8.0),
+            burst_s=8.0 if quick else 20.0, visible_s=5.0 if quick else 10.0,
+            batch_points=args.batch_size, request_timeout_s=args.request_timeout),
+            out_dir, stem, _progress)
     settings = SuiteSettings(
         writers=args.writers or (_QUICK_WRITERS if quick else _DEFAULT_WRITERS),
         transports=args.transports,

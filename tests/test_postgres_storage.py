@@ -38,6 +38,8 @@ EXPECTED_TABLES = {
     "projects", "runs", "run_params", "run_tags", "project_tag_keys", "run_metric_names",
     "artifacts", "api_keys", "ingest_batches", "schema_migrations",
     "purge_jobs", "purge_runs", "purge_objects", "retention_rebuilds",
+    "mlflow_experiments", "mlflow_experiment_tags", "mlflow_runs", "mlflow_run_inputs",
+    "mlflow_step0_origins", "run_imports",
 }
 
 

@@ -10,7 +10,10 @@ One `StreamProcessor` is one consumer of the deployment's group. Its loop, one r
            the previous round ran is the next round's one large insert); an outage is retried
            with back-off, a rejected insert is split per entry so only the bad one is set aside
     ack    dead letters XADDed first, then one script per stream XACKs, XDELs and updates the
-           queue's byte and drained counters, in one round trip
+           queue's byte, drained-entry and drained-row counters, in one round trip, with this
+           processor's telemetry since its last ack added to the deployment's processing hash
+           (redeliveries, insert count, time and latency buckets: every process's /metrics
+           shows them; best effort, a round whose ack had to be retried may miss its share)
     mark   the inserted batches' ledger rows via `LedgerMarker` (grouped, retried)
 
 Exactly once, visibly: an entry is acknowledged only after the insert that carried it
@@ -40,6 +43,10 @@ import msgspec
 from mlrun.server.errors import BackendError, BackendUnavailable, MlrunError
 from mlrun.server.pipelines.ledger_marker import LedgerMarker
 from mlrun.server.pipelines.stream_entries import (
+    STAT_INSERT_BUCKET,
+    STAT_INSERT_US,
+    STAT_INSERTS,
+    STAT_REDELIVERED,
     MalformedEntry,
     QueuedBatch,
     StreamKeys,
@@ -63,18 +70,21 @@ T = TypeVar("T")
 
 # XACK what was inserted, XDEL it (the stream holds only what is not yet in ClickHouse, so its
 # length is the queue's), and move the counters by what this call really took out.
-# KEYS: stream, byte counter, drained counter. ARGV: group, then id and bytes per entry.
+# KEYS: stream, byte counter, drained counter, processing hash (its field 'rows' is
+# `STAT_ROWS`). ARGV: group, then id, bytes and rows (0 for an entry set aside) per entry.
 ACK_SCRIPT: Final = """
-local acked, freed = 0, 0
-for i = 2, #ARGV, 2 do
+local acked, freed, rows = 0, 0, 0
+for i = 2, #ARGV, 3 do
   if redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 1 then
     redis.call('XDEL', KEYS[1], ARGV[i])
     acked = acked + 1
     freed = freed + tonumber(ARGV[i + 1])
+    rows = rows + tonumber(ARGV[i + 2])
   end
 end
 if freed > 0 then redis.call('DECRBY', KEYS[2], freed) end
 if acked > 0 then redis.call('INCRBY', KEYS[3], acked) end
+if rows > 0 then redis.call('HINCRBY', KEYS[4], 'rows', rows) end
 return acked
 """
 DEAD_LETTER_MAX_ENTRIES: Final = 10_000
@@ -134,6 +144,9 @@ class StreamProcessor:
             ("entries_read", "entries_committed", "rows_committed", "inserts",
              "insert_failures", "redelivered", "dead_lettered", "redis_failures"), 0)
         self._last_insert_duration_s = 0.0
+        # This processor's share of the processing hash not yet added to it (see _publishable).
+        self._unpublished_redelivered = 0
+        self._unpublished_latency = Histogram()
 
     # --- lifetime ------------------------------------------------------------------------------
 
@@ -176,11 +189,11 @@ class StreamProcessor:
                 if own_pending_left:
                     entries = await self._read(b"0")
                     own_pending_left = bool(entries)
-                    self._counts["redelivered"] += len(entries)
+                    self._note_redelivered(len(entries))
                 elif anyio.current_time() >= next_claim_at:
                     entries, more = await self._claim_idle()
                     next_claim_at = anyio.current_time() + (0 if more else self._claim_interval_s)
-                    self._counts["redelivered"] += len(entries)
+                    self._note_redelivered(len(entries))
                 else:
                     entries = await self._read(b">")
                 if entries:
@@ -259,7 +272,9 @@ class StreamProcessor:
                     for batch, reason in refused]
         if self._before_ack is not None and committed:
             self._before_ack()
-        await self._retrying("acknowledge entries", lambda: self._acknowledge(entries, rejects))
+        rows_of = {(batch.stream, batch.entry_id): batch.rows for batch in committed}
+        await self._retrying("acknowledge entries",
+                             lambda: self._acknowledge(entries, rejects, rows_of))
         for batch in committed:
             if batch.identity.batch_id is not None:
                 self.marker.note_committed_nowait(batch.identity.run_id, batch.identity.batch_id)
@@ -311,12 +326,34 @@ class StreamProcessor:
                 raise
             self._last_insert_duration_s = anyio.current_time() - started
             self.insert_latency.observe(self._last_insert_duration_s)
+            self._unpublished_latency.observe(self._last_insert_duration_s)
             self._counts["inserts"] += 1
 
+    def _note_redelivered(self, count: int) -> None:
+        self._counts["redelivered"] += count
+        self._unpublished_redelivered += count
+
+    def _publishable(self) -> list[tuple[CommandArg, ...]]:
+        """HINCRBYs that add this processor's telemetry since the last call to the
+        deployment's processing hash. Taken out here, so a retried ack cannot add it twice."""
+        latency, self._unpublished_latency = self._unpublished_latency, Histogram()
+        redelivered, self._unpublished_redelivered = self._unpublished_redelivered, 0
+        key = self._keys.processing_stats
+        commands: list[tuple[CommandArg, ...]] = []
+        if redelivered:
+            commands.append(("HINCRBY", key, STAT_REDELIVERED, redelivered))
+        if latency.total:
+            commands += [("HINCRBY", key, STAT_INSERTS, latency.total),
+                         ("HINCRBY", key, STAT_INSERT_US, round(latency.sum_s * 1e6))]
+            commands += [("HINCRBY", key, STAT_INSERT_BUCKET + b"%d" % index, count)
+                         for index, count in enumerate(latency.counts) if count]
+        return commands
+
     async def _acknowledge(self, entries: Sequence[StreamEntry],
-                           rejects: Sequence[tuple[StreamEntry, str]]) -> None:
+                           rejects: Sequence[tuple[StreamEntry, str]],
+                           rows_of: dict[tuple[bytes, bytes], int]) -> None:
         """Dead letters first (a crash in between re-delivers, never loses), then the ack
-        script per stream, all in one round trip."""
+        script per stream and the telemetry, all in one round trip."""
         keys = self._keys
         commands: list[tuple[CommandArg, ...]] = []
         for entry, reason in rejects:
@@ -327,9 +364,13 @@ class StreamProcessor:
                              "reason", reason, "consumer", self.consumer, *original))
         by_stream: dict[bytes, list[CommandArg]] = {}
         for entry in entries:
-            by_stream.setdefault(entry.stream, []).extend((entry.entry_id, entry_bytes(entry)))
-        commands += [("EVAL", ACK_SCRIPT, 3, stream, keys.bytes_counter, keys.drained_counter,
-                      self._group, *ids_and_sizes) for stream, ids_and_sizes in by_stream.items()]
+            by_stream.setdefault(entry.stream, []).extend(
+                (entry.entry_id, entry_bytes(entry),
+                 rows_of.get((entry.stream, entry.entry_id), 0)))
+        commands += [("EVAL", ACK_SCRIPT, 4, stream, keys.bytes_counter, keys.drained_counter,
+                      keys.processing_stats, self._group, *ids_sizes_rows)
+                     for stream, ids_sizes_rows in by_stream.items()]
+        commands += self._publishable()
         replies = await self._redis.pipeline(commands, timeout_s=_REDIS_TIMEOUT_S)
         for reply in replies:
             raise_for_reply(reply, "XADD/EVAL")

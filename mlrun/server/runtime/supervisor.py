@@ -44,6 +44,7 @@ from mlrun.server.edges.http.health import add_health_routes
 from mlrun.server.edges.http.key_api import add_key_routes
 from mlrun.server.edges.http.lifecycle_api import add_lifecycle_routes
 from mlrun.server.edges.http.lifecycle_metrics import lifecycle_families
+from mlrun.server.edges.http.mlflow import add_mlflow_routes
 from mlrun.server.edges.http.openapi import add_openapi_route
 from mlrun.server.edges.http.prometheus import ExtraFamilies, PipelineGauges, add_metrics_route
 from mlrun.server.edges.http.query_api import add_query_routes
@@ -70,10 +71,12 @@ from mlrun.server.storage.postgres.embedded import open_embedded_postgres
 from mlrun.server.storage.postgres.keys import PostgresKeyDirectory
 from mlrun.server.storage.postgres.lifecycle import PostgresLifecycle
 from mlrun.server.storage.postgres.metadata import MetadataStore
+from mlrun.server.storage.postgres.mlflow_state import MlflowStateStore
 from mlrun.server.storage.postgres.planner_statistics import PlannerStatistics
 from mlrun.server.storage.postgres.run_reads import RunQueries
 from mlrun.server.storage.redis.client import RedisClient
 from mlrun.server.telemetry import Telemetry
+from mlrun.server.usecases.access import RunAccess
 from mlrun.server.usecases.artifacts import Artifacts
 from mlrun.server.usecases.auth import Authenticator
 from mlrun.server.usecases.ingest import Ingest, IngestTimeouts
@@ -83,6 +86,7 @@ from mlrun.server.usecases.keys import (
     serve_key_refresh,
 )
 from mlrun.server.usecases.lifecycle import Lifecycle, LifecycleSettings
+from mlrun.server.usecases.mlflow.tracking import MlflowTracking
 from mlrun.server.usecases.queries import Queries
 from mlrun.server.usecases.readiness import Readiness
 
@@ -310,6 +314,8 @@ class Services:
     local_signing_secret: bytes | None = None
     # More /metrics families (the queue's, in queued mode).
     metric_families: tuple[ExtraFamilies, ...] = ()
+    # The MLflow-compatible edge's use-cases (None: its routes are not mounted).
+    mlflow: MlflowTracking | None = None
     # Deletes, purge jobs, retention and pruning (None: no lifecycle routes).
     lifecycle: Lifecycle | None = None
 
@@ -328,6 +334,8 @@ def build_http_app(services: Services, *, max_body_bytes: int) -> App:
         add_lifecycle_routes(router, services.lifecycle, services.authenticator)
     add_metrics_route(router, services.telemetry, services.pipelines, services.metric_families)
     add_openapi_route(router)
+    if services.mlflow is not None:
+        add_mlflow_routes(router, services.mlflow, services.artifacts, services.authenticator)
     return App(router, max_body_bytes=max_body_bytes, telemetry=services.telemetry)
 
 
@@ -389,26 +397,33 @@ async def _run_listeners(
     planner_statistics = PlannerStatistics(storage.postgres)
     authenticator = build_authenticator(config)
     key_directory = PostgresKeyDirectory(storage.postgres)
+    run_reads, metric_reads = RunQueries(storage.postgres), MetricQueries(storage.clickhouse)
+    ingest = Ingest(
+        metadata,
+        write_path=write_path,
+        cardinality=config.cardinality,
+        on_runs_created=planner_statistics.note_runs_created,
+    )
+    queries = Queries(run_reads, metric_reads)
     lifecycle = build_lifecycle(config, storage, authenticator)
     services = Services(
         readiness=Readiness([storage.postgres, storage.clickhouse, storage.artifacts,
                              *([redis] if redis is not None else [])]),
         authenticator=authenticator,
-        ingest=Ingest(
-            metadata,
-            write_path=write_path,
-            cardinality=config.cardinality,
-            on_runs_created=planner_statistics.note_runs_created,
-        ),
+        ingest=ingest,
         pipelines=write_path.pipelines,
         telemetry=Telemetry(),
         keys=KeyManagement(key_directory, authenticator),
         artifacts=Artifacts(storage.artifacts, PostgresArtifactRows(storage.postgres)),
-        queries=Queries(RunQueries(storage.postgres), MetricQueries(storage.clickhouse)),
+        queries=queries,
         local_signing_secret=(
             local_signing_secret(prepare_data_dir(config.data_dir))
             if isinstance(storage.artifacts, LocalArtifactStore) else None
         ),
+        mlflow=MlflowTracking(
+            ingest=ingest, queries=queries, runs=run_reads, metrics=metric_reads,
+            state=MlflowStateStore(storage.postgres, timeout_s=IngestTimeouts().metadata_s),
+            run_access=RunAccess(metadata.run_project)),
         metric_families=(*metric_families(write_path), lifecycle_families(lifecycle)),
         lifecycle=lifecycle,
     )
