@@ -104,7 +104,7 @@ class Deployment:
 
 @contextlib.contextmanager
 def deployment(postgres_server: Any, clickhouse_server: Any, s3_server: Any,
-               log_dir: Path) -> Iterator[Deployment]:
+               log_dir: Path, *, local_store: bool = False) -> Iterator[Deployment]:
     bucket = f"test-{uuid.uuid4().hex[:12]}"
     database = f"test_{uuid.uuid4().hex[:16]}"
     with fresh_database(postgres_server.dsn()) as dsn:
@@ -116,8 +116,12 @@ def deployment(postgres_server: Any, clickhouse_server: Any, s3_server: Any,
             "MLRUN_PURGE_SETTLE_S": "3", "MLRUN_HOUSEKEEPING_INTERVAL_S": "0.5",
             "MLRUN_RETENTION_DAYS": "365",
         }
-        deployed = Deployment(env, ClickHouseReader(clickhouse_server, database),
-                              s3_server.data_dir / bucket, log_dir)
+        bucket_dir = s3_server.data_dir / bucket
+        if local_store:  # the server's own store under its data dir
+            env = {k: v for k, v in env.items() if not k.startswith("MINIO_")}
+            bucket_dir = log_dir / "data" / "artifacts"
+        deployed = Deployment(env, ClickHouseReader(clickhouse_server, database), bucket_dir,
+                              log_dir)
         try:
             yield deployed
         finally:
@@ -531,3 +535,64 @@ def test_a_server_killed_mid_purge_finishes_after_restart(
         assert sum(killed.ch_counts(run_id).values()) == 0
         assert sum(killed.pg_counts(run_id).values()) == 0
         assert not [k for k in killed.objects() if run_id in k]
+
+
+def test_with_two_servers_one_purges_each_job(dep: Deployment, client: httpx.Client,
+                                              tmp_path: Path) -> None:
+    second = ServerProcess({**dep.env, "MLRUN_DATA_DIR": str(tmp_path / "data")},
+                           tmp_path / "second.log")
+    second.start()
+    try:
+        project = f"p{uuid.uuid4().hex[:8]}"
+        run_ids = [new_run(client, project) for _ in range(4)]
+        jobs = []
+        for i, run_id in enumerate(run_ids):
+            seed(client, run_id, steps=2000)
+            url = dep.url if i % 2 else second.base_url
+            deleted = httpx.delete(f"{url}/api/v1/runs/{run_id}", headers=AUTH, timeout=30)
+            assert deleted.status_code == 202, deleted.text
+            jobs.append(deleted.json()["job_id"])
+        for job_id in jobs:
+            done = wait_for_job(client, job_id)
+            assert done["attempts"] == 1, done
+        assert dep.server is not None
+        logs = dep.server.log_text() + second.log_text()
+        for job_id in jobs:
+            assert logs.count(f"purge job {job_id} done") == 1
+        workers = dep.pg("SELECT DISTINCT worker FROM purge_jobs WHERE job_id = ANY(%s)", (jobs,))
+        assert workers and all(w for (w,) in workers)
+        for run_id in run_ids:
+            assert sum(dep.ch_counts(run_id).values()) == 0
+    finally:
+        assert second.stop(timeout_s=15) == 0
+
+
+def test_local_store_partial_uploads_and_deleted_runs_leave_no_files(
+        postgres_server: Any, clickhouse_server: Any, s3_server: Any, tmp_path: Path) -> None:
+    with deployment(postgres_server, clickhouse_server, s3_server, tmp_path,
+                    local_store=True) as local:
+        server = local.start()
+        with httpx.Client(base_url=server.base_url, headers=AUTH, timeout=30) as http:
+            run_id = new_run(http, "local")
+            kept = add_artifact(http, run_id, "kept.bin")
+            half = add_artifact(http, run_id, "half.bin", finalize=False)
+            grant = http.post(f"/api/v1/runs/{run_id}/artifacts",
+                              json={"name": "big.bin", "size_bytes": 64 * 1024 * 1024}).json()
+            part = grant["multipart"]["parts"][0]
+            put = httpx.put(part["url"], content=b"p" * grant["multipart"][
+                "part_size_bytes"], headers=grant["required_headers"], timeout=60)
+            assert put.status_code == 200, put.text
+            partial = [k for k in local.objects() if not k.startswith("tmp/")]
+            assert [k for k in partial if half in k] and len(partial) >= 3, partial
+            local.pg("UPDATE artifacts SET created_at = now() - interval '25 hours'"
+                     " WHERE artifact_id = ANY(%s)", ([half, grant["artifact_id"]],))
+            deadline = time.monotonic() + JOB_DEADLINE_S
+            while local.pg("SELECT count(*) FROM artifacts WHERE status = 'pending'")[0][0]:
+                assert time.monotonic() < deadline, "stale uploads were not aborted"
+                time.sleep(0.2)  # bounded: pruning runs every housekeeping round
+            left = [k for k in local.objects() if not k.startswith("tmp/")]
+            assert not [k for k in left if half in k or grant["artifact_id"] in k], left
+            assert [k for k in left if kept in k]
+            job = http.delete(f"/api/v1/runs/{run_id}").json()
+            wait_for_job(http, job["job_id"])
+        assert [k for k in local.objects() if not k.startswith("tmp/")] == []
