@@ -27,6 +27,7 @@ import httpx
 import psycopg
 import pytest
 
+from mlrun.server.usecases.lifecycle import month_before
 from mlrun.wire.proto.mlrun.v1 import lifecycle_pb2
 
 from backends.postgres import fresh_database
@@ -426,6 +427,9 @@ def test_retention_drops_expired_months_everywhere_and_rebuilds_rollups(
     old_run = client.get(f"/api/v1/runs/{old}").json()
     assert old_run["metrics_summary"] == [] and old_run["params"] == {"lr": "0.01"}
     assert client.get(f"/api/v1/runs/{old}/metrics").json()["series"] == []
+    assert client.get(f"/api/v1/runs/{old}/system_metrics").json()["series"] == []
+    cpu = client.get(f"/api/v1/runs/{straddle}/system_metrics").json()["series"][0]
+    assert min(p["timestamp"] for p in cpu["points"]) >= NOW_MS
     # A run with points on both sides keeps exactly its recent ones, summaries rebuilt.
     summary = {m["name"]: m for m in client.get(f"/api/v1/runs/{straddle}").json()[
         "metrics_summary"]}
@@ -596,3 +600,13 @@ def test_local_store_partial_uploads_and_deleted_runs_leave_no_files(
             job = http.delete(f"/api/v1/runs/{run_id}").json()
             wait_for_job(http, job["job_id"])
         assert [k for k in local.objects() if not k.startswith("tmp/")] == []
+
+
+@pytest.mark.parametrize(("now", "days", "oldest_kept"), [
+    (datetime(2026, 3, 15, tzinfo=UTC), 30, 202602),   # February ends 28 days ago: kept
+    (datetime(2026, 3, 15, tzinfo=UTC), 14, 202603),   # March 1 is 14 days ago: Feb goes
+    (datetime(2026, 1, 10, tzinfo=UTC), 365, 202501),
+])
+def test_retention_keeps_every_month_that_ended_inside_the_window(
+        now: datetime, days: int, oldest_kept: int) -> None:
+    assert month_before(now, days) == oldest_kept

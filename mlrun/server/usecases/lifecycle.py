@@ -55,6 +55,9 @@ from mlrun.wire.lifecycle import PurgeJobInfo
 logger = logging.getLogger("mlrun.lifecycle")
 
 _DAY_S = 24 * 3600.0
+# The shortest pause between rounds, also when a job is due at once (another process holds the
+# housekeeping lock and works on it): rounds never spin.
+_MIN_WAIT_S = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,13 +174,21 @@ class Lifecycle:
         task_status.started()
         while True:
             self._wake = anyio.Event()
-            await self.run_round()
-            with anyio.move_on_after(self._settings.interval_s):
+            next_job_s = await self.run_round()
+            wait_s = self._settings.interval_s
+            if next_job_s is not None:  # a job settling: look again when it is due
+                wait_s = min(wait_s, max(next_job_s, _MIN_WAIT_S))
+            with anyio.move_on_after(wait_s):
                 await self._wake.wait()
 
-    async def run_round(self) -> None:
-        """One round: purge jobs, retention, pruning — if this process is the housekeeper."""
+    async def run_round(self) -> float | None:
+        """One round: purge jobs, retention, pruning — if this process is the housekeeper.
+        Returns how long until the next purge job is due, when this process is the
+        housekeeper and the round went well (None otherwise: wait the whole interval, so
+        neither a failing job nor a lock held elsewhere makes rounds spin)."""
         self._stats.rounds += 1
+        errors_before = self._stats.errors
+        next_job_s: float | None = None
         try:
             async with self._store.exclusive() as held:
                 if held:
@@ -187,11 +198,14 @@ class Lifecycle:
                     await self._prune_ledger()
                     await self._abort_stale_uploads()
             self._stats.jobs_by_state = await self._store.job_counts()
+            if held and self._stats.errors == errors_before:
+                next_job_s = await self._store.seconds_until_next_job()
         except MlrunError as exc:
             self._stats.errors += 1
             logger.warning("housekeeping round failed: %s (%s); retrying next round",
                            exc.code, exc)
         self._stats.last_round_ts_s = datetime.now(UTC).timestamp()
+        return next_job_s
 
     # --- purge jobs ----------------------------------------------------------------------------
 
