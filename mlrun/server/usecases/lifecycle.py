@@ -58,6 +58,8 @@ _DAY_S = 24 * 3600.0
 # The shortest pause between rounds, also when a job is due at once (another process holds the
 # housekeeping lock and works on it): rounds never spin.
 _MIN_WAIT_S = 0.5
+# Delete passes of one round over a job's runs in ClickHouse (see _delete_from_clickhouse).
+_DELETE_PASSES = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,12 +243,7 @@ class Lifecycle:
                 points = await self._metrics.count_points(run_ids)
                 await self._store.set_phase(job.job_id, "clickhouse", points_removed=points)
             if run_ids:
-                await self._wait_for(self._metrics.busy_mutations, "earlier mutations")
-                await self._metrics.delete_runs(run_ids)
-                if self._after_clickhouse_delete is not None:
-                    self._after_clickhouse_delete()
-                await self._wait_for(partial(self._metrics.remaining_rows, run_ids),
-                                     f"the delete mutations of {job.job_id}")
+                await self._delete_from_clickhouse(job.job_id, run_ids)
             self._stats.points_removed += points
             await self._store.set_phase(job.job_id, "ledger",
                                         clickhouse_seconds=anyio.current_time() - started)
@@ -259,6 +256,22 @@ class Lifecycle:
         await self._store.finish_job(job.job_id)
         self._stats.jobs_finished += 1
         logger.info("purge job %s done (%s %s)", job.job_id, job.kind, job.target)
+
+    async def _delete_from_clickhouse(self, job_id: str, run_ids: list[str]) -> None:
+        """Mutations on every table, then wait until they are done. Rows that arrive after a
+        mutation started survive it (a batch admitted before the delete whose commit was held
+        up, say): while any are left, the deletes run again, a few passes at most."""
+        for _ in range(_DELETE_PASSES):
+            await self._wait_for(self._metrics.busy_mutations, "earlier mutations")
+            await self._metrics.delete_runs(run_ids)
+            if self._after_clickhouse_delete is not None:
+                self._after_clickhouse_delete()
+            await self._wait_for(self._metrics.busy_mutations,
+                                 f"the delete mutations of {job_id}")
+            if await self._metrics.remaining_rows(run_ids) == 0:
+                return
+        raise BackendTimeout(f"rows of {job_id}'s runs kept arriving in ClickHouse through"
+                             f" {_DELETE_PASSES} delete passes", backend="clickhouse")
 
     async def _delete_objects(self, item: PurgeObject) -> None:
         """Every object an artifact may have: its multipart upload, its object, its staging
