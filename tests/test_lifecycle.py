@@ -55,10 +55,10 @@ class Deployment:
         self.log_dir = log_dir
         self.server: ServerProcess | None = None
 
-    def start(self, **extra_env: str) -> ServerProcess:
+    def start(self, *, backend: str = "trio", **extra_env: str) -> ServerProcess:
         process = ServerProcess({**self.env, **extra_env,
                                  "MLRUN_DATA_DIR": str(self.log_dir / "data")},
-                                self.log_dir / "server.log")
+                                self.log_dir / "server.log", backend=backend)
         try:
             process.start()
         except BaseException:
@@ -532,7 +532,7 @@ def test_a_server_killed_mid_purge_finishes_after_restart(
         assert (phase, state, attempts) == ("clickhouse", "running", 1)
         assert killed.pg_count("purge_runs", run_id) == 1
 
-        restarted = killed.start()
+        restarted = killed.start(backend="asyncio")  # the housekeeper runs on asyncio too
         with httpx.Client(base_url=restarted.base_url, headers=AUTH, timeout=30) as http:
             done = wait_for_job(http, job["job_id"])
         assert done["attempts"] == 2 and done["points_removed"] >= 100_100
