@@ -555,6 +555,11 @@ def test_run_page_axes_smoothing_log_scale_and_synced_hover(page: Page, seeded: 
     ActionChains(page.driver).move_to_element(over).perform()
     page.wait(lambda: (page.js("return window.mlrunDebug.cursorLeft('val/acc')") or -1) > 0,
               "the hover synced to the other chart")
+    readouts = {chart.get_attribute("data-metric"):
+                chart.find_element(By.CSS_SELECTOR, ".readout").text
+                for chart in page.find_all("#charts .chart")}
+    assert "train/loss: " in readouts["train/loss"] and " s" in readouts["train/loss"]
+    assert "val/acc" in readouts["val/acc"]  # the other chart shows its value at the same x
 
 
 def test_points_logged_now_appear_on_the_open_run_page_within_3_s(
