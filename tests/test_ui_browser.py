@@ -68,6 +68,15 @@ XSS_NAME = "<img src=x onerror=alert(1)>"
 BASE = datetime(2025, 1, 1, tzinfo=UTC)
 
 
+MEASUREMENTS = 3  # cold navigations per timed page: the box is shared, one sample says little
+
+
+def spread(samples_ms: list[float]) -> dict[str, float]:
+    ordered = sorted(samples_ms)
+    return {"median": round(ordered[len(ordered) // 2], 1), "min": round(ordered[0], 1),
+            "max": round(ordered[-1], 1)}
+
+
 def ok(response: httpx.Response, status: int = 200) -> Any:
     assert response.status_code == status, response.text
     return response.json()
@@ -397,12 +406,14 @@ def test_sign_in_then_the_table_of_10k_runs(
     assert ui.hash_params()["project"] == ["big"]
     assert ui.table_run_ids()[:3] == ["run-09999", "run-09998", "run-09997"]
     ui.wait(lambda: "of 10000" in ui.find("#page-info").text, "the total")
-    # A fresh navigation (cold cache) to the table, signed in: time to the painted rows.
-    browser.execute_cdp_cmd("Network.clearBrowserCache", {})
-    ui.open("#/runs?project=big")
-    painted = ui.wait(lambda: ui.timing("runs-painted"), "the painted table")
-    assert len(ui.find_all("#runs tr.runrow")) == 100
-    timings["table_10k_runs_painted_ms"] = round(painted, 1)
+    # Fresh navigations (cold cache) to the table, signed in: time to the painted rows.
+    painted = []
+    for _ in range(MEASUREMENTS):
+        browser.execute_cdp_cmd("Network.clearBrowserCache", {})
+        ui.open("#/runs?project=big")
+        painted.append(ui.wait(lambda: ui.timing("runs-painted"), "the painted table"))
+        assert len(ui.find_all("#runs tr.runrow")) == 100
+    timings["table_10k_runs_painted_ms"] = spread(painted)
     timings["table_page_bytes_cold"] = ui.transferred_bytes()
     ui.screenshot("runs-table")
     browser.set_window_size(600, 800)  # a narrow window: the table scrolls, the page does not
@@ -480,11 +491,16 @@ def test_paging_reaches_the_last_of_10k_runs(page: Page) -> None:
 def test_the_million_point_chart_is_drawn_with_its_spike(
     page: Page, seeded: Seeded, timings: dict[str, Any],
 ) -> None:
-    page.driver.execute_cdp_cmd("Network.clearBrowserCache", {})
-    page.open(f"#/run/{seeded.million}")
-    chart = page.wait(lambda: page.find_all('#charts .chart[data-metric="train/loss"] canvas')
-                      and page.timing("charts-drawn"), "the drawn chart")
-    assert chart
+    arrivals, draws = [], []
+    for _ in range(MEASUREMENTS):
+        page.driver.execute_cdp_cmd("Network.clearBrowserCache", {})
+        page.open(f"#/run/{seeded.million}")
+        page.wait(lambda: page.find_all('#charts .chart[data-metric="train/loss"] canvas')
+                  and page.timing("charts-drawn"), "the drawn chart")
+        arrived, drawn = page.timing("series-arrived"), page.timing("charts-drawn")
+        assert arrived is not None and drawn is not None
+        arrivals.append(arrived)
+        draws.append(drawn - arrived)
     plot = page.find('#charts .chart[data-metric="train/loss"]')
     assert page.painted_pixels(plot) > 1000
     data = page.plotted("train/loss")
@@ -494,10 +510,8 @@ def test_the_million_point_chart_is_drawn_with_its_spike(
     peak = max(v for v in values if v is not None)
     assert peak == SPIKE_VALUE and steps[values.index(peak)] == SPIKE_STEP
     assert steps[0] == 0 and steps[-1] == MILLION - 1
-    arrived, drawn = page.timing("series-arrived"), page.timing("charts-drawn")
-    assert arrived is not None and drawn is not None
-    timings["million_point_series_arrived_ms"] = round(arrived, 1)
-    timings["million_point_chart_drawn_after_data_ms"] = round(drawn - arrived, 1)
+    timings["million_point_series_arrived_ms"] = spread(arrivals)
+    timings["million_point_chart_drawn_after_data_ms"] = spread(draws)
     timings["million_point_points_plotted"] = len(steps)
     timings["run_page_bytes_cold"] = page.transferred_bytes()
     page.screenshot("run-page-million")
