@@ -63,6 +63,7 @@ BIG_RUNS = 10_000
 MILLION = 1_000_000
 SPIKE_STEP = 777_777
 SPIKE_VALUE = 1e9
+HUNDRED = 100
 T0_MS = 1_764_000_000_000
 XSS_NAME = "<img src=x onerror=alert(1)>"
 BASE = datetime(2025, 1, 1, tzinfo=UTC)
@@ -119,6 +120,26 @@ def seed_million_points(clickhouse: Any, database: str, run_id: str) -> None:
         "    1.0 / (1 + number / 1000) + (number % 97) / 1000),"
         f" toInt64({T0_MS} + number * 10), toUInt64(number + 1)"
         f" FROM system.numbers LIMIT {MILLION}"
+    )
+    response = httpx.post(f"http://{clickhouse.host}:{clickhouse.port}/",
+                          params={"database": database}, content=sql, timeout=120,
+                          headers={"X-ClickHouse-User": clickhouse.user,
+                                   "X-ClickHouse-Key": clickhouse.password})
+    assert response.status_code == 200, response.text
+
+
+def seed_hundred_runs_metrics(clickhouse: Any, database: str) -> None:
+    """12 metrics (`loss/m00`..`loss/m11`) of 100 steps for run-00000..run-00099, in one
+    INSERT ... SELECT: a compare of 100 runs sharing more metrics than one request may hold."""
+    sql = (
+        "INSERT INTO metrics (run_id, name, step, value, timestamp_ms, version)"
+        " SELECT concat('run-000', if(intDiv(number, 1200) < 10, '0', ''),"
+        "               toString(intDiv(number, 1200))),"
+        " concat('loss/m', if(intDiv(number % 1200, 100) < 10, '0', ''),"
+        "        toString(intDiv(number % 1200, 100))),"
+        " toInt64(number % 100), (intDiv(number, 1200) + 1) * 0.01 + 1.0 / (1 + number % 100),"
+        f" toInt64({T0_MS} + (number % 100) * 1000), toUInt64(number + 1)"
+        f" FROM system.numbers LIMIT {HUNDRED * 1200}"
     )
     response = httpx.post(f"http://{clickhouse.host}:{clickhouse.port}/",
                           params={"database": database}, content=sql, timeout=120,
@@ -225,6 +246,7 @@ def client(server: ServerProcess) -> Iterator[httpx.Client]:
 @pytest.fixture(scope="module")
 def seeded(backends: Backends, client: httpx.Client, clickhouse_server: Any) -> Seeded:
     seed_big_project(backends.dsn)
+    seed_hundred_runs_metrics(clickhouse_server, backends.clickhouse_database)
     data = Seeded()
     seed_demo(client, clickhouse_server, backends.clickhouse_database, data)
     return data
@@ -660,6 +682,30 @@ def test_compare_three_runs_with_a_legend_and_the_differing_params(
     timings["compare_3_runs_arrived_ms"] = round(arrived, 1)
     timings["compare_3_runs_drawn_after_data_ms"] = round(drawn - arrived, 1)
     timings["compare_page_bytes_cold"] = page.transferred_bytes()
+
+
+def test_compare_of_100_runs(page: Page, timings: dict[str, Any]) -> None:
+    run_ids = [f"run-{i:05d}" for i in range(HUNDRED)]
+    page.driver.execute_cdp_cmd("Network.clearBrowserCache", {})
+    page.open(f"#/compare?runs={','.join(run_ids)}")
+    drawn = page.wait(lambda: page.timing("compare-drawn"), "the compare of 100 runs", 30)
+    assert len(page.find_all("#legend button")) == HUNDRED
+    # 100 runs x 12 shared metrics is past the route's 1000 series: the first 10 are shown
+    assert "Showing 10 of the 12 metrics" in page.find("#compare-note").text
+    assert len(page.find_all("#compare-charts .chart")) == 10
+    data = page.plotted("loss/m00")
+    assert data is not None and len(data) == HUNDRED + 1
+    assert all(any(v is not None for v in column) for column in data[1:])
+    assert page.painted_pixels(page.find('#compare-charts .chart[data-metric="loss/m00"]')) > 500
+    page.wait(lambda: len(page.find_all("#params-table thead th")) == HUNDRED + 1,
+              "the params of 100 runs", 30)
+    arrived = page.timing("compare-arrived")
+    assert arrived is not None
+    timings["compare_100_runs_arrived_ms"] = round(arrived, 1)
+    timings["compare_100_runs_drawn_after_data_ms"] = round(drawn - arrived, 1)
+    timings["compare_100_runs_bytes_cold"] = {
+        k: v for k, v in page.transferred_bytes().items() if k != "api_ms"}
+    page.screenshot("compare-100")
 
 
 def test_an_artifact_downloads(page: Page, browser: webdriver.Chrome, seeded: Seeded) -> None:
