@@ -276,9 +276,10 @@ export async function renderRun(ctx, runId) {
     if (stopped || liveBusy || run.status !== 'running' || state.zoom) return;
     liveBusy = true;
     try {
-      const metric = [...series.values()].filter((s) => !s.system);
+      // Series without points yet arrive through liveRun (a new name in the summaries).
+      const metric = [...series.values()].filter((s) => !s.system && s.steps.length > 0);
       if (metric.length > 0) {
-        const after = Math.min(...metric.map((s) => (s.steps.length ? s.steps[s.steps.length - 1] : -1))) + 1;
+        const after = Math.min(...metric.map((s) => s.steps[s.steps.length - 1])) + 1;
         const got = await fetchSeries(metric.map((s) => s.name), false,
           { method: 'raw', start_step: after, max_points: RAW_PAGE });
         for (const one of got) {
@@ -293,6 +294,8 @@ export async function renderRun(ctx, runId) {
           debug.lastLiveAt = performance.now();
           drawSeries(s);
         }
+        // A long live session: once the raw tail outgrows the budget, one downsampled read.
+        if (metric.some((s) => s.steps.length > 8 * budget())) await loadMetrics();
       }
     } catch { /* the banner and sign-in handle what matters; the next tick retries */ }
     finally { liveBusy = false; }
