@@ -124,6 +124,9 @@ def _install_and_start(source: Path, prefix: Path, workdir: Path, tmp_path: Path
             time.sleep(0.1)  # waiting for a child process to come up: bounded by the deadline
         assert port is not None, log_path.read_text()[-3000:]
         assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
+        # the web UI's files are inside the installed package (not only in the source tree)
+        for path in ("/", "/ui/js/main.js", "/ui/vendor/uPlot.iife.min.js"):
+            assert httpx.get(f"http://127.0.0.1:{port}{path}", timeout=5).status_code == 200, path
         assert '"level":"info"' in log_path.read_text()  # MLRUN_LOG_FORMAT=json from the image
     finally:
         process.terminate()
