@@ -293,6 +293,11 @@ def hypercorn_config(sock: socket.socket, *, graceful_timeout_s: float) -> Hyper
     # detach ours so the descriptor has exactly one owner.
     config.bind = [f"fd://{sock.detach()}"]
     config.graceful_timeout = graceful_timeout_s
+    # Idle kept-alive connections stay open longer than clients keep them in their pools
+    # (httpx 5 s, the SDK 4 s): with hypercorn's default of 5 s both ends time out
+    # together and a request sent just as the server closes fails with "server disconnected".
+    # The server must be the side that waits longer (nginx uses 75 s for the same reason).
+    config.keep_alive_timeout = 75.0
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.include_server_header = False
