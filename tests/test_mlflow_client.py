@@ -343,6 +343,9 @@ def test_log_artifacts_through_the_proxy(tracking: str, api: httpx.Client,
     assert (out / "weights.bin").read_bytes() == big.read_bytes()
     assert (out / "cfg" / "nested" / "b.txt").read_text() == "bee"
     assert mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/extra/d.json") == {"k": [1, 2]}
+    by_run = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/cfg/a.json",
+                                                 dst_path=str(tmp_path / "by-run"))
+    assert Path(by_run).read_text() == '{"a": 1}'  # runs:/ asks logged-models/search first
     # The same artifacts in our own API.
     names = {a["name"] for a in ok(api.get(f"/api/v1/runs/{run_id}/artifacts"))["artifacts"]}
     assert names == {"weights.bin", "cfg/a.json", "cfg/nested/b.txt", "extra/d.json"}
