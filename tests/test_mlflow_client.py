@@ -372,6 +372,9 @@ def test_experiment_lifecycle_run_edits_and_bulk_interval(tracking: str,
         view_type=ViewType.DELETED_ONLY)}
     client.restore_experiment(experiment_id)
 
+    default_run = client.create_run("0")  # MLflow's default experiment: our project Default
+    assert client.get_experiment("0").name == "Default"
+    assert client.get_run(default_run.info.run_id).info.experiment_id == "0"
     run_id = client.create_run(experiment_id, run_name="before").info.run_id
     client.set_tag(run_id, "scratch", "x")
     client.delete_tag(run_id, "scratch")
