@@ -27,6 +27,7 @@ import httpx
 import psycopg
 import pytest
 
+from mlrun.server.usecases.lifecycle import month_before
 from mlrun.wire.proto.mlrun.v1 import lifecycle_pb2
 
 from backends.postgres import fresh_database
@@ -54,10 +55,10 @@ class Deployment:
         self.log_dir = log_dir
         self.server: ServerProcess | None = None
 
-    def start(self, **extra_env: str) -> ServerProcess:
+    def start(self, *, backend: str = "trio", **extra_env: str) -> ServerProcess:
         process = ServerProcess({**self.env, **extra_env,
                                  "MLRUN_DATA_DIR": str(self.log_dir / "data")},
-                                self.log_dir / "server.log")
+                                self.log_dir / "server.log", backend=backend)
         try:
             process.start()
         except BaseException:
@@ -104,7 +105,7 @@ class Deployment:
 
 @contextlib.contextmanager
 def deployment(postgres_server: Any, clickhouse_server: Any, s3_server: Any,
-               log_dir: Path) -> Iterator[Deployment]:
+               log_dir: Path, *, local_store: bool = False) -> Iterator[Deployment]:
     bucket = f"test-{uuid.uuid4().hex[:12]}"
     database = f"test_{uuid.uuid4().hex[:16]}"
     with fresh_database(postgres_server.dsn()) as dsn:
@@ -113,11 +114,15 @@ def deployment(postgres_server: Any, clickhouse_server: Any, s3_server: Any,
             "MLRUN_API_KEY": TEST_API_KEY, "MLRUN_STARTUP_TIMEOUT_S": "30",
             **real_backend_env(database_url=dsn, clickhouse=clickhouse_server,
                                clickhouse_database=database, s3=s3_server, bucket=bucket),
-            "MLRUN_PURGE_SETTLE_S": "3", "MLRUN_HOUSEKEEPING_INTERVAL_S": "0.5",
+            "MLRUN_PURGE_SETTLE_S": "2", "MLRUN_HOUSEKEEPING_INTERVAL_S": "0.5",
             "MLRUN_RETENTION_DAYS": "365",
         }
-        deployed = Deployment(env, ClickHouseReader(clickhouse_server, database),
-                              s3_server.data_dir / bucket, log_dir)
+        bucket_dir = s3_server.data_dir / bucket
+        if local_store:  # the server's own store under its data dir
+            env = {k: v for k, v in env.items() if not k.startswith("MINIO_")}
+            bucket_dir = log_dir / "data" / "artifacts"
+        deployed = Deployment(env, ClickHouseReader(clickhouse_server, database), bucket_dir,
+                              log_dir)
         try:
             yield deployed
         finally:
@@ -422,6 +427,9 @@ def test_retention_drops_expired_months_everywhere_and_rebuilds_rollups(
     old_run = client.get(f"/api/v1/runs/{old}").json()
     assert old_run["metrics_summary"] == [] and old_run["params"] == {"lr": "0.01"}
     assert client.get(f"/api/v1/runs/{old}/metrics").json()["series"] == []
+    assert client.get(f"/api/v1/runs/{old}/system_metrics").json()["series"] == []
+    cpu = client.get(f"/api/v1/runs/{straddle}/system_metrics").json()["series"][0]
+    assert min(p["timestamp"] for p in cpu["points"]) >= NOW_MS
     # A run with points on both sides keeps exactly its recent ones, summaries rebuilt.
     summary = {m["name"]: m for m in client.get(f"/api/v1/runs/{straddle}").json()[
         "metrics_summary"]}
@@ -513,7 +521,7 @@ def test_a_server_killed_mid_purge_finishes_after_restart(
         server = killed.start(MLRUN_FAULT_INJECTION="kill_mid_purge")
         with httpx.Client(base_url=server.base_url, headers=AUTH, timeout=30) as http:
             run_id = new_run(http, "crash")
-            for start in range(0, 100_000, 25_000):
+            for start in range(0, 50_000, 25_000):
                 seed(http, run_id, steps=25_000, start_step=start)
             add_artifact(http, run_id, "model.bin")
             job = http.delete(f"/api/v1/runs/{run_id}").json()
@@ -524,10 +532,81 @@ def test_a_server_killed_mid_purge_finishes_after_restart(
         assert (phase, state, attempts) == ("clickhouse", "running", 1)
         assert killed.pg_count("purge_runs", run_id) == 1
 
-        restarted = killed.start()
+        restarted = killed.start(backend="asyncio")  # the housekeeper runs on asyncio too
         with httpx.Client(base_url=restarted.base_url, headers=AUTH, timeout=30) as http:
             done = wait_for_job(http, job["job_id"])
-        assert done["attempts"] == 2 and done["points_removed"] >= 200_100
+        assert done["attempts"] == 2 and done["points_removed"] >= 100_100
         assert sum(killed.ch_counts(run_id).values()) == 0
         assert sum(killed.pg_counts(run_id).values()) == 0
         assert not [k for k in killed.objects() if run_id in k]
+
+
+def test_with_two_servers_one_purges_each_job(dep: Deployment, client: httpx.Client,
+                                              tmp_path: Path) -> None:
+    second = ServerProcess({**dep.env, "MLRUN_DATA_DIR": str(tmp_path / "data")},
+                           tmp_path / "second.log")
+    second.start()
+    try:
+        project = f"p{uuid.uuid4().hex[:8]}"
+        run_ids = [new_run(client, project) for _ in range(4)]
+        jobs = []
+        for i, run_id in enumerate(run_ids):
+            seed(client, run_id, steps=2000)
+            url = dep.url if i % 2 else second.base_url
+            deleted = httpx.delete(f"{url}/api/v1/runs/{run_id}", headers=AUTH, timeout=30)
+            assert deleted.status_code == 202, deleted.text
+            jobs.append(deleted.json()["job_id"])
+        for job_id in jobs:
+            done = wait_for_job(client, job_id)
+            assert done["attempts"] == 1, done
+        assert dep.server is not None
+        logs = dep.server.log_text() + second.log_text()
+        for job_id in jobs:
+            assert logs.count(f"purge job {job_id} done") == 1
+        workers = dep.pg("SELECT DISTINCT worker FROM purge_jobs WHERE job_id = ANY(%s)", (jobs,))
+        assert workers and all(w for (w,) in workers)
+        for run_id in run_ids:
+            assert sum(dep.ch_counts(run_id).values()) == 0
+    finally:
+        assert second.stop(timeout_s=15) == 0
+
+
+def test_local_store_partial_uploads_and_deleted_runs_leave_no_files(
+        postgres_server: Any, clickhouse_server: Any, s3_server: Any, tmp_path: Path) -> None:
+    with deployment(postgres_server, clickhouse_server, s3_server, tmp_path,
+                    local_store=True) as local:
+        server = local.start()
+        with httpx.Client(base_url=server.base_url, headers=AUTH, timeout=30) as http:
+            run_id = new_run(http, "local")
+            kept = add_artifact(http, run_id, "kept.bin")
+            half = add_artifact(http, run_id, "half.bin", finalize=False)
+            grant = http.post(f"/api/v1/runs/{run_id}/artifacts",
+                              json={"name": "big.bin", "size_bytes": 64 * 1024 * 1024}).json()
+            part = grant["multipart"]["parts"][0]
+            put = httpx.put(part["url"], content=b"p" * grant["multipart"][
+                "part_size_bytes"], headers=grant["required_headers"], timeout=60)
+            assert put.status_code == 200, put.text
+            partial = [k for k in local.objects() if not k.startswith("tmp/")]
+            assert [k for k in partial if half in k] and len(partial) >= 3, partial
+            local.pg("UPDATE artifacts SET created_at = now() - interval '25 hours'"
+                     " WHERE artifact_id = ANY(%s)", ([half, grant["artifact_id"]],))
+            deadline = time.monotonic() + JOB_DEADLINE_S
+            while local.pg("SELECT count(*) FROM artifacts WHERE status = 'pending'")[0][0]:
+                assert time.monotonic() < deadline, "stale uploads were not aborted"
+                time.sleep(0.2)  # bounded: pruning runs every housekeeping round
+            left = [k for k in local.objects() if not k.startswith("tmp/")]
+            assert not [k for k in left if half in k or grant["artifact_id"] in k], left
+            assert [k for k in left if kept in k]
+            job = http.delete(f"/api/v1/runs/{run_id}").json()
+            wait_for_job(http, job["job_id"])
+        assert [k for k in local.objects() if not k.startswith("tmp/")] == []
+
+
+@pytest.mark.parametrize(("now", "days", "oldest_kept"), [
+    (datetime(2026, 3, 15, tzinfo=UTC), 30, 202602),   # February ends 28 days ago: kept
+    (datetime(2026, 3, 15, tzinfo=UTC), 14, 202603),   # March 1 is 14 days ago: Feb goes
+    (datetime(2026, 1, 10, tzinfo=UTC), 365, 202501),
+])
+def test_retention_keeps_every_month_that_ended_inside_the_window(
+        now: datetime, days: int, oldest_kept: int) -> None:
+    assert month_before(now, days) == oldest_kept

@@ -47,6 +47,10 @@ class LifecycleStore(Protocol):
         """Jobs not done whose settle time has passed, oldest first."""
         ...
 
+    async def seconds_until_next_job(self) -> float | None:
+        """Until the earliest settle time of a job not done (<= 0: due now); None: no job."""
+        ...
+
     async def job_counts(self) -> dict[str, int]:
         """Jobs by state."""
         ...

@@ -133,6 +133,10 @@ class QueueConfig(msgspec.Struct, frozen=True):
     processor_read_entries: int = 1000
 
 
+# A century: beyond it, "keep everything" (0) says what is meant.
+MAX_RETENTION_DAYS = 36_500
+
+
 class LifecycleConfig(msgspec.Struct, frozen=True):
     """Deletion, retention and pruning (README "Data lifecycle")."""
 
@@ -229,6 +233,13 @@ def _non_negative_int(name: str, raw: str) -> int:
         raise ConfigError(f"{name}: expected a whole number >= 0, got {raw!r}") from None
     if value < 0:
         raise ConfigError(f"{name}: expected a whole number >= 0, got {raw!r}")
+    return value
+
+
+def _retention_days(name: str, raw: str) -> int:
+    value = _non_negative_int(name, raw)
+    if value > MAX_RETENTION_DAYS:
+        raise ConfigError(f"{name}: expected at most {MAX_RETENTION_DAYS} days, got {raw!r}")
     return value
 
 
@@ -461,7 +472,7 @@ def _load(env: _Reader) -> Config:
     queue = _load_queue(env)
     lifecycle_defaults = LifecycleConfig()
     lifecycle = LifecycleConfig(
-        retention_days=env.get("MLRUN_RETENTION_DAYS", _non_negative_int,
+        retention_days=env.get("MLRUN_RETENTION_DAYS", _retention_days,
                                lifecycle_defaults.retention_days),
         ledger_retention_days=env.get("MLRUN_LEDGER_RETENTION_DAYS", _positive_float,
                                       lifecycle_defaults.ledger_retention_days),

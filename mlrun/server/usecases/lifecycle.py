@@ -55,6 +55,11 @@ from mlrun.wire.lifecycle import PurgeJobInfo
 logger = logging.getLogger("mlrun.lifecycle")
 
 _DAY_S = 24 * 3600.0
+# The shortest pause between rounds, also when a job is due at once (another process holds the
+# housekeeping lock and works on it): rounds never spin.
+_MIN_WAIT_S = 0.5
+# Delete passes of one round over a job's runs in ClickHouse (see _delete_from_clickhouse).
+_DELETE_PASSES = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,13 +176,21 @@ class Lifecycle:
         task_status.started()
         while True:
             self._wake = anyio.Event()
-            await self.run_round()
-            with anyio.move_on_after(self._settings.interval_s):
+            next_job_s = await self.run_round()
+            wait_s = self._settings.interval_s
+            if next_job_s is not None:  # a job settling: look again when it is due
+                wait_s = min(wait_s, max(next_job_s, _MIN_WAIT_S))
+            with anyio.move_on_after(wait_s):
                 await self._wake.wait()
 
-    async def run_round(self) -> None:
-        """One round: purge jobs, retention, pruning — if this process is the housekeeper."""
+    async def run_round(self) -> float | None:
+        """One round: purge jobs, retention, pruning — if this process is the housekeeper.
+        Returns how long until the next purge job is due, when this process is the
+        housekeeper and the round went well (None otherwise: wait the whole interval, so
+        neither a failing job nor a lock held elsewhere makes rounds spin)."""
         self._stats.rounds += 1
+        errors_before = self._stats.errors
+        next_job_s: float | None = None
         try:
             async with self._store.exclusive() as held:
                 if held:
@@ -187,11 +200,14 @@ class Lifecycle:
                     await self._prune_ledger()
                     await self._abort_stale_uploads()
             self._stats.jobs_by_state = await self._store.job_counts()
+            if held and self._stats.errors == errors_before:
+                next_job_s = await self._store.seconds_until_next_job()
         except MlrunError as exc:
             self._stats.errors += 1
             logger.warning("housekeeping round failed: %s (%s); retrying next round",
                            exc.code, exc)
         self._stats.last_round_ts_s = datetime.now(UTC).timestamp()
+        return next_job_s
 
     # --- purge jobs ----------------------------------------------------------------------------
 
@@ -227,12 +243,7 @@ class Lifecycle:
                 points = await self._metrics.count_points(run_ids)
                 await self._store.set_phase(job.job_id, "clickhouse", points_removed=points)
             if run_ids:
-                await self._wait_for(self._metrics.busy_mutations, "earlier mutations")
-                await self._metrics.delete_runs(run_ids)
-                if self._after_clickhouse_delete is not None:
-                    self._after_clickhouse_delete()
-                await self._wait_for(partial(self._metrics.remaining_rows, run_ids),
-                                     f"the delete mutations of {job.job_id}")
+                await self._delete_from_clickhouse(job.job_id, run_ids)
             self._stats.points_removed += points
             await self._store.set_phase(job.job_id, "ledger",
                                         clickhouse_seconds=anyio.current_time() - started)
@@ -245,6 +256,22 @@ class Lifecycle:
         await self._store.finish_job(job.job_id)
         self._stats.jobs_finished += 1
         logger.info("purge job %s done (%s %s)", job.job_id, job.kind, job.target)
+
+    async def _delete_from_clickhouse(self, job_id: str, run_ids: list[str]) -> None:
+        """Mutations on every table, then wait until they are done. Rows that arrive after a
+        mutation started survive it (a batch admitted before the delete whose commit was held
+        up, say): while any are left, the deletes run again, a few passes at most."""
+        for _ in range(_DELETE_PASSES):
+            await self._wait_for(self._metrics.busy_mutations, "earlier mutations")
+            await self._metrics.delete_runs(run_ids)
+            if self._after_clickhouse_delete is not None:
+                self._after_clickhouse_delete()
+            await self._wait_for(self._metrics.busy_mutations,
+                                 f"the delete mutations of {job_id}")
+            if await self._metrics.remaining_rows(run_ids) == 0:
+                return
+        raise BackendTimeout(f"rows of {job_id}'s runs kept arriving in ClickHouse through"
+                             f" {_DELETE_PASSES} delete passes", backend="clickhouse")
 
     async def _delete_objects(self, item: PurgeObject) -> None:
         """Every object an artifact may have: its multipart upload, its object, its staging

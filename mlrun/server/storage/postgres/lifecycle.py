@@ -160,6 +160,16 @@ class PostgresLifecycle:
         jobs: list[PurgeJobInfo] = await self._run(select)
         return jobs
 
+    async def seconds_until_next_job(self) -> float | None:
+        def select(conn: psycopg.Connection[Any]) -> float | None:
+            row = conn.execute(
+                "SELECT extract(epoch FROM min(not_before) - now())::float8 FROM purge_jobs"
+                " WHERE state <> 'done'").fetchone()
+            return None if row is None or row[0] is None else float(row[0])
+
+        seconds: float | None = await self._run(select)
+        return seconds
+
     async def job_counts(self) -> dict[str, int]:
         def select(conn: psycopg.Connection[Any]) -> dict[str, int]:
             counts = {"pending": 0, "running": 0, "done": 0}
