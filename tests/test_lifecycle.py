@@ -232,9 +232,13 @@ def test_delete_a_run_under_load(dep: Deployment, client: httpx.Client) -> None:
             step = 1_000_000 * (index + 1)
             while not stop.is_set():
                 steps = list(range(step, step + 500))
+                # A new metric name and tag per batch: each batch inserts rows that reference
+                # the run (the path a concurrent delete races with), not only points.
                 response = http.post("/api/v1/ingest/batch", json={
                     "run_id": victim, "batch_id": uuid.uuid4().hex,
-                    "series": [{"name": "loss", "steps": steps, "values": [0.5] * 500}]})
+                    "series": [{"name": name, "steps": steps, "values": [0.5] * 500}
+                               for name in ("loss", f"w{index}-{step}")],
+                    "tags": {f"w{index}": str(step)}})
                 code = "" if response.status_code == 200 else error_code(response)
                 statuses.append(("write", response.status_code, code))
                 if response.status_code != 200:
