@@ -22,11 +22,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import anyio
 import grpc
 import httpx
 import psycopg
 import pytest
 
+from mlrun.server.errors import MlrunError
+from mlrun.server.storage.objects.s3 import open_s3_store
 from mlrun.server.usecases.lifecycle import month_before
 from mlrun.wire.proto.mlrun.v1 import lifecycle_pb2
 
@@ -496,12 +499,42 @@ def test_ledger_window(dep: Deployment, client: httpx.Client) -> None:
     assert series["series"][0]["total_points"] == 100
 
 
+def start_multipart(client: httpx.Client, run_id: str, name: str
+                    ) -> tuple[dict[str, Any], tuple[int, str]]:
+    """A multipart upload with its first part uploaded: the grant and (1, the part's ETag)."""
+    grant: dict[str, Any] = client.post(f"/api/v1/runs/{run_id}/artifacts", json={
+        "name": name, "size_bytes": 64 * 1024 * 1024}).json()
+    multipart = grant["multipart"]
+    put = httpx.put(multipart["parts"][0]["url"], content=b"p" * multipart["part_size_bytes"],
+                    headers=grant["required_headers"], timeout=60)
+    assert put.status_code == 200, put.text
+    return grant, (1, put.headers["etag"])
+
+
+def complete_in_s3(dep: Deployment, key: str, upload_id: str, part: tuple[int, str]
+                   ) -> MlrunError | None:
+    """Complete a multipart upload straight in S3 (not through the server): None on success,
+    the error when S3 refused (an aborted upload)."""
+    async def complete() -> None:
+        async with open_s3_store(endpoint=dep.env["MINIO_ENDPOINT"],
+                                 access_key=dep.env["MINIO_ACCESS_KEY"],
+                                 secret_key=dep.env["MINIO_SECRET_KEY"],
+                                 bucket=dep.env["MINIO_BUCKET"]) as store:
+            await store.complete_multipart(key, upload_id, [part])
+
+    try:
+        anyio.run(complete)
+    except MlrunError as exc:
+        return exc
+    return None
+
+
 def test_stale_uploads_are_aborted(dep: Deployment, client: httpx.Client) -> None:
     run_id = new_run(client, f"p{uuid.uuid4().hex[:8]}")
     stale = add_artifact(client, run_id, "stale.bin", finalize=False)
     recent = add_artifact(client, run_id, "recent.bin", finalize=False)
-    multipart = client.post(f"/api/v1/runs/{run_id}/artifacts",
-                            json={"name": "big.bin", "size_bytes": 64 * 1024 * 1024}).json()
+    multipart, stale_part = start_multipart(client, run_id, "big.bin")
+    control, control_part = start_multipart(client, run_id, "control.bin")
     finalized = add_artifact(client, run_id, "kept.bin")
     assert [k for k in dep.objects() if stale in k]
     dep.pg("UPDATE artifacts SET created_at = now() - interval '25 hours'"
@@ -511,11 +544,18 @@ def test_stale_uploads_are_aborted(dep: Deployment, client: httpx.Client) -> Non
         assert time.monotonic() < deadline, "the stale upload was not aborted"
         time.sleep(0.2)  # bounded: pruning runs every housekeeping round
     rows = dict(dep.pg("SELECT artifact_id, status FROM artifacts WHERE run_id = %s", (run_id,)))
-    assert rows == {recent: "pending", finalized: "finalized"}
+    assert rows == {recent: "pending", control["artifact_id"]: "pending",
+                    finalized: "finalized"}
     assert not [k for k in dep.objects() if stale in k]
     assert [k for k in dep.objects() if recent in k]
     finalize = client.post(f"/api/v1/runs/{run_id}/artifacts/{stale}/finalize")
     assert finalize.status_code == 404 and error_code(finalize) == "artifact_not_found"
+    # The stale multipart upload was aborted in S3 itself; one not aborted still completes.
+    prefix = f"runs/{run_id}"
+    assert complete_in_s3(dep, f"{prefix}/{multipart['artifact_id']}/big.bin",
+                          multipart["multipart"]["upload_id"], stale_part) is not None
+    assert complete_in_s3(dep, f"{prefix}/{control['artifact_id']}/control.bin",
+                          control["multipart"]["upload_id"], control_part) is None
 
 
 def test_a_server_killed_mid_purge_finishes_after_restart(
