@@ -280,9 +280,13 @@ def test_delete_a_run_under_load(dep: Deployment, client: httpx.Client) -> None:
         assert compare.status_code == 404 and error_code(compare) == "run_not_found"
         again = client.delete(f"/api/v1/runs/{victim}")
         assert again.status_code == 404 and error_code(again) == "run_not_found"
-        # The id stays reserved until the purge is done.
+        # The id stays reserved until the purge is done, for every writer of `runs`.
         reuse = client.post("/api/v1/runs", json={"project": project, "run_id": victim})
         assert reuse.status_code == 409 and error_code(reuse) == "run_deleting", reuse.text
+        with pytest.raises(psycopg.Error) as refused:
+            dep.pg("INSERT INTO runs (run_id, project_id) SELECT %s, id FROM projects LIMIT 1",
+                   (victim,))
+        assert refused.value.sqlstate == "MLR01"
     finally:
         for thread in threads:
             thread.join(timeout=30)
