@@ -346,3 +346,43 @@ def test_log_artifacts_through_the_proxy(tracking: str, api: httpx.Client,
     # The same artifacts in our own API.
     names = {a["name"] for a in ok(api.get(f"/api/v1/runs/{run_id}/artifacts"))["artifacts"]}
     assert names == {"weights.bin", "cfg/a.json", "cfg/nested/b.txt", "extra/d.json"}
+
+
+# --------------------------------------------------------------------------- edits and UI reads
+
+
+def test_experiment_lifecycle_run_edits_and_bulk_interval(tracking: str,
+                                                          api: httpx.Client) -> None:
+    client = MlflowClient()
+    name, renamed = experiment_name(), experiment_name()
+    experiment_id = client.create_experiment(name)
+    client.set_experiment_tag(experiment_id, "owner", "ci")
+    client.rename_experiment(experiment_id, renamed)
+    assert client.get_experiment_by_name(name) is None
+    assert client.get_experiment(experiment_id).tags["owner"] == "ci"
+    client.delete_experiment(experiment_id)
+    assert client.get_experiment(experiment_id).lifecycle_stage == "deleted"
+    assert renamed not in {e.name for e in client.search_experiments()}
+    assert renamed in {e.name for e in client.search_experiments(
+        view_type=ViewType.DELETED_ONLY)}
+    client.restore_experiment(experiment_id)
+
+    run_id = client.create_run(experiment_id, run_name="before").info.run_id
+    client.set_tag(run_id, "scratch", "x")
+    client.delete_tag(run_id, "scratch")
+    client.update_run(run_id, name="after")
+    got = client.get_run(run_id)
+    assert "scratch" not in got.data.tags and got.info.run_name == "after"
+    assert got.data.tags["mlflow.runName"] == "after"
+    assert ok(api.get(f"/api/v1/runs/{run_id}"))["name"] == "after"
+    with pytest.raises(MlflowException) as missing_tag:
+        client.delete_tag(run_id, "scratch")
+    assert error_code(missing_tag) == "RESOURCE_DOES_NOT_EXIST"
+
+    t0 = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric("curve", float(s), t0 + s, s) for s in range(500)])
+    bulk = ok(api.get("/ajax-api/2.0/mlflow/metrics/get-history-bulk-interval", params={
+        "run_ids": [run_id], "metric_key": "curve", "max_results": 50}))["metrics"]
+    steps = [m["step"] for m in bulk]
+    assert 2 < len(steps) <= 50 and steps[0] == 0 and steps[-1] == 499
+    assert steps == sorted(steps) and {m["run_id"] for m in bulk} == {run_id}

@@ -349,6 +349,50 @@ async def test_deadline_cancels_statement_and_raises_backend_timeout(pg_dsn: str
             assert await _active_statements(pg, marker) == 0
 
 
+async def test_run_statement_deadline_cancels_statement_and_raises_backend_timeout(
+    pg_dsn: str,
+) -> None:
+    marker = "mlrun-test-statement-deadline"
+    with anyio.fail_after(30):
+        async with open_postgres(pg_dsn) as pg:
+            with pytest.raises(errors.BackendTimeout) as caught:
+                await pg.run_statement(
+                    lambda conn: conn.execute(f"SELECT pg_sleep(600) /* {marker} */"),
+                    timeout_s=1,
+                )
+            assert isinstance(caught.value.__cause__, psycopg.errors.QueryCanceled)
+            assert await _active_statements(pg, marker) == 0
+
+
+async def test_run_statement_keeps_each_connections_statement_timeout_current(
+    pg_dsn: str,
+) -> None:
+    """One round trip: autocommit, and the session's statement_timeout follows each call's
+    `timeout_s`; a transaction's SET LOCAL does not outlive it."""
+
+    def show(conn: psycopg.Connection[Any]) -> tuple[str, str]:
+        row = conn.execute("SELECT current_setting('statement_timeout')").fetchone()
+        assert row is not None
+        # IDLE after the statement: autocommit, no transaction was opened; INTRANS in `run`.
+        return str(row[0]), str(conn.info.transaction_status.name)
+
+    with anyio.fail_after(30):
+        async with open_postgres(pg_dsn, max_connections=1) as pg:
+            assert await pg.run_statement(show, timeout_s=0.5) == ("500ms", "IDLE")
+            assert (await pg.run_statement(show, timeout_s=3))[0] == "3s"
+            # Server side too: a statement longer than the last call's timeout would have been
+            # cancelled; this one is within its own.
+            await pg.run_statement(lambda conn: conn.execute("SELECT pg_sleep(0.8)"),
+                                   timeout_s=3)
+            in_transaction = await pg.run(show, timeout_s=2)
+            assert in_transaction[1] == "INTRANS"
+            assert in_transaction[0] != "3s"  # SET LOCAL, from the transaction's deadline
+            assert (await pg.run_statement(show, timeout_s=3))[0] == "3s"
+            await _create_table(pg)
+            await pg.run_statement(_execute("INSERT INTO t VALUES (5)"), timeout_s=3)
+            assert await _values(pg) == [5]  # autocommit: committed without a COMMIT
+
+
 # --- availability -----------------------------------------------------------------------------
 
 

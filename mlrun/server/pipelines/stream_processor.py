@@ -16,6 +16,12 @@ One `StreamProcessor` is one consumer of the deployment's group. Its loop, one r
            shows them; best effort, a round whose ack had to be retried may miss its share)
     mark   the inserted batches' ledger rows via `LedgerMarker` (grouped, retried)
 
+Up to `ROUNDS_IN_FLIGHT` rounds run at once: the next round is read and inserted while the
+previous insert is still in flight, so a batch that arrives during an insert waits for a free
+round, not for that insert to finish (log -> visible is about one insert, not two). Entries of
+rounds in flight are never taken again by this processor's own claim. Rounds of one run may
+commit out of order: harmless, see below.
+
 Exactly once, visibly: an entry is acknowledged only after the insert that carried it
 committed, so a processor killed at any point leaves its entries pending, and another claims
 and inserts them again. Inserting twice is harmless: the rows carry the versions assigned at
@@ -23,8 +29,8 @@ admission, ClickHouse keeps one row per (run, metric, step) and every read dedup
 ack script counts an entry as drained only when its XACK took it out of the pending list, so
 two processors that inserted the same entry do not subtract it twice.
 
-`close()` (SIGTERM) stops taking new entries: the round in flight is inserted and acknowledged,
-the ledger marker makes its last attempt, and `serve` returns.
+`close()` (SIGTERM) stops taking new entries: the rounds in flight are inserted and
+acknowledged, the ledger marker makes its last attempt, and `serve` returns.
 
 Must not import the edges or the use-cases.
 """
@@ -88,6 +94,7 @@ if rows > 0 then redis.call('HINCRBY', KEYS[4], 'rows', rows) end
 return acked
 """
 DEAD_LETTER_MAX_ENTRIES: Final = 10_000
+ROUNDS_IN_FLIGHT: Final = 2
 _REDIS_TIMEOUT_S: Final = 5.0
 _INSERT_TIMEOUT_S: Final = 30.0
 _MAX_BACKOFF_S: Final = 2.0
@@ -147,6 +154,8 @@ class StreamProcessor:
         # This processor's share of the processing hash not yet added to it (see _publishable).
         self._unpublished_redelivered = 0
         self._unpublished_latency = Histogram()
+        # (stream, id) of the entries of the rounds in flight (never claimed again by us).
+        self._in_flight: set[tuple[bytes, bytes]] = set()
 
     # --- lifetime ------------------------------------------------------------------------------
 
@@ -176,36 +185,62 @@ class StreamProcessor:
     # --- the loop ------------------------------------------------------------------------------
 
     async def _consume(self) -> None:
-        groups_ready = False
-        own_pending_left = True  # entries read by an earlier life of this consumer name
-        next_claim_at = anyio.current_time()
-        backoff_s = 0.0
-        while not self._closed.is_set():
-            try:
-                if not groups_ready:
-                    await self._ensure_groups()
-                    groups_ready = True
-                    continue
-                if own_pending_left:
-                    entries = await self._read(b"0")
-                    own_pending_left = bool(entries)
-                    self._note_redelivered(len(entries))
-                elif anyio.current_time() >= next_claim_at:
-                    entries, more = await self._claim_idle()
-                    next_claim_at = anyio.current_time() + (0 if more else self._claim_interval_s)
-                    self._note_redelivered(len(entries))
-                else:
-                    entries = await self._read(b">")
-                if entries:
-                    await self._process(entries)
-                backoff_s = 0.0
-            except BackendUnavailable as exc:  # redis is down or restarting
-                self._counts["redis_failures"] += 1
-                backoff_s = min(max(backoff_s * 2, 0.05), _MAX_BACKOFF_S)
-                logger.warning("cannot read the ingest queue (%s); retrying in %.2fs",
-                               exc.message, backoff_s)
-                with anyio.move_on_after(backoff_s):  # retry back-off; close() ends it early
-                    await self._closed.wait()
+        """Take entries while a round is free and start a round for them; returns once closed
+        and every round in flight is done."""
+        rounds_free = anyio.Semaphore(ROUNDS_IN_FLIGHT)
+        async with anyio.create_task_group() as rounds:
+            groups_ready = False
+            own_pending_left = True  # entries read by an earlier life of this consumer name
+            next_claim_at = anyio.current_time()
+            backoff_s = 0.0
+            while not self._closed.is_set():
+                await rounds_free.acquire()
+                started = False
+                try:
+                    if self._closed.is_set():
+                        break  # closed while waiting for a free round: take nothing more
+                    if not groups_ready:
+                        await self._ensure_groups()
+                        groups_ready = True
+                        continue
+                    if own_pending_left:
+                        # Alone (no other round in flight yet): our pending list is exactly
+                        # what an earlier life left.
+                        entries = await self._read(b"0")
+                        own_pending_left = bool(entries)
+                        self._note_redelivered(len(entries))
+                        if entries:
+                            await self._process(entries)
+                        continue
+                    if anyio.current_time() >= next_claim_at:
+                        entries, more = await self._claim_idle()
+                        next_claim_at = anyio.current_time() + (
+                            0 if more else self._claim_interval_s)
+                        self._note_redelivered(len(entries))
+                    else:
+                        entries = await self._read(b">")
+                    if entries:
+                        self._in_flight.update((e.stream, e.entry_id) for e in entries)
+                        rounds.start_soon(self._round, entries, rounds_free)
+                        started = True
+                    backoff_s = 0.0
+                except BackendUnavailable as exc:  # redis is down or restarting
+                    self._counts["redis_failures"] += 1
+                    backoff_s = min(max(backoff_s * 2, 0.05), _MAX_BACKOFF_S)
+                    logger.warning("cannot read the ingest queue (%s); retrying in %.2fs",
+                                   exc.message, backoff_s)
+                    with anyio.move_on_after(backoff_s):  # retry back-off; close() ends it
+                        await self._closed.wait()
+                finally:
+                    if not started:
+                        rounds_free.release()
+
+    async def _round(self, entries: list[StreamEntry], rounds_free: anyio.Semaphore) -> None:
+        try:
+            await self._process(entries)
+        finally:
+            self._in_flight.difference_update((e.stream, e.entry_id) for e in entries)
+            rounds_free.release()
 
     async def _read(self, after_id: bytes) -> list[StreamEntry]:
         """XREADGROUP from every stream: new entries (`>`, blocking a little) or this
@@ -238,8 +273,12 @@ class StreamProcessor:
             if isinstance(reply, ReplyError) and reply.kind == "NOGROUP":
                 continue  # a stream nobody wrote to yet; `_read` recreates lost groups
             claimed = parse_autoclaim_reply(stream, raise_for_reply(reply, "XAUTOCLAIM"))
-            entries.extend(claimed.entries)
+            # Our own round in flight (say, an insert retried through a ClickHouse outage)
+            # is idle to Redis too: it stays that round's.
+            entries.extend(entry for entry in claimed.entries
+                           if (entry.stream, entry.entry_id) not in self._in_flight)
             more = more or claimed.next_cursor != b"0-0"
+        more = more and bool(entries)  # only our own rounds' entries are idle: wait
         if entries:
             logger.info("took over %d entries idle for over %.0fs (a processor died?)",
                         len(entries), self._claim_idle_ms / 1000)

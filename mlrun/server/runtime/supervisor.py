@@ -48,6 +48,7 @@ from mlrun.server.edges.http.mlflow import add_mlflow_routes
 from mlrun.server.edges.http.openapi import add_openapi_route
 from mlrun.server.edges.http.prometheus import ExtraFamilies, PipelineGauges, add_metrics_route
 from mlrun.server.edges.http.query_api import add_query_routes
+from mlrun.server.edges.http.ui import add_ui_routes
 from mlrun.server.errors import BackendUnavailable, ConfigError, MlrunError
 from mlrun.server.ports.objects import ArtifactStore
 from mlrun.server.runtime.config import Config
@@ -336,6 +337,7 @@ def build_http_app(services: Services, *, max_body_bytes: int) -> App:
     add_openapi_route(router)
     if services.mlflow is not None:
         add_mlflow_routes(router, services.mlflow, services.artifacts, services.authenticator)
+    add_ui_routes(router, auth_disabled=services.authenticator.disabled)
     return App(router, max_body_bytes=max_body_bytes, telemetry=services.telemetry)
 
 

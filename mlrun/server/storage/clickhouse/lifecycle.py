@@ -32,13 +32,14 @@ POINT_TABLES: Final = ("metrics", "system_metrics")
 # Run ids per statement: an IN list of this many ids stays far below max_query_size.
 MAX_RUNS_PER_STATEMENT: Final = 1000
 
-# The rebuild's SELECT lists: exactly the states of the materialized views metrics_summary_mv
-# (0001_metrics.sql) and metric_blocks_mv (0002_metric_blocks.sql), which feed these tables on
-# every insert. A rebuild racing an insert can only count points twice in `metric_blocks`,
-# which makes their blocks dirty (read the slow, exact way), never wrong-and-clean.
+# The rebuild's SELECT lists: exactly the states of the materialized views metrics_summary_mv2
+# (0003_summary_without_step_set.sql) and metric_blocks_mv (0002_metric_blocks.sql), which feed
+# these tables on every insert (the step set is empty since 0003: nothing reads it). A rebuild
+# racing an insert can only count points twice in `metric_blocks`, which makes their blocks
+# dirty (read the slow, exact way), never wrong-and-clean.
 _SUMMARY_STATES: Final = (
     "run_id, name, minState(value), maxState(value), argMaxState(value, (step, version)),"
-    " maxState(step), uniqExactState(step)")
+    " maxState(step), uniqExactStateIf(step, 0)")
 _BLOCK_STATES: Final = (
     "run_id, name, intDiv(step, 128) AS block, countState(),"
     " groupBitOrState(if(step % 128 < 64, bitShiftLeft(toUInt64(1), toUInt64(step % 64)),"

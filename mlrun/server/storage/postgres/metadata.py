@@ -139,7 +139,7 @@ class MetadataStore:
             ).fetchall()
             return [Project(name=n, description=d, created_at=iso_utc(c)) for n, d, c in rows]
 
-        return await self._pg.run(select, timeout_s=self._timeout_s)
+        return await self._pg.run_statement(select, timeout_s=self._timeout_s)
 
     # --- run lifecycle -------------------------------------------------------------------------
 
@@ -243,7 +243,7 @@ class MetadataStore:
                 return RunState(run_id=run_id, status=row[0])
             raise _run_finished(run_id, run_status(conn, run_id))
 
-        return await self._pg.run(beat, timeout_s=self._timeout_s)
+        return await self._pg.run_statement(beat, timeout_s=self._timeout_s)
 
     # --- ingest --------------------------------------------------------------------------------
 
@@ -366,14 +366,14 @@ class MetadataStore:
                 (run_ids, batch_ids),
             )
 
-        await self._pg.run(mark, timeout_s=self._timeout_s)
+        await self._pg.run_statement(mark, timeout_s=self._timeout_s)
 
     # --- access checks (mlrun.server.usecases.auth) ------------------------------------------
 
     async def run_project(self, run_id: str) -> str:
         """The name of the run's project; 404 `run_not_found`."""
-        return await self._pg.run(lambda conn: select_run_project(conn, run_id),
-                                  timeout_s=self._timeout_s)
+        return await self._pg.run_statement(lambda conn: select_run_project(conn, run_id),
+                                            timeout_s=self._timeout_s)
 
 
 # --- SQL run in worker threads (every function below takes a connection inside a transaction) --

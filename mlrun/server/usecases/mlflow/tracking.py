@@ -28,6 +28,7 @@ and the other use-cases.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 import uuid
@@ -61,7 +62,7 @@ from mlrun.wire.schemas import (
     FinalStatus,
     IngestBatch,
     InitRun,
-    MetricPoint,
+    MetricSeries,
     Param,
     Tag,
 )
@@ -461,14 +462,8 @@ class MlflowTracking:
             raise invalid("metrics", f"at most {m.MAX_ENTITIES_PER_BATCH} entities per batch")
         run_id = request.run_id
         await self._writable_run(principal, run_id)
-        keys = [_check_key(p.key, f"metrics[{i}].key") for i, p in enumerate(request.metrics)]
-        values = [_number(p.value, f"metrics[{i}].value", integer=False)
-                  for i, p in enumerate(request.metrics)]
-        timestamps = [int(_number(p.timestamp, f"metrics[{i}].timestamp", integer=True))
-                      for i, p in enumerate(request.metrics)]
-        raw_steps = [int(_number(p.step, f"metrics[{i}].step", integer=True))
-                     for i, p in enumerate(request.metrics)]
-        claim = steps.step0_claim(keys, raw_steps, timestamps)
+        keys, values, timestamps, raw_steps = _metric_columns(request.metrics)
+        claim = steps.step0_claim(keys, raw_steps, timestamps) if 0 in raw_steps else {}
         origins = await self._step0_origins(run_id, claim) if claim else None
         stored = steps.stored_steps(keys, raw_steps, timestamps, origins)
         params = [Param(name=_check_key(p.key, f"params[{i}].key"), value=p.value)
@@ -477,9 +472,7 @@ class MlflowTracking:
                 for i, t in enumerate(request.tags)]
         batch = IngestBatch(
             run_id=run_id, batch_id="mlflow-" + body_digest.hex()[:40],
-            metrics=[MetricPoint(name=k, value=v, step=s, timestamp=t)
-                     for k, v, s, t in zip(keys, values, stored, timestamps, strict=True)],
-            params=params, tags=tags)
+            series=_series(keys, values, stored, timestamps), params=params, tags=tags)
         await self._log(principal, batch)
         renamed = [t.value for t in tags if t.key == RUN_NAME_TAG]
         if renamed:
@@ -555,6 +548,56 @@ class MlflowTracking:
 
 
 _NO_ORIGINS = Step0Origins(run_start_ms=0, first_ms={})
+
+
+def _metric_columns(metrics: Sequence[m.MetricIn]
+                    ) -> tuple[list[str], list[float], list[int], list[int]]:
+    """Keys, values, timestamps and steps as columns, checked. The common batch (numbers as
+    JSON numbers) takes list comprehensions and C-level checks only; a batch with a number sent
+    as a string (NaN, "Infinity", GET-style ints) or a bad value takes the per-point path,
+    which names the offending field."""
+    keys = [p.key for p in metrics]
+    for key in set(keys):
+        if not key or len(key) > MAX_KEY_CHARS:
+            index = keys.index(key)
+            _check_key(key, f"metrics[{index}].key")
+    raw_values = [p.value for p in metrics]
+    try:
+        values = [float(v) for v in raw_values]
+    except ValueError:
+        values = [_number(v, f"metrics[{i}].value", integer=False)
+                  for i, v in enumerate(raw_values)]
+    return keys, values, _integers([p.timestamp for p in metrics], "timestamp"), \
+        _integers([p.step for p in metrics], "step")
+
+
+def _integers(raw: list[m.Number], name: str) -> list[int]:
+    if all(type(v) is int for v in raw):
+        ints = cast(list[int], raw)
+        if not ints or (min(ints) >= 0 and max(ints) < 2**63):
+            return ints
+    return [int(_number(v, f"metrics[{i}].{name}", integer=True)) for i, v in enumerate(raw)]
+
+
+def _series(keys: Sequence[str], values: Sequence[float], stored_steps: Sequence[int],
+            timestamps: Sequence[int]) -> list[MetricSeries]:
+    """The points as one columnar series per key (the cheapest form for `Ingest`). When each
+    key's points are contiguous (the usual batch: a dict per step, or one key after another)
+    the columns are sliced; otherwise gathered by index."""
+    count = len(keys)
+    starts = [0, *(i for i in range(1, count) if keys[i] != keys[i - 1])]
+    if len(starts) == len(set(keys)):
+        bounds = [*starts, count]
+        return [MetricSeries(name=keys[lo], steps=list(stored_steps[lo:hi]),
+                             values=list(values[lo:hi]), timestamps=list(timestamps[lo:hi]))
+                for lo, hi in itertools.pairwise(bounds) if hi > lo]
+    by_key: dict[str, list[int]] = {}
+    for index, key in enumerate(keys):
+        by_key.setdefault(key, []).append(index)
+    return [MetricSeries(name=key, steps=[stored_steps[i] for i in indexes],
+                         values=[values[i] for i in indexes],
+                         timestamps=[timestamps[i] for i in indexes])
+            for key, indexes in by_key.items()]
 
 
 def _pushdown(comparisons: Sequence[search.Comparison]) -> dict[str, Any]:
