@@ -405,6 +405,13 @@ def test_delete_over_grpc(dep: Deployment, client: httpx.Client) -> None:
             assert time.monotonic() < deadline
             time.sleep(0.2)  # bounded by the deadline
     assert sum(dep.ch_counts(run_id).values()) == 0
+    # A finished job stays readable for 30 days, then its record goes.
+    assert client.get(f"/api/v1/purge_jobs/{job.job_id}").status_code == 200
+    dep.pg("UPDATE purge_jobs SET finished_at = now() - interval '31 days' WHERE job_id = %s",
+           (job.job_id,))
+    while client.get(f"/api/v1/purge_jobs/{job.job_id}").status_code != 404:
+        assert time.monotonic() < deadline, "the old job record was not pruned"
+        time.sleep(0.2)  # bounded: pruning runs every housekeeping round
 
 
 def test_retention_drops_expired_months_everywhere_and_rebuilds_rollups(

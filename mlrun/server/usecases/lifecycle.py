@@ -75,6 +75,8 @@ class LifecycleSettings:
     ledger_retention_s: float = 7 * _DAY_S
     # Unfinalized uploads older than this are aborted (upload URLs expire after 1 h).
     upload_max_age_s: float = _DAY_S
+    # Finished purge jobs stay readable (GET /api/v1/purge_jobs/{job_id}) this long.
+    job_retention_s: float = 30 * _DAY_S
     object_chunk: int = 100
     ledger_chunk: int = 5000
     # Most ledger chunks one round prunes (the rest waits for the next round).
@@ -199,6 +201,8 @@ class Lifecycle:
                         await self._apply_retention()
                     await self._prune_ledger()
                     await self._abort_stale_uploads()
+                    await self._store.prune_jobs(older_than_s=self._settings.job_retention_s,
+                                                 limit=self._settings.ledger_chunk)
             self._stats.jobs_by_state = await self._store.job_counts()
             if held and self._stats.errors == errors_before:
                 next_job_s = await self._store.seconds_until_next_job()
