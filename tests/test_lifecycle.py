@@ -665,3 +665,33 @@ def test_local_store_partial_uploads_and_deleted_runs_leave_no_files(
 def test_retention_keeps_every_month_that_ended_inside_the_window(
         now: datetime, days: int, oldest_kept: int) -> None:
     assert month_before(now, days) == oldest_kept
+
+
+def test_a_server_killed_mid_retention_rebuilds_after_restart(
+        postgres_server: Any, clickhouse_server: Any, s3_server: Any, tmp_path: Path) -> None:
+    with deployment(postgres_server, clickhouse_server, s3_server, tmp_path) as killed:
+        server = killed.start(MLRUN_FAULT_INJECTION="kill_mid_retention")
+        with httpx.Client(base_url=server.base_url, headers=AUTH, timeout=30) as http:
+            run_id = new_run(http, "retention-crash")
+            seed(http, run_id, steps=500, start_step=500)  # recent points first: kept
+            seed(http, run_id, steps=500, timestamp_ms=OLD_JAN_MS)  # the round after: killed
+        assert server.process is not None
+        assert server.process.wait(timeout=JOB_DEADLINE_S) == -9  # SIGKILLed mid-retention
+        # Killed between the drop and the rebuild: the run is recorded for its rebuild, its
+        # summary is gone (never one describing dropped points).
+        assert killed.pg("SELECT run_id FROM retention_rebuilds") == [(run_id,)]
+        assert killed.ch_counts(run_id)["metrics"] == 2 * 500  # two series: the recent ones
+        assert killed.ch_counts(run_id)["metrics_summary"] == 0
+
+        restarted = killed.start()
+        with httpx.Client(base_url=restarted.base_url, headers=AUTH, timeout=30) as http:
+            deadline = time.monotonic() + JOB_DEADLINE_S
+            while killed.pg("SELECT count(*) FROM retention_rebuilds")[0][0]:
+                assert time.monotonic() < deadline, "the rebuild did not resume"
+                time.sleep(0.2)  # bounded: retention runs every housekeeping round
+            summary = {m["name"]: m for m in http.get(f"/api/v1/runs/{run_id}").json()[
+                "metrics_summary"]}
+        assert {name: (m["count"], m["last_step"]) for name, m in summary.items()} == {
+            "loss": (500, 999), "acc": (500, 999)}
+        assert killed.ch.scalar(
+            f"SELECT min(block) FROM metric_blocks WHERE run_id = '{run_id}'") == 500 // 128

@@ -116,11 +116,13 @@ class Lifecycle:
     def __init__(self, store: LifecycleStore, metrics: MetricLifecycle, objects: ArtifactStore,
                  *, settings: LifecycleSettings = LifecycleSettings(),
                  worker: str | None = None,
-                 after_clickhouse_delete: Callable[[], None] | None = None,
+                 fault_point: Callable[[str], None] | None = None,
                  forget_keys: Callable[[Sequence[str]], None] | None = None) -> None:
         self._store = store
-        # Tests' fault injection: called once a job's ClickHouse deletes were started.
-        self._after_clickhouse_delete = after_clickhouse_delete
+        # Tests' fault injection: called with "purge_clickhouse_deletes_started" once a job's
+        # ClickHouse deletes were started, "retention_partition_dropped" once a month's
+        # partitions were dropped (before its runs' rollups were rebuilt).
+        self._fault_point = fault_point
         # Drops keys from this process's key view at once (other processes: next reload).
         self._forget_keys = forget_keys
         self._metrics = metrics
@@ -268,8 +270,8 @@ class Lifecycle:
         for _ in range(_DELETE_PASSES):
             await self._wait_for(self._metrics.busy_mutations, "earlier mutations")
             await self._metrics.delete_runs(run_ids)
-            if self._after_clickhouse_delete is not None:
-                self._after_clickhouse_delete()
+            if self._fault_point is not None:
+                self._fault_point("purge_clickhouse_deletes_started")
             await self._wait_for(self._metrics.busy_mutations,
                                  f"the delete mutations of {job_id}")
             if await self._metrics.remaining_rows(run_ids) == 0:
@@ -318,6 +320,8 @@ class Lifecycle:
                 await self._wait_for(partial(self._metrics.remaining_rollups, run_ids),
                                      f"the rollup deletes of month {month}")
             await self._metrics.drop_partition(month)
+            if self._fault_point is not None:
+                self._fault_point("retention_partition_dropped")
             self._stats.partitions_dropped += 1
             logger.info("retention: dropped month %d (%d runs had points in it)", month,
                         len(run_ids))
