@@ -674,7 +674,9 @@ def test_a_server_killed_mid_retention_rebuilds_after_restart(
         with httpx.Client(base_url=server.base_url, headers=AUTH, timeout=30) as http:
             run_id = new_run(http, "retention-crash")
             seed(http, run_id, steps=500, start_step=500)  # recent points first: kept
-            seed(http, run_id, steps=500, timestamp_ms=OLD_JAN_MS)  # the round after: killed
+            # The round after it drops the month and dies, perhaps before this answer left.
+            with contextlib.suppress(httpx.TransportError):
+                seed(http, run_id, steps=500, timestamp_ms=OLD_JAN_MS)
         assert server.process is not None
         assert server.process.wait(timeout=JOB_DEADLINE_S) == -9  # SIGKILLed mid-retention
         # Killed between the drop and the rebuild: the run is recorded for its rebuild, its
