@@ -25,6 +25,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -511,8 +512,8 @@ def build_lifecycle(config: Config, storage: Storage, authenticator: Authenticat
             ledger_retention_s=settings.ledger_retention_days * 24 * 3600,
             upload_max_age_s=settings.upload_max_age_h * 3600,
         ),
-        after_clickhouse_delete=(_kill_mid_purge if config.fault_injection == "kill_mid_purge"
-                                 else None),
+        fault_point=(partial(_kill_at, _LIFECYCLE_FAULTS[config.fault_injection])
+                     if config.fault_injection in _LIFECYCLE_FAULTS else None),
         forget_keys=forget_keys,
     )
 
@@ -527,10 +528,18 @@ async def _serve_lifecycle_until_cancelled(
         await lifecycle.serve(task_status=task_status)
 
 
-def _kill_mid_purge() -> None:
-    """MLRUN_FAULT_INJECTION=kill_mid_purge: die mid-purge, as a power cut would."""
-    logger.warning("fault injection: SIGKILL mid-purge")
-    os.kill(os.getpid(), signal.SIGKILL)
+# MLRUN_FAULT_INJECTION values that kill the server at a point of the housekeeper's work.
+_LIFECYCLE_FAULTS = {
+    "kill_mid_purge": "purge_clickhouse_deletes_started",
+    "kill_mid_retention": "retention_partition_dropped",
+}
+
+
+def _kill_at(wanted: str, reached: str) -> None:
+    """Die at the housekeeper's point `wanted`, as a power cut would."""
+    if reached == wanted:
+        logger.warning("fault injection: SIGKILL at %s", reached)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _kill_self() -> None:
