@@ -20,6 +20,7 @@ Screenshots and the timings measured in this browser (navigation to the painted 
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 import time
@@ -51,6 +52,7 @@ pytestmark = pytest.mark.timeout(240)
 T = TypeVar("T")
 AUTH = {"Authorization": f"Bearer {TEST_API_KEY}"}
 OUT_DIR = Path(__file__).resolve().parents[1] / "bench-out" / "ui"
+UI_ASSETS = Path(__file__).resolve().parents[1] / "mlrun/server/edges/http/ui_assets"
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -61,9 +63,19 @@ BIG_RUNS = 10_000
 MILLION = 1_000_000
 SPIKE_STEP = 777_777
 SPIKE_VALUE = 1e9
+HUNDRED = 100
 T0_MS = 1_764_000_000_000
 XSS_NAME = "<img src=x onerror=alert(1)>"
 BASE = datetime(2025, 1, 1, tzinfo=UTC)
+
+
+MEASUREMENTS = 3  # cold navigations per timed page: the box is shared, one sample says little
+
+
+def spread(samples_ms: list[float]) -> dict[str, float]:
+    ordered = sorted(samples_ms)
+    return {"median": round(ordered[len(ordered) // 2], 1), "min": round(ordered[0], 1),
+            "max": round(ordered[-1], 1)}
 
 
 def ok(response: httpx.Response, status: int = 200) -> Any:
@@ -116,6 +128,26 @@ def seed_million_points(clickhouse: Any, database: str, run_id: str) -> None:
     assert response.status_code == 200, response.text
 
 
+def seed_hundred_runs_metrics(clickhouse: Any, database: str) -> None:
+    """12 metrics (`loss/m00`..`loss/m11`) of 100 steps for run-00000..run-00099, in one
+    INSERT ... SELECT: a compare of 100 runs sharing more metrics than one request may hold."""
+    sql = (
+        "INSERT INTO metrics (run_id, name, step, value, timestamp_ms, version)"
+        " SELECT concat('run-000', if(intDiv(number, 1200) < 10, '0', ''),"
+        "               toString(intDiv(number, 1200))),"
+        " concat('loss/m', if(intDiv(number % 1200, 100) < 10, '0', ''),"
+        "        toString(intDiv(number % 1200, 100))),"
+        " toInt64(number % 100), (intDiv(number, 1200) + 1) * 0.01 + 1.0 / (1 + number % 100),"
+        f" toInt64({T0_MS} + (number % 100) * 1000), toUInt64(number + 1)"
+        f" FROM system.numbers LIMIT {HUNDRED * 1200}"
+    )
+    response = httpx.post(f"http://{clickhouse.host}:{clickhouse.port}/",
+                          params={"database": database}, content=sql, timeout=120,
+                          headers={"X-ClickHouse-User": clickhouse.user,
+                                   "X-ClickHouse-Key": clickhouse.password})
+    assert response.status_code == 200, response.text
+
+
 def log_points(client: httpx.Client, run_id: str, name: str, steps: range,
                value: Callable[[int], float], *, t0_ms: int = T0_MS) -> None:
     ok(client.post("/api/v1/ingest/batch", json={
@@ -142,9 +174,11 @@ def seed_demo(client: httpx.Client, clickhouse: Any, database: str, seeded: Seed
         ok(client.post("/api/v1/runs", json={
             "project": "demo", "run_id": run_id, "name": f"compare {run_id}",
             "config": {"lr": 0.1 / (index + 1), "opt": "adam"}}), 201)
+        started_ms = int(time.time() * 1000)
         log_points(client, run_id, "train/loss", range(200),
-                   lambda s, i=index: 1.0 / (1 + s) + 0.1 * i)
-        log_points(client, run_id, "val/acc", range(0, 200, 10), lambda s: s / 200)
+                   lambda s, i=index: 1.0 / (1 + s) + 0.1 * i, t0_ms=started_ms)
+        log_points(client, run_id, "val/acc", range(0, 200, 10), lambda s: s / 200,
+                   t0_ms=started_ms)
         ok(client.post(f"/api/v1/runs/{run_id}/finish", json={"status": "finished"}))
     ok(client.post("/api/v1/runs", json={"project": "demo", "run_id": seeded.live,
                                          "name": "live run"}), 201)
@@ -212,6 +246,7 @@ def client(server: ServerProcess) -> Iterator[httpx.Client]:
 @pytest.fixture(scope="module")
 def seeded(backends: Backends, client: httpx.Client, clickhouse_server: Any) -> Seeded:
     seed_big_project(backends.dsn)
+    seed_hundred_runs_metrics(clickhouse_server, backends.clickhouse_database)
     data = Seeded()
     seed_demo(client, clickhouse_server, backends.clickhouse_database, data)
     return data
@@ -393,12 +428,14 @@ def test_sign_in_then_the_table_of_10k_runs(
     assert ui.hash_params()["project"] == ["big"]
     assert ui.table_run_ids()[:3] == ["run-09999", "run-09998", "run-09997"]
     ui.wait(lambda: "of 10000" in ui.find("#page-info").text, "the total")
-    # A fresh navigation (cold cache) to the table, signed in: time to the painted rows.
-    browser.execute_cdp_cmd("Network.clearBrowserCache", {})
-    ui.open("#/runs?project=big")
-    painted = ui.wait(lambda: ui.timing("runs-painted"), "the painted table")
-    assert len(ui.find_all("#runs tr.runrow")) == 100
-    timings["table_10k_runs_painted_ms"] = round(painted, 1)
+    # Fresh navigations (cold cache) to the table, signed in: time to the painted rows.
+    painted = []
+    for _ in range(MEASUREMENTS):
+        browser.execute_cdp_cmd("Network.clearBrowserCache", {})
+        ui.open("#/runs?project=big")
+        painted.append(ui.wait(lambda: ui.timing("runs-painted"), "the painted table"))
+        assert len(ui.find_all("#runs tr.runrow")) == 100
+    timings["table_10k_runs_painted_ms"] = spread(painted)
     timings["table_page_bytes_cold"] = ui.transferred_bytes()
     ui.screenshot("runs-table")
     browser.set_window_size(600, 800)  # a narrow window: the table scrolls, the page does not
@@ -476,11 +513,16 @@ def test_paging_reaches_the_last_of_10k_runs(page: Page) -> None:
 def test_the_million_point_chart_is_drawn_with_its_spike(
     page: Page, seeded: Seeded, timings: dict[str, Any],
 ) -> None:
-    page.driver.execute_cdp_cmd("Network.clearBrowserCache", {})
-    page.open(f"#/run/{seeded.million}")
-    chart = page.wait(lambda: page.find_all('#charts .chart[data-metric="train/loss"] canvas')
-                      and page.timing("charts-drawn"), "the drawn chart")
-    assert chart
+    arrivals, draws = [], []
+    for _ in range(MEASUREMENTS):
+        page.driver.execute_cdp_cmd("Network.clearBrowserCache", {})
+        page.open(f"#/run/{seeded.million}")
+        page.wait(lambda: page.find_all('#charts .chart[data-metric="train/loss"] canvas')
+                  and page.timing("charts-drawn"), "the drawn chart")
+        arrived, drawn = page.timing("series-arrived"), page.timing("charts-drawn")
+        assert arrived is not None and drawn is not None
+        arrivals.append(arrived)
+        draws.append(drawn - arrived)
     plot = page.find('#charts .chart[data-metric="train/loss"]')
     assert page.painted_pixels(plot) > 1000
     data = page.plotted("train/loss")
@@ -490,10 +532,8 @@ def test_the_million_point_chart_is_drawn_with_its_spike(
     peak = max(v for v in values if v is not None)
     assert peak == SPIKE_VALUE and steps[values.index(peak)] == SPIKE_STEP
     assert steps[0] == 0 and steps[-1] == MILLION - 1
-    arrived, drawn = page.timing("series-arrived"), page.timing("charts-drawn")
-    assert arrived is not None and drawn is not None
-    timings["million_point_series_arrived_ms"] = round(arrived, 1)
-    timings["million_point_chart_drawn_after_data_ms"] = round(drawn - arrived, 1)
+    timings["million_point_series_arrived_ms"] = spread(arrivals)
+    timings["million_point_chart_drawn_after_data_ms"] = spread(draws)
     timings["million_point_points_plotted"] = len(steps)
     timings["run_page_bytes_cold"] = page.transferred_bytes()
     page.screenshot("run-page-million")
@@ -551,6 +591,11 @@ def test_run_page_axes_smoothing_log_scale_and_synced_hover(page: Page, seeded: 
     ActionChains(page.driver).move_to_element(over).perform()
     page.wait(lambda: (page.js("return window.mlrunDebug.cursorLeft('val/acc')") or -1) > 0,
               "the hover synced to the other chart")
+    readouts = {chart.get_attribute("data-metric"):
+                chart.find_element(By.CSS_SELECTOR, ".readout").text
+                for chart in page.find_all("#charts .chart")}
+    assert "train/loss: " in readouts["train/loss"] and " s" in readouts["train/loss"]
+    assert "val/acc" in readouts["val/acc"]  # the other chart shows its value at the same x
 
 
 def test_points_logged_now_appear_on_the_open_run_page_within_3_s(
@@ -575,6 +620,19 @@ def test_points_logged_now_appear_on_the_open_run_page_within_3_s(
     timings["live_update_lag_s"] = {"max": round(max(lags), 2),
                                     "mean": round(sum(lags) / len(lags), 2)}
     page.screenshot("run-page-live")
+
+
+def test_a_running_run_updates_in_place_in_the_table(
+    page: Page, client: httpx.Client, seeded: Seeded,
+) -> None:
+    page.open("#/runs?project=demo&q=live")
+    page.wait(lambda: page.table_run_ids() == [seeded.live], "the running run")
+    assert page.find("#runs tr.runrow .status").text == "running"
+    painted = page.timing("runs-painted")
+    ok(client.post(f"/api/v1/runs/{seeded.live}/finish", json={"status": "finished"}))
+    page.wait(lambda: page.find("#runs tr.runrow .status").text == "finished",
+              "the row updated without a reload", timeout_s=10)
+    assert page.timing("runs-painted") == painted  # same document, same first paint
 
 
 def test_compare_three_runs_with_a_legend_and_the_differing_params(
@@ -603,6 +661,14 @@ def test_compare_three_runs_with_a_legend_and_the_differing_params(
     assert "diff" in str(page.find('#params-table tr[data-param="lr"]').get_attribute("class"))
     assert "diff" not in str(page.find('#params-table tr[data-param="opt"]').get_attribute("class"))
     page.screenshot("compare")
+    Select(page.find("#alignment")).select_by_value("relative_time")
+    page.wait(lambda: page.hash_params().get("align") == ["relative_time"], "the alignment")
+
+    page.wait(lambda: page.js("return window.mlrunDebug.drawnAlignment") == "relative_time",
+              "the charts redrawn")
+    data = page.plotted("train/loss")  # steps were logged 1 s apart from each run's start
+    xs = [x for x in (data or [[]])[0] if x is not None]
+    assert xs and 199 <= max(xs) < 1000 and min(xs) >= 0
     page.find("#legend button").click()
     page.wait(lambda: "off" in str(page.find("#legend button").get_attribute("class")),
               "a hidden run")
@@ -616,6 +682,30 @@ def test_compare_three_runs_with_a_legend_and_the_differing_params(
     timings["compare_3_runs_arrived_ms"] = round(arrived, 1)
     timings["compare_3_runs_drawn_after_data_ms"] = round(drawn - arrived, 1)
     timings["compare_page_bytes_cold"] = page.transferred_bytes()
+
+
+def test_compare_of_100_runs(page: Page, timings: dict[str, Any]) -> None:
+    run_ids = [f"run-{i:05d}" for i in range(HUNDRED)]
+    page.driver.execute_cdp_cmd("Network.clearBrowserCache", {})
+    page.open(f"#/compare?runs={','.join(run_ids)}")
+    drawn = page.wait(lambda: page.timing("compare-drawn"), "the compare of 100 runs", 30)
+    assert len(page.find_all("#legend button")) == HUNDRED
+    # 100 runs x 12 shared metrics is past the route's 1000 series: the first 10 are shown
+    assert "Showing 10 of the 12 metrics" in page.find("#compare-note").text
+    assert len(page.find_all("#compare-charts .chart")) == 10
+    data = page.plotted("loss/m00")
+    assert data is not None and len(data) == HUNDRED + 1
+    assert all(any(v is not None for v in column) for column in data[1:])
+    assert page.painted_pixels(page.find('#compare-charts .chart[data-metric="loss/m00"]')) > 500
+    page.wait(lambda: len(page.find_all("#params-table thead th")) == HUNDRED + 1,
+              "the params of 100 runs", 30)
+    arrived = page.timing("compare-arrived")
+    assert arrived is not None
+    timings["compare_100_runs_arrived_ms"] = round(arrived, 1)
+    timings["compare_100_runs_drawn_after_data_ms"] = round(drawn - arrived, 1)
+    timings["compare_100_runs_bytes_cold"] = {
+        k: v for k, v in page.transferred_bytes().items() if k != "api_ms"}
+    page.screenshot("compare-100")
 
 
 def test_an_artifact_downloads(page: Page, browser: webdriver.Chrome, seeded: Seeded) -> None:
@@ -641,11 +731,19 @@ def test_a_run_named_like_markup_is_rendered_as_text(page: Page, seeded: Seeded)
     assert page.no_alert()
 
 
+def test_an_empty_project_says_so(page: Page, client: httpx.Client) -> None:
+    ok(client.post("/api/v1/projects", json={"name": "empty"}), 201)
+    page.open("#/runs?project=empty")
+    page.wait(lambda: page.find_all("#runs td.empty"), "the empty state")
+    assert "No runs in project" in page.find("#runs td.empty").text
+
+
 def test_a_revoked_key_goes_back_to_sign_in(
     browser: webdriver.Chrome, server: ServerProcess, client: httpx.Client, seeded: Seeded,
 ) -> None:
     ui = Page(browser, server.base_url)
-    created = ok(client.post("/api/v1/keys", json={"name": "ui-reader", "scopes": ["read"]}), 201)
+    created = ok(client.post("/api/v1/keys", json={"name": "ui-reader", "scopes": ["read"],
+                                                    "project": "demo"}), 201)
     ui.open("#/runs?project=demo")
     ui.wait(lambda: ui.find_all("#signout") and ui.find("#signout").is_displayed(), "signed in")
     ui.find("#signout").click()
@@ -653,6 +751,9 @@ def test_a_revoked_key_goes_back_to_sign_in(
     ui.find("#apikey").send_keys(created["key"])
     ui.find("#signin button[type=submit]").click()
     ui.wait(lambda: ui.find_all("#runs tr.runrow"), "the table with a read key")
+    # a project-scoped key: the switcher offers its project only
+    assert [option.get_attribute("value") for option in ui.find_all("#project option")] == [
+        "", "demo"]
     ok(client.delete(f"/api/v1/keys/{created['key_id']}"))
     ui.open("#/runs?project=demo")
     ui.wait(lambda: ui.find_all("#signin"), "back to sign-in")
@@ -671,7 +772,9 @@ def test_a_backend_down_shows_the_banner(
     assert not page.find("#banner").is_displayed()
     clickhouse_server.freeze()
     try:
-        page.open("#/runs?project=demo")
+        page.open("#/run/cmp-a")
+        # the series wait for ClickHouse: a spinner, then the banner naming it
+        page.wait(lambda: page.find("#busy").is_displayed(), "the spinner")
         banner = page.wait(lambda: page.find("#banner").is_displayed() and page.find("#banner"),
                            "the banner", timeout_s=20)
         assert "clickhouse" in banner.text
@@ -711,3 +814,9 @@ def test_static_files_carry_a_strict_csp_and_no_inline_script(server: ServerProc
     assert again.status_code == 304
     assert httpx.get(f"{server.base_url}/ui/../pyproject.toml").status_code == 404
     assert httpx.get(f"{server.base_url}/ui/config.json").json() == {"auth_disabled": False}
+    shipped = [path for path in UI_ASSETS.rglob("*") if path.suffix in (".js", ".css")]
+    gzipped = sum(len(gzip.compress(path.read_bytes(), 9)) for path in shipped)
+    assert gzipped < 200_000, f"{gzipped} bytes of JS + CSS gzipped"
+    for path in shipped:
+        response = httpx.get(f"{server.base_url}/ui/{path.relative_to(UI_ASSETS).as_posix()}")
+        assert response.status_code == 200 and response.content == path.read_bytes()

@@ -4,6 +4,8 @@
 // /ready and shows the banner.
 
 const KEY_ITEM = 'mlrun.apiKey';
+// No request waits longer than this: the spinner then gives way to an error, never a frozen page.
+const REQUEST_TIMEOUT_MS = 30000;
 export const session = { key: sessionStorage.getItem(KEY_ITEM), authDisabled: false };
 const listeners = { unauthorized: [], unavailable: [], busy: [] };
 let inFlight = 0;
@@ -39,13 +41,16 @@ export async function api(path, { method = 'GET', body, signal, quiet = false } 
   if (body !== undefined) headers['Content-Type'] = 'application/json';
   if (!quiet && ++inFlight === 1) emit('busy', true);
   let response;
+  const deadline = AbortSignal.timeout(REQUEST_TIMEOUT_MS);
   try {
     response = await fetch(path, {
-      method, headers, signal, cache: 'no-store', credentials: 'omit',
+      method, headers, cache: 'no-store', credentials: 'omit',
+      signal: signal ? AbortSignal.any([signal, deadline]) : deadline,
       body: body === undefined ? undefined : JSON.stringify(body),
     });
   } catch (error) {
     if (error.name !== 'AbortError') emit('unavailable');
+    if (error.name === 'TimeoutError') throw new ApiError(0, 'timeout', 'the server did not answer in time');
     throw error;
   } finally {
     if (!quiet && --inFlight === 0) emit('busy', false);

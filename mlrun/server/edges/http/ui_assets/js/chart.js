@@ -4,6 +4,7 @@
 // Titles and labels reach uPlot as strings, which it sets with textContent.
 
 const HEIGHT = 220;
+const READOUT_SERIES = 12;
 
 // EMA with the TensorBoard debiasing, so the start is not pulled toward 0.
 export function ema(values, weight) {
@@ -63,6 +64,27 @@ export class Chart {
     this.onResetZoom = onResetZoom;
     this.lines = [];
     this.plot = null;
+    // The hovered values as text (synced: hovering one chart moves every chart's cursor).
+    this.readout = document.createElement('div');
+    this.readout.className = 'readout';
+    container.after(this.readout);
+  }
+
+  xText(x) {
+    if (this.xMode === 'step') return `step ${x}`;
+    if (this.xMode === 'wall') return new Date(x * 1000).toLocaleString();
+    return `${x.toFixed(1)} s`;
+  }
+
+  showCursor(u) {
+    const i = u.cursor.idx;
+    if (i === null || i === undefined) { this.readout.textContent = ''; return; }
+    const parts = [this.xText(u.data[0][i])];
+    for (let s = 1; s < u.series.length && parts.length <= READOUT_SERIES; s++) {
+      const value = u.data[s][i];
+      if (u.series[s].show && value !== null && value !== undefined) parts.push(`${u.series[s].label}: ${compact(value)}`);
+    }
+    this.readout.textContent = parts.join('  ·  ');
   }
 
   setLines(lines) {
@@ -126,6 +148,7 @@ export class Chart {
           u.setSelect({ left: 0, top: 0, width: 0, height: 0 }, false);
           chart.onSelect?.(lo, hi);
         }],
+        setCursor: [(u) => chart.showCursor(u)],
         ready: [(u) => {
           u.over.addEventListener('dblclick', () => chart.onResetZoom?.());
         }],
@@ -140,5 +163,6 @@ export class Chart {
   destroy() {
     this.plot?.destroy();
     this.plot = null;
+    this.readout.textContent = '';
   }
 }

@@ -6,6 +6,9 @@ import { Chart, plotWidth } from './chart.js';
 import { afterPaint, clear, colour, fmtNumber, h, statusBadge } from './dom.js';
 
 const MAX_RUNS = 100;
+const MAX_SERIES = 1000; // the compare route's bound on runs x metrics
+const DEFAULT_METRICS = 20; // what the route compares when no metric is named
+const MAX_PAGE_POINTS = 200000; // points of every line of the page together
 
 export async function renderCompare(ctx) {
   const { main, params, navigate, mark, debug } = ctx;
@@ -32,12 +35,13 @@ export async function renderCompare(ctx) {
   const smoothInput = h('input', { type: 'range', id: 'smoothing', min: '0', max: '0.99', step: '0.01',
     value: String(state.smooth), 'aria-label': 'EMA smoothing' });
   const legend = h('div', { class: 'legend', id: 'legend', role: 'group', 'aria-label': 'Runs' });
+  const note = h('p', { class: 'muted', id: 'compare-note' });
   const chartsEl = h('div', { class: 'charts', id: 'compare-charts' });
   const paramsEl = h('div', { id: 'compare-params' });
   main.append(h('div', { class: 'toolbar' },
     h('label', { for: 'alignment' }, 'align by ', alignSelect), h('label', null, logBox, ' log scale'),
     h('label', { for: 'smoothing' }, 'smoothing ', smoothInput)),
-  legend, chartsEl, h('h2', { text: 'Params' }), paramsEl);
+  legend, note, chartsEl, h('h2', { text: 'Params' }), paramsEl);
 
   function urlParams() {
     const out = new URLSearchParams({ runs: runIds.join(',') });
@@ -61,11 +65,13 @@ export async function renderCompare(ctx) {
     for (const c of charts) c.destroy();
     charts.length = 0;
     clear(chartsEl);
-    if (result.common_metrics.length === 0) {
+    // the metrics the answer holds series of (the first common ones, as many as fit)
+    const metrics = result.runs[0]?.series.map((s) => s.name) ?? [];
+    if (metrics.length === 0) {
       chartsEl.append(h('p', { class: 'empty', text: 'These runs have no metric in common.' }));
       return;
     }
-    for (const metric of result.common_metrics) {
+    for (const metric of metrics) {
       const plotEl = h('div', { class: 'plot' });
       chartsEl.append(h('div', { class: 'chart', dataset: { metric } }, plotEl));
       const chart = new Chart(plotEl, {
@@ -101,13 +107,29 @@ export async function renderCompare(ctx) {
 
   async function load() {
     const width = plotWidth(chartsEl) > 1100 ? plotWidth(chartsEl) / 2 : plotWidth(chartsEl);
+    // The server compares at most 1000 series (runs x metrics) at once: with many runs, the
+    // first common metrics that fit (the common ones come from a request for no series).
+    let metricNames;
+    if (runIds.length * DEFAULT_METRICS > MAX_SERIES) {
+      const { common_metrics: common } = await api('/api/v1/runs/compare', { method: 'POST',
+        body: { run_ids: runIds, metric_names: [] } });
+      metricNames = common.slice(0, Math.max(1, Math.floor(MAX_SERIES / runIds.length)));
+      note.textContent = common.length > metricNames.length
+        ? `Showing ${metricNames.length} of the ${common.length} metrics these runs share.` : '';
+    }
+    // As many points per line as the chart is pixels wide, within a bound for the whole page.
+    const series = runIds.length * (metricNames?.length ?? DEFAULT_METRICS);
+    const pixels = Math.round(width * (window.devicePixelRatio || 1));
+    const budget = Math.max(64, Math.min(10000, pixels, Math.floor(MAX_PAGE_POINTS / series)));
     result = await api('/api/v1/runs/compare', { method: 'POST', body: {
-      run_ids: runIds, alignment: state.align, method: 'minmax',
-      max_points: Math.min(10000, Math.max(64, Math.round(width * (window.devicePixelRatio || 1)))) } });
+      run_ids: runIds, alignment: state.align, method: 'minmax', max_points: budget,
+      ...(metricNames ? { metric_names: metricNames } : {}) } });
     if (stopped) return;
+    debug.compareBudget = budget;
     mark('compare-arrived');
     drawLegend();
     drawCharts();
+    debug.drawnAlignment = state.align;
     afterPaint(() => mark('compare-drawn'));
   }
 
