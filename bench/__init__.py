@@ -18,6 +18,7 @@ Modules (each a noun; the CLI in `__main__` wires them):
     suite        the sweep: for each K, baseline then every transport; the breakdown; the
                  references; count back; report
     report       the JSON report and the plain-text table
+    queued       `--workloads queued`: direct against queued mode on a deployment of its own
 
 The bench is not a test: it measures and prints; it never asserts a timing. What it does
 check, and report as a failure, is correctness: every acknowledged point stored exactly once.
