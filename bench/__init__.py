@@ -19,6 +19,8 @@ Modules (each a noun; the CLI in `__main__` wires them):
                  references; count back; report
     report       the JSON report and the plain-text table
     queued       `--workloads queued`: direct against queued mode on a deployment of its own
+    purge        `python -m bench.purge`: a deleted run's purge speed (points/s removed from
+                 ClickHouse) while another run is written to
 
 The bench is not a test: it measures and prints; it never asserts a timing. What it does
 check, and report as a failure, is correctness: every acknowledged point stored exactly once.

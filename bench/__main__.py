@@ -37,6 +37,7 @@ import msgspec
 
 from bench.errors import BenchError
 from bench.metrics_store import ClickHouseServerStore
+from bench.peers import parse_peer
 from bench.plot import write_plot
 from bench.profiler import DEFAULT_RATE_HZ
 from bench.query_workload import quick_settings
@@ -49,15 +50,16 @@ _DEFAULT_DURATION_S = 5.0
 _QUICK_DURATION_S = 2.0
 _DEFAULT_GRACE_S = 15.0
 _QUICK_GRACE_S = 5.0
-_TRANSPORTS: tuple[Transport, ...] = ("http", "http-rows", "grpc")
+_TRANSPORTS: tuple[Transport, ...] = ("http", "http-rows", "grpc", "mlflow")
 _DEFAULT_TRANSPORTS: tuple[Transport, ...] = ("http", "grpc")
 _MAX_WRITERS = 512
 _MAX_DURATION_S = 3600.0
 _WORKLOADS = ("ingest", "overload", "query", "sdk", "baseline", "reference", "breakdown",
-              "queued")
+              "queued", "mlflow", "peers")
 # breakdown needs py-spy and a minute of its own; queued (bench.queued) a deployment of its
-# own and about five minutes: asked for by name only.
-_DEFAULT_WORKLOADS = frozenset(_WORKLOADS) - {"breakdown", "queued"}
+# own and about five minutes; mlflow the official client (bench/mlflow.py); peers other
+# servers (bench/peers.py): asked for by name only.
+_DEFAULT_WORKLOADS = frozenset(_WORKLOADS) - {"breakdown", "queued", "mlflow", "peers"}
 _DEFAULT_BREAKDOWN_WRITERS = 8
 _DEFAULT_WRITERS = (1, 8, 32, 128)
 _QUICK_WRITERS = (1, 8)
@@ -93,6 +95,13 @@ def _transports(text: str) -> tuple[Transport, ...]:
     if not names or unknown:
         raise argparse.ArgumentTypeError(f"transports are a comma list of {', '.join(_TRANSPORTS)}")
     return cast(tuple[Transport, ...], names)
+
+
+def _peer(text: str) -> tuple[str, str]:
+    try:
+        return parse_peer(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive_seconds(text: str) -> float:
@@ -154,6 +163,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     load.add_argument("--workloads", type=_workloads, default=_DEFAULT_WORKLOADS,
                       help=f"comma list of {','.join(_WORKLOADS)} (default all but breakdown;"
                       " the references run whenever ingest, baseline or breakdown does)")
+    load.add_argument("--peer", type=_peer, action="append", default=[],
+                      help="NAME=URL of a server speaking MLflow's REST API (workload peers)")
     load.add_argument("--writers", type=_writer_counts,
                       help="comma list of writer counts K (default 1,8,32,128; --quick 1,8)")
     load.add_argument("--overload-writers", type=_writer_counts,
@@ -291,6 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         breakdown_writers=(args.breakdown_writers or (_DEFAULT_BREAKDOWN_WRITERS,))[0],
         sample_rate_hz=args.sample_rate,
         log_dir=log_dir,
+        peers=tuple(args.peer),
     )
     try:
         _progress("starting the target" if not args.url else f"target {args.url}")
