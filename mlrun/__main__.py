@@ -1,5 +1,6 @@
 """The `mlrun` command line: `mlrun serve`, `mlrun process` (a queued-ingest processor),
-`mlrun sync [DIR]` and `mlrun keys ...` (also as `python -m mlrun ...`).
+`mlrun sync [DIR]`, `mlrun keys ...` and `mlrun export` / `mlrun import` (also as
+`python -m mlrun ...`).
 
 This is the only module that imports trio or hypercorn's backend modules: it picks the event
 loop (`--backend trio`, the default, or `asyncio`), hands the matching hypercorn `serve` to the
@@ -65,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     process.add_argument("--backend", choices=("trio", "asyncio"), default="trio",
                          help="event loop to run on (default: trio)")
+    for name, text in (("export", "write runs, their points and manifests to a file"),
+                       ("import", "load an export file into this deployment's storage")):
+        commands.add_parser(name, help=f"{text} (mlrun {name} --help)", add_help=False)
     commands.add_parser(
         "keys",
         help="create, list or revoke API keys on a running server (mlrun keys --help)",
@@ -79,6 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from mlrun.keys_command import keys_main
 
         return keys_main(argv[1:])
+    if argv[:1] in (["export"], ["import"]):  # their own parsers; they open storage themselves
+        from mlrun.server.runtime.archive_command import archive_main
+
+        return archive_main(argv[0], argv[1:])
     args = _parser().parse_args(argv)
     if args.command in ("serve", "process"):
         return _serve_command(args.backend, processor=args.command == "process")

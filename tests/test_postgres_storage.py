@@ -37,6 +37,9 @@ LOCK_KEY = 0x7E57_0001
 EXPECTED_TABLES = {
     "projects", "runs", "run_params", "run_tags", "project_tag_keys", "run_metric_names",
     "artifacts", "api_keys", "ingest_batches", "schema_migrations",
+    "purge_jobs", "purge_runs", "purge_objects", "retention_rebuilds",
+    "mlflow_experiments", "mlflow_experiment_tags", "mlflow_runs", "mlflow_run_inputs",
+    "mlflow_step0_origins", "run_imports",
 }
 
 
@@ -203,11 +206,12 @@ async def test_schema_enforces_its_invariants(pg_dsn: str) -> None:
                     await pg.run(_execute(statement))
                 assert isinstance(caught.value.__cause__, psycopg.errors.CheckViolation)
 
-            # Deleting a run takes its params, tags, metric names, artifacts and batches along.
+            # Deleting a run takes its params, tags, metric names and artifacts along; its
+            # ledger rows stay for the purge job to delete in chunks (0010_lifecycle.sql).
             await pg.run(lambda conn: conn.execute("DELETE FROM runs WHERE run_id = 'r0'"))
-            for table in ("run_params", "run_tags", "run_metric_names", "artifacts",
-                          "ingest_batches"):
+            for table in ("run_params", "run_tags", "run_metric_names", "artifacts"):
                 assert await _scalar(pg, f"SELECT count(*) FROM {table}") == 0
+            assert await _scalar(pg, "SELECT count(*) FROM ingest_batches") == 1
             # ... but a project with runs cannot be deleted.
             with pytest.raises(errors.BackendError) as caught:
                 await pg.run(lambda conn: conn.execute("DELETE FROM projects"))
