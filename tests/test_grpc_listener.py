@@ -694,6 +694,47 @@ async def test_client_deadline_cancels_the_handler() -> None:
             tg.cancel_scope.cancel()
 
 
+async def test_a_call_cancelled_by_its_client_stops_its_handler() -> None:
+    """grpcio's `future.cancel()` sends RST_STREAM after the request was read: the handler is
+    cancelled (not left running for nobody), and the connection keeps serving."""
+    probe = Probe()
+    with anyio.fail_after(TEST_TIMEOUT_S - 5):
+        async with anyio.create_task_group() as tg:
+            services = [probe.service, HealthServicer(Readiness()).service]
+            port = await tg.start(server(services, grace_period_s=300))
+            client = Client(port)
+            future = client.channel.unary_unary("/mlrun.test.Probe/Slow").future(
+                check_request(), timeout=30)
+            await probe.entered.wait()
+            assert await anyio.to_thread.run_sync(future.cancel)
+            with anyio.fail_after(5):
+                await probe.cancelled.wait()
+            assert await client.check() == SERVING  # same channel, same connection
+            await client.aclose()
+            tg.cancel_scope.cancel()  # returns promptly: no handler left waiting
+
+
+async def test_a_closed_client_connection_stops_its_handlers() -> None:
+    probe = Probe()
+    with anyio.fail_after(TEST_TIMEOUT_S - 5):
+        async with anyio.create_task_group() as tg:
+            port = await tg.start(server([probe.service], grace_period_s=300))
+
+            def start() -> RawH2:
+                raw = RawH2(port)
+                body = check_request()
+                raw.start(1, "/mlrun.test.Probe/Slow")
+                raw.upload(1, b"\x00" + len(body).to_bytes(4, "big") + body, end=True)
+                return raw
+
+            raw = await anyio.to_thread.run_sync(start)
+            await probe.entered.wait()
+            raw.close()  # no RST_STREAM, no GOAWAY: the connection just ends
+            with anyio.fail_after(5):
+                await probe.cancelled.wait()
+            tg.cancel_scope.cancel()
+
+
 async def drain_scenario() -> None:
     """Cancel the server while a call is in flight: the listener closes at once, new calls on the
     open connection get UNAVAILABLE, the in-flight call completes, then the server returns."""
