@@ -18,6 +18,8 @@ Modules (each a noun; the CLI in `__main__` wires them):
     suite        the sweep: for each K, baseline then every transport; the breakdown; the
                  references; count back; report
     report       the JSON report and the plain-text table
+    purge        `python -m bench.purge`: a deleted run's purge speed (points/s removed from
+                 ClickHouse) while another run is written to
 
 The bench is not a test: it measures and prints; it never asserts a timing. What it does
 check, and report as a failure, is correctness: every acknowledged point stored exactly once.

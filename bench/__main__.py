@@ -37,6 +37,7 @@ import msgspec
 
 from bench.errors import BenchError
 from bench.metrics_store import ClickHouseServerStore
+from bench.peers import parse_peer
 from bench.plot import write_plot
 from bench.profiler import DEFAULT_RATE_HZ
 from bench.query_workload import quick_settings
@@ -49,13 +50,16 @@ _DEFAULT_DURATION_S = 5.0
 _QUICK_DURATION_S = 2.0
 _DEFAULT_GRACE_S = 15.0
 _QUICK_GRACE_S = 5.0
-_TRANSPORTS: tuple[Transport, ...] = ("http", "http-rows", "grpc")
+_TRANSPORTS: tuple[Transport, ...] = ("http", "http-rows", "grpc", "mlflow")
 _DEFAULT_TRANSPORTS: tuple[Transport, ...] = ("http", "grpc")
 _MAX_WRITERS = 512
 _MAX_DURATION_S = 3600.0
-_WORKLOADS = ("ingest", "overload", "query", "sdk", "baseline", "reference", "breakdown")
-# breakdown needs py-spy and a minute of its own: asked for by name only.
-_DEFAULT_WORKLOADS = frozenset(_WORKLOADS) - {"breakdown"}
+_WORKLOADS = ("ingest", "overload", "query", "sdk", "baseline", "reference", "breakdown",
+              "queued", "mlflow", "peers")
+# breakdown needs py-spy and a minute of its own; queued (bench.queued) a deployment of its
+# own and about five minutes; mlflow the official client (bench/mlflow.py); peers other
+# servers (bench/peers.py): asked for by name only.
+_DEFAULT_WORKLOADS = frozenset(_WORKLOADS) - {"breakdown", "queued", "mlflow", "peers"}
 _DEFAULT_BREAKDOWN_WRITERS = 8
 _DEFAULT_WRITERS = (1, 8, 32, 128)
 _QUICK_WRITERS = (1, 8)
@@ -91,6 +95,13 @@ def _transports(text: str) -> tuple[Transport, ...]:
     if not names or unknown:
         raise argparse.ArgumentTypeError(f"transports are a comma list of {', '.join(_TRANSPORTS)}")
     return cast(tuple[Transport, ...], names)
+
+
+def _peer(text: str) -> tuple[str, str]:
+    try:
+        return parse_peer(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive_seconds(text: str) -> float:
@@ -152,6 +163,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     load.add_argument("--workloads", type=_workloads, default=_DEFAULT_WORKLOADS,
                       help=f"comma list of {','.join(_WORKLOADS)} (default all but breakdown;"
                       " the references run whenever ingest, baseline or breakdown does)")
+    load.add_argument("--peer", type=_peer, action="append", default=[],
+                      help="NAME=URL of a server speaking MLflow's REST API (workload peers)")
     load.add_argument("--writers", type=_writer_counts,
                       help="comma list of writer counts K (default 1,8,32,128; --quick 1,8)")
     load.add_argument("--overload-writers", type=_writer_counts,
@@ -187,6 +200,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("the breakdown runs at one load level: --breakdown-writers K")
     if "breakdown" in args.workloads and args.url and not args.server_pid:
         parser.error("the breakdown samples the server: --url needs --server-pid")
+    if "queued" in args.workloads and (len(args.workloads) > 1 or args.url or args.embedded):
+        parser.error("--workloads queued runs alone, on backends it starts itself")
     return args
 
 
@@ -260,6 +275,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     log_dir = out_dir / f"{stem}-logs"
     duration_s = args.duration or (_QUICK_DURATION_S if args.quick else _DEFAULT_DURATION_S)
     quick = args.quick
+    if "queued" in args.workloads:
+        from bench.queued import QueuedSettings, main_queued
+
+        return main_queued(QueuedSettings(
+            writers=args.writers or (8, 32), duration_s=args.duration or (3.0 if quick else 8.0),
+            burst_s=8.0 if quick else 20.0, visible_s=5.0 if quick else 10.0,
+            batch_points=args.batch_size, request_timeout_s=args.request_timeout),
+            out_dir, stem, _progress)
     settings = SuiteSettings(
         writers=args.writers or (_QUICK_WRITERS if quick else _DEFAULT_WRITERS),
         transports=args.transports,
@@ -279,6 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         breakdown_writers=(args.breakdown_writers or (_DEFAULT_BREAKDOWN_WRITERS,))[0],
         sample_rate_hz=args.sample_rate,
         log_dir=log_dir,
+        peers=tuple(args.peer),
     )
     try:
         _progress("starting the target" if not args.url else f"target {args.url}")

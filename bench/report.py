@@ -24,7 +24,7 @@ from msgspec import Struct
 SCHEMA_VERSION = 1
 # "http" sends the columnar `series` wire form, "http-rows" the row form (`metrics: [{name, value,
 # step, timestamp}]`, what hand-written and MLflow-style clients send), "grpc" `metric_columns`.
-Transport = Literal["clickhouse", "http", "http-rows", "grpc"]
+Transport = Literal["clickhouse", "http", "http-rows", "grpc", "mlflow"]
 ReferenceKind = Literal["plain-mergetree", "schema"]
 
 

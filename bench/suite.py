@@ -47,6 +47,8 @@ from bench.batches import Batch, BatchShape, make_batch
 from bench.errors import BenchError
 from bench.ingest import GrpcIngestSender, HttpIngestSender, RunsClient
 from bench.metrics_store import METRICS_TABLE, MetricsStore, StoreError, count_points
+from bench.mlflow import MlflowBatchSender, official_client_rates
+from bench.peers import run_peers
 from bench.processes import Usage, UsageProbe
 from bench.profiler import DEFAULT_RATE_HZ, StageProfiler, find_py_spy
 from bench.query import Settings as QuerySettings
@@ -83,7 +85,7 @@ _MAX_REFERENCE_S = 5.0
 _SETTLE_MAX_S = 15.0
 _SETTLE_POLL_S = 0.25
 Workload = Literal["baseline", "ingest", "overload", "reference"]
-_WIRE_FORMS = {"http": "series", "http-rows": "rows", "grpc": "columns"}
+_WIRE_FORMS = {"http": "series", "http-rows": "rows", "grpc": "columns", "mlflow": "mlflow-rows"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +104,7 @@ class SuiteSettings:
     breakdown_writers: int = 8
     sample_rate_hz: int = DEFAULT_RATE_HZ
     log_dir: Path | None = None  # where the breakdown's py-spy samples are kept
+    peers: tuple[tuple[str, str], ...] = ()  # (name, URL) of MLflow-API servers (bench.peers)
 
     @property
     def references(self) -> bool:
@@ -186,6 +189,15 @@ class Suite:
                 self.breakdown.append(self._breakdown(transport, store, py_spy))
         if store is not None and self.settings.references:
             self.references = self._references(store)
+        if "mlflow" in workloads:
+            self._progress("mlflow: the official client's rate")
+            self.notes.extend(official_client_rates(
+                self.target, duration_s=self.settings.duration_s, session=self.session))
+        if "peers" in workloads:
+            self.notes.extend(run_peers(
+                self.target, self.settings.peers, writers=self.settings.writers,
+                limits=self.limits, shape=self.shape,
+                request_timeout_s=self.settings.request_timeout_s, progress=self._progress))
         if "sdk" in workloads and self.settings.sdk is not None:
             self.sdk = run_sdk_workload(self.target, self.settings.sdk, progress)
         if "query" in workloads and self.settings.query is not None:
@@ -275,6 +287,9 @@ class Suite:
                         raise BenchError("the gRPC transport needs --grpc-target")
                     senders.append(
                         GrpcIngestSender(target.grpc_target, target.api_key, timeout_s=timeout_s))
+                elif transport == "mlflow":
+                    senders.append(MlflowBatchSender(target.http_url, target.api_key,
+                                                     timeout_s=timeout_s))
                 else:
                     senders.append(HttpIngestSender(
                         target.http_url, target.api_key, timeout_s=timeout_s,

@@ -4,7 +4,8 @@
 #   bash scripts/test.sh [pytest args...]
 #
 # What it installs (each step is skipped when already done):
-#   - Debian packages: postgresql, clickhouse-server, clickhouse-client, redis-server, haproxy
+#   - Debian packages: postgresql, clickhouse-server, clickhouse-client, redis-server, haproxy,
+#     chromium and chromium-driver (the web UI's browser tests)
 #     (apt, as root or via sudo). Their services are NOT started: the test session starts its
 #     own throwaway servers on free loopback ports and stops them by PID (haproxy runs the
 #     shipped deploy/haproxy.cfg in front of two queued-mode servers).
@@ -32,6 +33,9 @@ need_apt=()
 command -v clickhouse-server >/dev/null || need_apt+=(clickhouse-server clickhouse-client)
 command -v redis-server >/dev/null || need_apt+=(redis-server)
 command -v haproxy >/dev/null || need_apt+=(haproxy)
+# the web UI's browser tests (tests/test_ui_browser.py)
+command -v chromium >/dev/null || need_apt+=(chromium)
+command -v chromedriver >/dev/null || need_apt+=(chromium-driver)
 if [ ${#need_apt[@]} -gt 0 ]; then
     log "apt-get install ${need_apt[*]}"
     as_root apt-get update -qq

@@ -139,8 +139,9 @@ def assert_exactly_once(reader: ClickHouseReader, run_id: str, acked_steps: set[
         "lo": min(acked_steps), "hi": max(acked_steps), "wrong": 0}
     assert reader.scalar(f"SELECT count() FROM metrics FINAL WHERE {where}") == len(acked_steps)
     summary = reader.rows(
-        f"SELECT uniqExactMerge(step_count) AS n, maxMerge(last_step) AS last "
-        f"FROM metrics_summary WHERE {where} GROUP BY name")
-    assert summary == [{"n": len(acked_steps), "last": max(acked_steps)}]
+        f"SELECT name, maxMerge(last_step) AS last FROM metrics_summary WHERE {where}"
+        " GROUP BY name")
+    assert summary == [{"name": summary[0]["name"], "last": max(acked_steps)}]
+    assert reader.block_step_counts(where) == {summary[0]["name"]: len(acked_steps)}
 
 

@@ -29,3 +29,16 @@ class ClickHouseReader:
         (row,) = self.rows(sql)
         (value,) = row.values()
         return value
+
+    def block_step_counts(self, where: str) -> dict[str, int]:
+        """Distinct steps per metric name as the block rollups hold them (the popcounts of each
+        block's step masks, summed; the distinct count every read reports), for `metric_blocks`
+        rows matching `where`."""
+        counts: dict[str, int] = {}
+        for row in self.rows(
+                "SELECT name, block, groupBitOrMerge(steps_low) AS low,"
+                " groupBitOrMerge(steps_high) AS high"
+                f" FROM metric_blocks WHERE {where} GROUP BY name, block"):
+            bits = bin(int(row["low"])).count("1") + bin(int(row["high"])).count("1")
+            counts[row["name"]] = counts.get(row["name"], 0) + bits
+        return counts

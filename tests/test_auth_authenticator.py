@@ -21,7 +21,6 @@ from mlrun.server.usecases.access import RunAccess
 from mlrun.server.usecases.auth import (
     KEY_PREFIX,
     LAST_USED_RESOLUTION_S,
-    LOCAL_CHANGE_GRACE_S,
     MAX_STALENESS_S,
     Authenticator,
     display_prefix,
@@ -87,7 +86,7 @@ def test_scopes_projects_and_expiry() -> None:
     auth.replace_keys([
         usable("mlrun_r", "r", {"read"}),
         usable("mlrun_a", "a", {"write"}, project="proj-a", expires_at_s=wall.now + 10),
-    ])
+    ], loaded_from=auth.load_started())
     reader = auth.authenticate(bearer("mlrun_r"))
     reader.require("read")
     with pytest.raises(PermissionDenied, match="write"):
@@ -111,13 +110,13 @@ def test_a_stale_view_refuses_database_keys_but_not_the_bootstrap_key() -> None:
     auth.attach_directory()  # nothing loaded yet
     with pytest.raises(BackendUnavailable):
         auth.authenticate(bearer("mlrun_r"))
-    auth.replace_keys([usable("mlrun_r", "r", {"read"})])
+    auth.replace_keys([usable("mlrun_r", "r", {"read"})], loaded_from=auth.load_started())
     assert auth.authenticate(bearer("mlrun_r")).key_id == "r"
     clock.now += MAX_STALENESS_S + 1
     for key in ("mlrun_r", "mlrun_unknown"):
         assert code_of(auth, bearer(key)) == "keys_unavailable"
     assert auth.authenticate(bearer(BOOTSTRAP)).key_id == "bootstrap"
-    auth.replace_keys([usable("mlrun_r", "r", {"read"})])
+    auth.replace_keys([usable("mlrun_r", "r", {"read"})], loaded_from=auth.load_started())
     assert auth.authenticate(bearer("mlrun_r")).key_id == "r"
     assert auth.statistics().keys == 1
 
@@ -126,25 +125,39 @@ def test_local_changes_win_over_reloads_that_may_predate_them() -> None:
     clock = Clock()
     auth = make(clock)
     old = usable("mlrun_old", "old", {"read"})
-    auth.replace_keys([old])
+    auth.replace_keys([old], loaded_from=auth.load_started())
+    early = auth.load_started()  # a reload begins, then both changes commit here
+    clock.now += 0.5
     new = usable("mlrun_new", "new", {"read"})
     auth.add_key(new)
     auth.remove_key("old")
-    auth.replace_keys([old])  # a reload that started before both changes committed
+    auth.replace_keys([old], loaded_from=early)  # its snapshot predates both changes
     assert code_of(auth, bearer("mlrun_old")) == "invalid_credentials"
     assert auth.authenticate(bearer("mlrun_new")).key_id == "new"
-    clock.now += LOCAL_CHANGE_GRACE_S + 1
-    auth.replace_keys([new])  # long after: the database is the truth again
+    clock.now += 0.5
+    auth.replace_keys([new], loaded_from=auth.load_started())  # began after: the truth
     assert code_of(auth, bearer("mlrun_old")) == "invalid_credentials"
     assert auth.authenticate(bearer("mlrun_new")).key_id == "new"
-    auth.replace_keys([])
+
+
+def test_a_key_created_here_and_revoked_elsewhere_is_refused_at_the_next_reload() -> None:
+    """The local creation protects the key only from reloads that may predate it, never from
+    another process's revocation that a later reload shows."""
+    clock = Clock()
+    auth = make(clock)
+    auth.replace_keys([], loaded_from=auth.load_started())
+    created = usable("mlrun_new", "new", {"read"})
+    auth.add_key(created)
+    assert auth.authenticate(bearer("mlrun_new")).key_id == "new"
+    clock.now += 0.1  # revoked on another server now; the next reload begins after that
+    auth.replace_keys([], loaded_from=auth.load_started())
     assert code_of(auth, bearer("mlrun_new")) == "invalid_credentials"
 
 
 def test_last_used_is_noted_at_most_once_per_resolution() -> None:
     clock, wall = Clock(), Clock(1_700_000_000)
     auth = make(clock, wall)
-    auth.replace_keys([usable("mlrun_r", "r", {"read"})])
+    auth.replace_keys([usable("mlrun_r", "r", {"read"})], loaded_from=auth.load_started())
     for _ in range(100):
         auth.authenticate(bearer("mlrun_r"))
     assert auth.take_last_used() == {"r": wall.now}
@@ -152,7 +165,8 @@ def test_last_used_is_noted_at_most_once_per_resolution() -> None:
     assert auth.take_last_used() == {}
     clock.now += LAST_USED_RESOLUTION_S
     wall.now += LAST_USED_RESOLUTION_S
-    auth.replace_keys([usable("mlrun_r", "r", {"read"})])  # reloads happened meanwhile
+    # Reloads happened meanwhile.
+    auth.replace_keys([usable("mlrun_r", "r", {"read"})], loaded_from=auth.load_started())
     auth.authenticate(bearer("mlrun_r"))
     pending = auth.take_last_used()
     assert pending == {"r": wall.now}
@@ -239,7 +253,8 @@ async def test_refresh_task_reloads_survives_failures_and_flushes_on_exit() -> N
                 directory.loaded = anyio.Event()
                 await directory.loaded.wait()
             assert code_of(auth, bearer("mlrun_r")) == "invalid_credentials"
-            auth.replace_keys([usable("mlrun_w", "w", {"write"})])
+            auth.replace_keys([usable("mlrun_w", "w", {"write"})],
+                              loaded_from=auth.load_started())
             auth.authenticate(bearer("mlrun_w"))
             tg.cancel_scope.cancel()
     assert "w" in directory.recorded  # written on the way out, or by a reload before it

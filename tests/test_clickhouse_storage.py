@@ -80,14 +80,24 @@ async def insert_metrics(ch: ClickHouse, rows: list[MetricRow]) -> None:
 
 
 async def summary(ch: ClickHouse, run_id: str) -> dict[str, dict[str, object]]:
+    """min/max/last from the summary, distinct steps from the block rollups (what reads use:
+    the summary's own step set is no longer kept, sql/clickhouse/0003)."""
     rows = await ch.query_rows(
         "SELECT name, minMerge(min_value) AS min, maxMerge(max_value) AS max,"
-        " argMaxMerge(last_value) AS last, maxMerge(last_step) AS last_step,"
-        " uniqExactMerge(step_count) AS steps"
+        " argMaxMerge(last_value) AS last, maxMerge(last_step) AS last_step"
         f" FROM metrics_summary WHERE run_id = {quote_string(run_id)} GROUP BY name",
         timeout_s=TIMEOUT_S,
     )
-    return {str(row.pop("name")): row for row in rows}
+    steps = await ch.query_rows(
+        f"SELECT name, sum({popcount_sql('low')} + {popcount_sql('high')}) AS steps FROM"
+        " (SELECT name, block, groupBitOrMerge(steps_low) AS low,"
+        " groupBitOrMerge(steps_high) AS high FROM metric_blocks"
+        f" WHERE run_id = {quote_string(run_id)} GROUP BY name, block) GROUP BY name",
+        timeout_s=TIMEOUT_S,
+    )
+    counts = {str(row["name"]): int(row["steps"]) for row in steps}
+    by_name = {str(row.pop("name")): row for row in rows}
+    return {name: {**row, "steps": counts.get(name, 0)} for name, row in by_name.items()}
 
 
 # ---------------------------------------------------------------- migrations
@@ -103,7 +113,7 @@ async def test_migrations_apply_on_empty_database_then_nothing(ch: ClickHouse) -
         assert {row["name"] for row in tables} >= {
             "metrics",
             "metrics_summary",
-            "metrics_summary_mv",
+            "metrics_summary_mv2",
             "metric_blocks",
             "metric_blocks_mv",
             "system_metrics",

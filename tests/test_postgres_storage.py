@@ -37,6 +37,9 @@ LOCK_KEY = 0x7E57_0001
 EXPECTED_TABLES = {
     "projects", "runs", "run_params", "run_tags", "project_tag_keys", "run_metric_names",
     "artifacts", "api_keys", "ingest_batches", "schema_migrations",
+    "purge_jobs", "purge_runs", "purge_objects", "retention_rebuilds",
+    "mlflow_experiments", "mlflow_experiment_tags", "mlflow_runs", "mlflow_run_inputs",
+    "mlflow_step0_origins", "run_imports",
 }
 
 
@@ -203,11 +206,12 @@ async def test_schema_enforces_its_invariants(pg_dsn: str) -> None:
                     await pg.run(_execute(statement))
                 assert isinstance(caught.value.__cause__, psycopg.errors.CheckViolation)
 
-            # Deleting a run takes its params, tags, metric names, artifacts and batches along.
+            # Deleting a run takes its params, tags, metric names and artifacts along; its
+            # ledger rows stay for the purge job to delete in chunks (0010_lifecycle.sql).
             await pg.run(lambda conn: conn.execute("DELETE FROM runs WHERE run_id = 'r0'"))
-            for table in ("run_params", "run_tags", "run_metric_names", "artifacts",
-                          "ingest_batches"):
+            for table in ("run_params", "run_tags", "run_metric_names", "artifacts"):
                 assert await _scalar(pg, f"SELECT count(*) FROM {table}") == 0
+            assert await _scalar(pg, "SELECT count(*) FROM ingest_batches") == 1
             # ... but a project with runs cannot be deleted.
             with pytest.raises(errors.BackendError) as caught:
                 await pg.run(lambda conn: conn.execute("DELETE FROM projects"))
@@ -343,6 +347,50 @@ async def test_deadline_cancels_statement_and_raises_backend_timeout(pg_dsn: str
             assert isinstance(caught.value.__cause__, psycopg.errors.QueryCanceled)
             assert caught.value.backend == "postgres" and caught.value.retryable
             assert await _active_statements(pg, marker) == 0
+
+
+async def test_run_statement_deadline_cancels_statement_and_raises_backend_timeout(
+    pg_dsn: str,
+) -> None:
+    marker = "mlrun-test-statement-deadline"
+    with anyio.fail_after(30):
+        async with open_postgres(pg_dsn) as pg:
+            with pytest.raises(errors.BackendTimeout) as caught:
+                await pg.run_statement(
+                    lambda conn: conn.execute(f"SELECT pg_sleep(600) /* {marker} */"),
+                    timeout_s=1,
+                )
+            assert isinstance(caught.value.__cause__, psycopg.errors.QueryCanceled)
+            assert await _active_statements(pg, marker) == 0
+
+
+async def test_run_statement_keeps_each_connections_statement_timeout_current(
+    pg_dsn: str,
+) -> None:
+    """One round trip: autocommit, and the session's statement_timeout follows each call's
+    `timeout_s`; a transaction's SET LOCAL does not outlive it."""
+
+    def show(conn: psycopg.Connection[Any]) -> tuple[str, str]:
+        row = conn.execute("SELECT current_setting('statement_timeout')").fetchone()
+        assert row is not None
+        # IDLE after the statement: autocommit, no transaction was opened; INTRANS in `run`.
+        return str(row[0]), str(conn.info.transaction_status.name)
+
+    with anyio.fail_after(30):
+        async with open_postgres(pg_dsn, max_connections=1) as pg:
+            assert await pg.run_statement(show, timeout_s=0.5) == ("500ms", "IDLE")
+            assert (await pg.run_statement(show, timeout_s=3))[0] == "3s"
+            # Server side too: a statement longer than the last call's timeout would have been
+            # cancelled; this one is within its own.
+            await pg.run_statement(lambda conn: conn.execute("SELECT pg_sleep(0.8)"),
+                                   timeout_s=3)
+            in_transaction = await pg.run(show, timeout_s=2)
+            assert in_transaction[1] == "INTRANS"
+            assert in_transaction[0] != "3s"  # SET LOCAL, from the transaction's deadline
+            assert (await pg.run_statement(show, timeout_s=3))[0] == "3s"
+            await _create_table(pg)
+            await pg.run_statement(_execute("INSERT INTO t VALUES (5)"), timeout_s=3)
+            assert await _values(pg) == [5]  # autocommit: committed without a COMMIT
 
 
 # --- availability -----------------------------------------------------------------------------

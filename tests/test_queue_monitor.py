@@ -56,6 +56,40 @@ async def test_the_drain_rate_sets_retry_after(redis_server: RedisServer) -> Non
         assert monitor.retry_after_s(max_entries=10) >= 2  # 99 above 90 % of 10
 
 
+async def test_the_processing_hash_gives_rows_redeliveries_and_insert_latency(
+    redis_server: RedisServer,
+) -> None:
+    """What processors add to the processing hash (as `StreamProcessor` does): every process
+    that watches the queue shows all processors' rows, rows/s, redeliveries and inserts."""
+    keys = StreamKeys("p", 2)
+    async with open_redis(RedisAddress(redis_server.host, redis_server.port)) as redis:
+        monitor = QueueMonitor(redis, keys, "g")
+        before = await monitor.refresh()
+        assert (before.drained_rows_total, before.redelivered_total,
+                before.insert_latency().total) == (0, 0, 0)
+        hash_key = keys.processing_stats
+        await redis.pipeline([
+            ("HINCRBY", hash_key, "redelivered", 3), ("HINCRBY", hash_key, "inserts", 4),
+            ("HINCRBY", hash_key, "insert_us", 40_000),
+            ("HINCRBY", hash_key, "insert_bucket:3", 1),  # <= 10 ms
+            ("HINCRBY", hash_key, "insert_bucket:4", 2),  # <= 25 ms
+            # the fourth insert took longer than the last bucket
+        ], timeout_s=5)
+        for _ in range(3):
+            await anyio.sleep(0.2)
+            await redis.pipeline([("INCRBY", keys.drained_counter, 2),
+                                  ("HINCRBY", hash_key, "rows", 2000)], timeout_s=5)  # ~10k/s
+            snapshot = await monitor.refresh()
+        assert (snapshot.drained_total, snapshot.drained_rows_total,
+                snapshot.redelivered_total) == (6, 6000, 3)
+        assert 4000 < monitor.drain_rate_rows_per_s < 20000
+        latency = snapshot.insert_latency()
+        assert (latency.total, latency.sum_s) == (4, 0.04)
+        assert dict(latency.cumulative())["0.01"] == 1
+        assert dict(latency.cumulative())["0.025"] == 3
+        assert dict(latency.cumulative())["+Inf"] == 4
+
+
 async def test_an_unreachable_redis_is_reported_not_raised(redis_server: RedisServer) -> None:
     async with open_redis(RedisAddress(redis_server.host, redis_server.port)) as redis:
         monitor = QueueMonitor(redis, KEYS, "g")

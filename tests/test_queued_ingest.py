@@ -156,6 +156,23 @@ def test_http_and_grpc_batches_are_stored_exactly_once(
     assert again.status_code == 200 and again.json()["duplicate"] is True
     assert sum(metric(p.base_url, "mlrun_processor_entries_committed_total")
                for p in processors) == 100 + 5
+    # Both commands show the queue and what all processors did: stream length, lag, pending,
+    # rows drained, redeliveries, insert latency; the processors also their own rows/s.
+    rows_committed = sum(metric(p.base_url, "mlrun_processor_rows_committed_total")
+                         for p in processors)
+    assert rows_committed >= 4 * 25 * 200 + 5 * 51
+    inserts = sum(metric(p.base_url, "mlrun_processor_insert_duration_seconds_count")
+                  for p in processors)
+    for process in (server, *processors):
+        for name in ("mlrun_queue_entries", "mlrun_queue_lag_entries",
+                     "mlrun_queue_pending_entries", "mlrun_queue_redeliveries_total"):
+            wait_until(lambda p=process, n=name: metric(p.base_url, n) == 0, 5, name)
+        wait_until(lambda p=process: metric(p.base_url, "mlrun_queue_drained_rows_total")
+                   == rows_committed, 5, "the rows counter in every view")
+        assert metric(process.base_url, "mlrun_queue_insert_duration_seconds_count") == inserts
+        assert metric(process.base_url, "mlrun_queue_drain_rate_rows_per_second") >= 0
+    assert inserts > 0
+    assert all(metric(p.base_url, "mlrun_processor_rows_per_second") >= 0 for p in processors)
     for process in (server, *processors):
         assert process.stop() == 0, process.log_text()[-3000:]
         assert "Traceback" not in process.log_text()
@@ -185,6 +202,8 @@ def test_a_processor_killed_between_insert_and_ack_has_its_entries_redelivered(
     assert not stats.failures, stats.failures[:5]
     wait_drained(server, queued_env)
     assert metric(survivor.base_url, "mlrun_processor_redeliveries_total") > 0
+    wait_until(lambda: metric(server.base_url, "mlrun_queue_redeliveries_total") > 0, 5,
+               "the server to show the redeliveries")
     assert "took over" in survivor.log_text()
     assert_exactly_once(clickhouse_reader, "q-kill", stats.acked_steps)
     assert survivor.stop() == 0 and server.stop() == 0

@@ -5,12 +5,15 @@ malformed or foreign entry is refused with a reason instead of reaching ClickHou
 from __future__ import annotations
 
 import struct
+import zlib
 from typing import Any
 
 import pytest
 
+from mlrun.server.pipelines.clickhouse_write_path import encode_columns
 from mlrun.server.pipelines.stream_entries import (
     ENTRY_FORMAT,
+    ROWBINARY_ENTRY_FORMAT,
     MalformedEntry,
     StreamKeys,
     decode_entry,
@@ -71,11 +74,36 @@ def test_an_entry_carries_the_batch_rows_identity_and_versions() -> None:
     assert incrby == [b"INCRBY", b"t:ingest:queued-bytes", str(size).encode()]
     batch = decode_entry(as_entry(xadd))
     assert batch.identity == BatchIdentity("run-1", "b-7", 1000)
-    assert (batch.metrics_rows, batch.system_rows, batch.size) == (3, 1, size)
-    assert entry_bytes(as_entry(xadd)) == size
-    assert [row[5] for row in decode_rows(batch.metrics)] == [1000, 1001, 1002]
+    assert (batch.metrics_rows, batch.system_rows) == (3, 1)
+    assert entry_bytes(as_entry(xadd)) == size == len(xadd[16]) + len(xadd[18])
+    assert decode_rows(batch.metrics) == [
+        ("run-1", name, step, step / 3, 1_700_000_000_000 + step, 1000 + step)
+        for step, name in enumerate(["loss", "acc", "loss"])]
     assert decode_rows(batch.system_metrics) == [
         ("run-1", "cpu", 0, 0.0, 1_700_000_000_000, 1003)]
+    # The processor inserts the very RowBinary the direct path would have.
+    assert batch.metrics == encode_columns("run-1", write.metrics)
+
+
+def test_versions_that_are_not_contiguous_are_carried_one_by_one() -> None:
+    """Cardinality limits drop rows: the versions of the rest have gaps."""
+    kept = PointColumns(names=["a", "c"], steps=[0, 2], values=[0.5, 2.5],
+                        timestamps_ms=[7, 9], versions=[40, 42])
+    write = BatchWrite(BatchIdentity("r", "b", 40), kept, EMPTY_COLUMNS)
+    xadd, _ = commands_of(encode_xadd(KEYS, write)[0])
+    batch = decode_entry(as_entry(xadd))
+    assert decode_rows(batch.metrics) == [("r", "a", 0, 0.5, 7, 40), ("r", "c", 2, 2.5, 9, 42)]
+
+
+def test_an_entry_of_an_older_server_in_rowbinary_is_still_read() -> None:
+    metrics = encode_columns("run-1", columns(["loss", "acc"], 50))
+    crc = zlib.crc32(b"", zlib.crc32(metrics))
+    fields = {b"format": ROWBINARY_ENTRY_FORMAT, b"run": b"run-1", b"batch": b"b",
+              b"first_version": b"50", b"metrics_rows": b"2", b"system_rows": b"0",
+              b"metrics": metrics, b"system_metrics": b"", b"crc32": str(crc).encode()}
+    batch = decode_entry(StreamEntry(b"s", b"1-0", fields))
+    assert batch.metrics == metrics and batch.rows == 2
+    assert entry_bytes(StreamEntry(b"s", b"1-0", fields)) == len(metrics)
 
 
 def test_a_batch_without_id_or_system_metrics() -> None:
@@ -107,6 +135,8 @@ def good_fields() -> dict[bytes, bytes]:
     ({b"metrics": b"\x05run-1\x04loss"}, "checksum mismatch"),
     ({b"metrics_rows": b"9"}, "cannot hold 9 rows"),
     ({b"system_rows": b"1"}, "cannot hold 1 rows"),
+    ({b"metrics": b"\x93\x01\x02\x03", b"crc32": str(zlib.crc32(b"\x93\x01\x02\x03")).encode()},
+     "columns do not decode"),
 ])
 def test_malformed_entries_are_refused_with_a_reason(change: dict[bytes, bytes | None],
                                                      reason: str) -> None:

@@ -52,6 +52,7 @@ class ErrorCode(enum.StrEnum):
     PROJECT_NOT_FOUND = "project_not_found"
     ARTIFACT_NOT_FOUND = "artifact_not_found"
     KEY_NOT_FOUND = "key_not_found"
+    PURGE_JOB_NOT_FOUND = "purge_job_not_found"
     # 409: the request conflicts with what is stored
     CONFLICT = "conflict"
     BATCH_CONFLICT = "batch_conflict"
@@ -66,6 +67,7 @@ class ErrorCode(enum.StrEnum):
     ARTIFACT_FINALIZED = "artifact_finalized"
     ARTIFACT_NOT_FINALIZED = "artifact_not_finalized"
     ARTIFACT_MODIFIED = "artifact_modified"
+    RUN_DELETING = "run_deleting"
     # 429 / 503 / 504: retry the same request later
     OVERLOADED = "overloaded"
     BACKEND_UNAVAILABLE = "backend_unavailable"
@@ -130,6 +132,7 @@ CATALOGUE: dict[ErrorCode, tuple[str, str]] = {
     ErrorCode.PROJECT_NOT_FOUND: ("404", "no such project"),
     ErrorCode.ARTIFACT_NOT_FOUND: ("404", "no such artifact in this run"),
     ErrorCode.KEY_NOT_FOUND: ("404", "no such API key (in the caller's project)"),
+    ErrorCode.PURGE_JOB_NOT_FOUND: ("404", "no such purge job (in the caller's project)"),
     ErrorCode.CONFLICT: ("409", "conflicts with what is stored"),
     ErrorCode.BATCH_CONFLICT: ("409", "a `batch_id` received before with a different payload"),
     ErrorCode.RUN_FINISHED: ("409", "the run is finished; it takes no more data"),
@@ -146,6 +149,8 @@ CATALOGUE: dict[ErrorCode, tuple[str, str]] = {
     ErrorCode.ARTIFACT_NOT_FINALIZED: ("409", "a download of an artifact not finalized yet"),
     ErrorCode.ARTIFACT_MODIFIED: (
         "409", "a finalized artifact's object was changed in the store itself"),
+    ErrorCode.RUN_DELETING: (
+        "409", "the `run_id` belongs to a deleted run still being purged; retry after its purge"),
     ErrorCode.OVERLOADED: (
         "429", "the ingest pipeline is full: wait `Retry-After`, resend the same batch"),
     ErrorCode.BACKEND_UNAVAILABLE: ("503", "a backend is down or unreachable; retryable"),

@@ -30,6 +30,10 @@ _PATH_PART = re.compile(r"\[\d+\]|[^.\[\]]+")
 # look-behind for escaped backslashes, ~23 % of the server's CPU per ingest request (2.3 ms per
 # 1000-point body); the walk of the decoded payload decides, so a false hit costs only a walk.
 _JSON_NUL_ESCAPE = b"\\u0000"
+# Builtins (the gRPC edge's) get the same filter: msgspec's JSON encoder escapes every NUL as
+# \u0000 and runs at C speed (~0.03 µs per number), where the walk visited every number of every
+# column in Python (~1.9 µs per gRPC point).
+_builtins_encoder = msgspec.json.Encoder()
 
 
 def _nul_refused(field: str) -> InvalidInput:
@@ -122,9 +126,18 @@ def decode_json(body: bytes, kind: type[T]) -> T:
     return decoded
 
 
+def _has_nul(data: Any) -> bool:
+    """Whether any string in `data` (builtins) may hold a NUL: the cheap filter before the walk.
+    A value JSON cannot encode is walked (the walk decides)."""
+    try:
+        return _JSON_NUL_ESCAPE in _builtins_encoder.encode(data)
+    except (TypeError, ValueError, OverflowError):
+        return True
+
+
 def convert(data: Any, kind: type[T]) -> T:
     """Validate builtins (dicts, lists, scalars) into a schema Struct, constraints included."""
-    if (field := _nul_field(data)) is not None:
+    if _has_nul(data) and (field := _nul_field(data)) is not None:
         raise _nul_refused(field)
     try:
         return msgspec.convert(data, kind)

@@ -2,10 +2,11 @@
 refreshed in the background, and the processors' drain rate derived from it.
 
 Owns: one pipelined round trip per refresh (XLEN and XINFO GROUPS of every stream, the byte
-and drained counters, the dead-letter stream's length, INFO memory) turned into a
-`QueueSnapshot`; the drain rate (entries the processors acknowledged per second, smoothed);
-and the Retry-After that a full queue answers with. Servers admit against the snapshot
-(`RedisWritePath`), and both servers and processors show it in `/metrics`.
+and drained counters, the dead-letter stream's length, the processors' processing hash, INFO
+memory) turned into a `QueueSnapshot`; the drain rates (entries and rows the processors
+acknowledged per second, smoothed); and the Retry-After that a full queue answers with.
+Servers admit against the snapshot (`RedisWritePath`), and both servers and processors show it
+in `/metrics`.
 
 Why a periodic refresh: admission (`WritePath.reserve_nowait`) must decide without waiting,
 so it reads what the last refresh saw. The view is at most `interval_s` old; what a server
@@ -32,10 +33,18 @@ import anyio.abc
 import msgspec
 
 from mlrun.server.errors import MlrunError
-from mlrun.server.pipelines.stream_entries import StreamKeys
+from mlrun.server.pipelines.stream_entries import (
+    STAT_INSERT_BUCKET,
+    STAT_INSERT_US,
+    STAT_INSERTS,
+    STAT_REDELIVERED,
+    STAT_ROWS,
+    StreamKeys,
+)
 from mlrun.server.protocols.redis_streams import parse_info, parse_xinfo_groups
 from mlrun.server.protocols.resp import CommandArg, ProtocolError, Reply, ReplyError
 from mlrun.server.storage.redis.client import RedisClient
+from mlrun.server.telemetry import DEFAULT_LATENCY_BUCKETS_S, Histogram
 
 logger = logging.getLogger("mlrun.queue")
 
@@ -59,6 +68,21 @@ class QueueSnapshot(msgspec.Struct, frozen=True):
     drained_total: int = 0  # entries acknowledged by processors, ever (the drained counter)
     used_memory_bytes: int = 0
     max_memory_bytes: int = 0  # 0: no maxmemory set
+    # All processors together, from the processing hash (telemetry: best effort).
+    drained_rows_total: int = 0
+    redelivered_total: int = 0
+    inserts_total: int = 0
+    insert_seconds_total: float = 0.0
+    insert_bucket_counts: tuple[int, ...] = ()  # per DEFAULT_LATENCY_BUCKETS_S bucket
+
+    def insert_latency(self) -> Histogram:
+        """The processors' insert durations as one histogram."""
+        histogram = Histogram()
+        for index, count in enumerate(self.insert_bucket_counts[:len(histogram.counts)]):
+            histogram.counts[index] = count
+        histogram.total = self.inserts_total
+        histogram.sum_s = self.insert_seconds_total
+        return histogram
 
     @property
     def memory_full(self) -> bool:
@@ -78,6 +102,7 @@ class QueueMonitor:
         self._snapshot = QueueSnapshot(reachable=False, error="not reached yet")
         self._refreshed_at = float("-inf")
         self._drain_rate = 0.0
+        self._drain_rate_rows = 0.0
         self._last_drain_at = float("-inf")
         self.refreshes = 0
         self.failed_refreshes = 0
@@ -95,6 +120,12 @@ class QueueMonitor:
         if anyio.current_time() - self._last_drain_at > _DRAIN_MEMORY_S:
             return 0.0
         return self._drain_rate
+
+    @property
+    def drain_rate_rows_per_s(self) -> float:
+        if anyio.current_time() - self._last_drain_at > _DRAIN_MEMORY_S:
+            return 0.0
+        return self._drain_rate_rows
 
     def retry_after_s(self, max_entries: int) -> int:
         """When a client refused for a full queue may try again: the time the processors need,
@@ -119,7 +150,8 @@ class QueueMonitor:
         commands: list[tuple[CommandArg, ...]] = [("XLEN", stream) for stream in keys.streams]
         commands += [("XINFO", "GROUPS", stream) for stream in keys.streams]
         commands += [("GET", keys.bytes_counter), ("GET", keys.drained_counter),
-                     ("XLEN", keys.dead_letters), ("INFO", "memory")]
+                     ("XLEN", keys.dead_letters), ("HGETALL", keys.processing_stats),
+                     ("INFO", "memory")]
         try:
             replies = await self._redis.pipeline(commands, timeout_s=self._timeout_s)
             snapshot = self._read(replies)
@@ -132,7 +164,7 @@ class QueueMonitor:
             return self._snapshot
         if not self._snapshot.reachable and self.refreshes:
             logger.info("the ingest queue is reachable again")
-        self._note_drained(snapshot.drained_total)
+        self._note_drained(snapshot.drained_total, snapshot.drained_rows_total)
         self._snapshot = snapshot
         self._refreshed_at = anyio.current_time()
         self.refreshes += 1
@@ -141,7 +173,7 @@ class QueueMonitor:
     def _read(self, replies: list[Reply]) -> QueueSnapshot:
         count = self._keys.partitions
         lengths, groups = replies[:count], replies[count:2 * count]
-        queued_bytes, drained, dead_letters, memory = replies[2 * count:]
+        queued_bytes, drained, dead_letters, processing, memory = replies[2 * count:]
         pending = lag = consumers = 0
         for reply in groups:
             if isinstance(reply, ReplyError):  # "no such key": a stream nobody wrote to yet
@@ -152,6 +184,7 @@ class QueueMonitor:
                     lag += group.lag or 0
                     consumers = max(consumers, group.consumers)
         info = parse_info(memory)
+        stats = _hash(processing)
         return QueueSnapshot(
             reachable=True,
             entries=sum(_integer(length) for length in lengths),
@@ -163,18 +196,40 @@ class QueueMonitor:
             drained_total=_integer(drained),
             used_memory_bytes=int(info.get("used_memory", "0")),
             max_memory_bytes=int(info.get("maxmemory", "0")),
+            drained_rows_total=stats.get(STAT_ROWS, 0),
+            redelivered_total=stats.get(STAT_REDELIVERED, 0),
+            inserts_total=stats.get(STAT_INSERTS, 0),
+            insert_seconds_total=stats.get(STAT_INSERT_US, 0) / 1e6,
+            insert_bucket_counts=tuple(stats.get(STAT_INSERT_BUCKET + b"%d" % index, 0)
+                                       for index in range(len(DEFAULT_LATENCY_BUCKETS_S))),
         )
 
-    def _note_drained(self, drained_total: int) -> None:
+    def _note_drained(self, drained_total: int, drained_rows_total: int) -> None:
         now = anyio.current_time()
-        previous = self._snapshot.drained_total if self._snapshot.reachable else None
-        if previous is None or drained_total < previous or not math.isfinite(self._refreshed_at):
+        previous = self._snapshot if self._snapshot.reachable else None
+        if (previous is None or drained_total < previous.drained_total
+                or not math.isfinite(self._refreshed_at)):
             return  # first sight, or the counter went back (a Redis that lost its data)
-        if drained_total > previous:
-            rate = (drained_total - previous) / max(now - self._refreshed_at, 1e-3)
-            smoothed = 0.7 * self._drain_rate + 0.3 * rate
-            self._drain_rate = rate if self._drain_rate <= 0 else smoothed
+        if drained_total > previous.drained_total:
+            elapsed_s = max(now - self._refreshed_at, 1e-3)
+            rate = (drained_total - previous.drained_total) / elapsed_s
+            rows_rate = max(drained_rows_total - previous.drained_rows_total, 0) / elapsed_s
+            recent = anyio.current_time() - self._last_drain_at <= _DRAIN_MEMORY_S
+            self._drain_rate = 0.7 * self._drain_rate + 0.3 * rate if recent else rate
+            self._drain_rate_rows = (0.7 * self._drain_rate_rows + 0.3 * rows_rate if recent
+                                     else rows_rate)
             self._last_drain_at = now
+
+
+def _hash(reply: Reply) -> dict[bytes, int]:
+    """HGETALL of the processing hash: field -> integer (an absent hash is empty)."""
+    if isinstance(reply, ReplyError):
+        raise ProtocolError(f"redis answered {reply.kind} to a queue statistics command")
+    if not isinstance(reply, list) or len(reply) % 2:
+        raise ProtocolError("unexpected reply to HGETALL")
+    fields = reply[0::2]
+    return {field: _integer(value) for field, value in zip(fields, reply[1::2], strict=True)
+            if isinstance(field, bytes)}
 
 
 def _integer(reply: Reply) -> int:

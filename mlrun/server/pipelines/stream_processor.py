@@ -10,8 +10,17 @@ One `StreamProcessor` is one consumer of the deployment's group. Its loop, one r
            the previous round ran is the next round's one large insert); an outage is retried
            with back-off, a rejected insert is split per entry so only the bad one is set aside
     ack    dead letters XADDed first, then one script per stream XACKs, XDELs and updates the
-           queue's byte and drained counters, in one round trip
+           queue's byte, drained-entry and drained-row counters, in one round trip, with this
+           processor's telemetry since its last ack added to the deployment's processing hash
+           (redeliveries, insert count, time and latency buckets: every process's /metrics
+           shows them; best effort, a round whose ack had to be retried may miss its share)
     mark   the inserted batches' ledger rows via `LedgerMarker` (grouped, retried)
+
+Up to `ROUNDS_IN_FLIGHT` rounds run at once: the next round is read and inserted while the
+previous insert is still in flight, so a batch that arrives during an insert waits for a free
+round, not for that insert to finish (log -> visible is about one insert, not two). Entries of
+rounds in flight are never taken again by this processor's own claim. Rounds of one run may
+commit out of order: harmless, see below.
 
 Exactly once, visibly: an entry is acknowledged only after the insert that carried it
 committed, so a processor killed at any point leaves its entries pending, and another claims
@@ -20,8 +29,8 @@ admission, ClickHouse keeps one row per (run, metric, step) and every read dedup
 ack script counts an entry as drained only when its XACK took it out of the pending list, so
 two processors that inserted the same entry do not subtract it twice.
 
-`close()` (SIGTERM) stops taking new entries: the round in flight is inserted and acknowledged,
-the ledger marker makes its last attempt, and `serve` returns.
+`close()` (SIGTERM) stops taking new entries: the rounds in flight are inserted and
+acknowledged, the ledger marker makes its last attempt, and `serve` returns.
 
 Must not import the edges or the use-cases.
 """
@@ -40,6 +49,10 @@ import msgspec
 from mlrun.server.errors import BackendError, BackendUnavailable, MlrunError
 from mlrun.server.pipelines.ledger_marker import LedgerMarker
 from mlrun.server.pipelines.stream_entries import (
+    STAT_INSERT_BUCKET,
+    STAT_INSERT_US,
+    STAT_INSERTS,
+    STAT_REDELIVERED,
     MalformedEntry,
     QueuedBatch,
     StreamKeys,
@@ -63,21 +76,25 @@ T = TypeVar("T")
 
 # XACK what was inserted, XDEL it (the stream holds only what is not yet in ClickHouse, so its
 # length is the queue's), and move the counters by what this call really took out.
-# KEYS: stream, byte counter, drained counter. ARGV: group, then id and bytes per entry.
+# KEYS: stream, byte counter, drained counter, processing hash (its field 'rows' is
+# `STAT_ROWS`). ARGV: group, then id, bytes and rows (0 for an entry set aside) per entry.
 ACK_SCRIPT: Final = """
-local acked, freed = 0, 0
-for i = 2, #ARGV, 2 do
+local acked, freed, rows = 0, 0, 0
+for i = 2, #ARGV, 3 do
   if redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 1 then
     redis.call('XDEL', KEYS[1], ARGV[i])
     acked = acked + 1
     freed = freed + tonumber(ARGV[i + 1])
+    rows = rows + tonumber(ARGV[i + 2])
   end
 end
 if freed > 0 then redis.call('DECRBY', KEYS[2], freed) end
 if acked > 0 then redis.call('INCRBY', KEYS[3], acked) end
+if rows > 0 then redis.call('HINCRBY', KEYS[4], 'rows', rows) end
 return acked
 """
 DEAD_LETTER_MAX_ENTRIES: Final = 10_000
+ROUNDS_IN_FLIGHT: Final = 2
 _REDIS_TIMEOUT_S: Final = 5.0
 _INSERT_TIMEOUT_S: Final = 30.0
 _MAX_BACKOFF_S: Final = 2.0
@@ -134,6 +151,11 @@ class StreamProcessor:
             ("entries_read", "entries_committed", "rows_committed", "inserts",
              "insert_failures", "redelivered", "dead_lettered", "redis_failures"), 0)
         self._last_insert_duration_s = 0.0
+        # This processor's share of the processing hash not yet added to it (see _publishable).
+        self._unpublished_redelivered = 0
+        self._unpublished_latency = Histogram()
+        # (stream, id) of the entries of the rounds in flight (never claimed again by us).
+        self._in_flight: set[tuple[bytes, bytes]] = set()
 
     # --- lifetime ------------------------------------------------------------------------------
 
@@ -163,36 +185,62 @@ class StreamProcessor:
     # --- the loop ------------------------------------------------------------------------------
 
     async def _consume(self) -> None:
-        groups_ready = False
-        own_pending_left = True  # entries read by an earlier life of this consumer name
-        next_claim_at = anyio.current_time()
-        backoff_s = 0.0
-        while not self._closed.is_set():
-            try:
-                if not groups_ready:
-                    await self._ensure_groups()
-                    groups_ready = True
-                    continue
-                if own_pending_left:
-                    entries = await self._read(b"0")
-                    own_pending_left = bool(entries)
-                    self._counts["redelivered"] += len(entries)
-                elif anyio.current_time() >= next_claim_at:
-                    entries, more = await self._claim_idle()
-                    next_claim_at = anyio.current_time() + (0 if more else self._claim_interval_s)
-                    self._counts["redelivered"] += len(entries)
-                else:
-                    entries = await self._read(b">")
-                if entries:
-                    await self._process(entries)
-                backoff_s = 0.0
-            except BackendUnavailable as exc:  # redis is down or restarting
-                self._counts["redis_failures"] += 1
-                backoff_s = min(max(backoff_s * 2, 0.05), _MAX_BACKOFF_S)
-                logger.warning("cannot read the ingest queue (%s); retrying in %.2fs",
-                               exc.message, backoff_s)
-                with anyio.move_on_after(backoff_s):  # retry back-off; close() ends it early
-                    await self._closed.wait()
+        """Take entries while a round is free and start a round for them; returns once closed
+        and every round in flight is done."""
+        rounds_free = anyio.Semaphore(ROUNDS_IN_FLIGHT)
+        async with anyio.create_task_group() as rounds:
+            groups_ready = False
+            own_pending_left = True  # entries read by an earlier life of this consumer name
+            next_claim_at = anyio.current_time()
+            backoff_s = 0.0
+            while not self._closed.is_set():
+                await rounds_free.acquire()
+                started = False
+                try:
+                    if self._closed.is_set():
+                        break  # closed while waiting for a free round: take nothing more
+                    if not groups_ready:
+                        await self._ensure_groups()
+                        groups_ready = True
+                        continue
+                    if own_pending_left:
+                        # Alone (no other round in flight yet): our pending list is exactly
+                        # what an earlier life left.
+                        entries = await self._read(b"0")
+                        own_pending_left = bool(entries)
+                        self._note_redelivered(len(entries))
+                        if entries:
+                            await self._process(entries)
+                        continue
+                    if anyio.current_time() >= next_claim_at:
+                        entries, more = await self._claim_idle()
+                        next_claim_at = anyio.current_time() + (
+                            0 if more else self._claim_interval_s)
+                        self._note_redelivered(len(entries))
+                    else:
+                        entries = await self._read(b">")
+                    if entries:
+                        self._in_flight.update((e.stream, e.entry_id) for e in entries)
+                        rounds.start_soon(self._round, entries, rounds_free)
+                        started = True
+                    backoff_s = 0.0
+                except BackendUnavailable as exc:  # redis is down or restarting
+                    self._counts["redis_failures"] += 1
+                    backoff_s = min(max(backoff_s * 2, 0.05), _MAX_BACKOFF_S)
+                    logger.warning("cannot read the ingest queue (%s); retrying in %.2fs",
+                                   exc.message, backoff_s)
+                    with anyio.move_on_after(backoff_s):  # retry back-off; close() ends it
+                        await self._closed.wait()
+                finally:
+                    if not started:
+                        rounds_free.release()
+
+    async def _round(self, entries: list[StreamEntry], rounds_free: anyio.Semaphore) -> None:
+        try:
+            await self._process(entries)
+        finally:
+            self._in_flight.difference_update((e.stream, e.entry_id) for e in entries)
+            rounds_free.release()
 
     async def _read(self, after_id: bytes) -> list[StreamEntry]:
         """XREADGROUP from every stream: new entries (`>`, blocking a little) or this
@@ -225,8 +273,12 @@ class StreamProcessor:
             if isinstance(reply, ReplyError) and reply.kind == "NOGROUP":
                 continue  # a stream nobody wrote to yet; `_read` recreates lost groups
             claimed = parse_autoclaim_reply(stream, raise_for_reply(reply, "XAUTOCLAIM"))
-            entries.extend(claimed.entries)
+            # Our own round in flight (say, an insert retried through a ClickHouse outage)
+            # is idle to Redis too: it stays that round's.
+            entries.extend(entry for entry in claimed.entries
+                           if (entry.stream, entry.entry_id) not in self._in_flight)
             more = more or claimed.next_cursor != b"0-0"
+        more = more and bool(entries)  # only our own rounds' entries are idle: wait
         if entries:
             logger.info("took over %d entries idle for over %.0fs (a processor died?)",
                         len(entries), self._claim_idle_ms / 1000)
@@ -259,7 +311,9 @@ class StreamProcessor:
                     for batch, reason in refused]
         if self._before_ack is not None and committed:
             self._before_ack()
-        await self._retrying("acknowledge entries", lambda: self._acknowledge(entries, rejects))
+        rows_of = {(batch.stream, batch.entry_id): batch.rows for batch in committed}
+        await self._retrying("acknowledge entries",
+                             lambda: self._acknowledge(entries, rejects, rows_of))
         for batch in committed:
             if batch.identity.batch_id is not None:
                 self.marker.note_committed_nowait(batch.identity.run_id, batch.identity.batch_id)
@@ -311,12 +365,34 @@ class StreamProcessor:
                 raise
             self._last_insert_duration_s = anyio.current_time() - started
             self.insert_latency.observe(self._last_insert_duration_s)
+            self._unpublished_latency.observe(self._last_insert_duration_s)
             self._counts["inserts"] += 1
 
+    def _note_redelivered(self, count: int) -> None:
+        self._counts["redelivered"] += count
+        self._unpublished_redelivered += count
+
+    def _publishable(self) -> list[tuple[CommandArg, ...]]:
+        """HINCRBYs that add this processor's telemetry since the last call to the
+        deployment's processing hash. Taken out here, so a retried ack cannot add it twice."""
+        latency, self._unpublished_latency = self._unpublished_latency, Histogram()
+        redelivered, self._unpublished_redelivered = self._unpublished_redelivered, 0
+        key = self._keys.processing_stats
+        commands: list[tuple[CommandArg, ...]] = []
+        if redelivered:
+            commands.append(("HINCRBY", key, STAT_REDELIVERED, redelivered))
+        if latency.total:
+            commands += [("HINCRBY", key, STAT_INSERTS, latency.total),
+                         ("HINCRBY", key, STAT_INSERT_US, round(latency.sum_s * 1e6))]
+            commands += [("HINCRBY", key, STAT_INSERT_BUCKET + b"%d" % index, count)
+                         for index, count in enumerate(latency.counts) if count]
+        return commands
+
     async def _acknowledge(self, entries: Sequence[StreamEntry],
-                           rejects: Sequence[tuple[StreamEntry, str]]) -> None:
+                           rejects: Sequence[tuple[StreamEntry, str]],
+                           rows_of: dict[tuple[bytes, bytes], int]) -> None:
         """Dead letters first (a crash in between re-delivers, never loses), then the ack
-        script per stream, all in one round trip."""
+        script per stream and the telemetry, all in one round trip."""
         keys = self._keys
         commands: list[tuple[CommandArg, ...]] = []
         for entry, reason in rejects:
@@ -327,9 +403,13 @@ class StreamProcessor:
                              "reason", reason, "consumer", self.consumer, *original))
         by_stream: dict[bytes, list[CommandArg]] = {}
         for entry in entries:
-            by_stream.setdefault(entry.stream, []).extend((entry.entry_id, entry_bytes(entry)))
-        commands += [("EVAL", ACK_SCRIPT, 3, stream, keys.bytes_counter, keys.drained_counter,
-                      self._group, *ids_and_sizes) for stream, ids_and_sizes in by_stream.items()]
+            by_stream.setdefault(entry.stream, []).extend(
+                (entry.entry_id, entry_bytes(entry),
+                 rows_of.get((entry.stream, entry.entry_id), 0)))
+        commands += [("EVAL", ACK_SCRIPT, 4, stream, keys.bytes_counter, keys.drained_counter,
+                      keys.processing_stats, self._group, *ids_sizes_rows)
+                     for stream, ids_sizes_rows in by_stream.items()]
+        commands += self._publishable()
         replies = await self._redis.pipeline(commands, timeout_s=_REDIS_TIMEOUT_S)
         for reply in replies:
             raise_for_reply(reply, "XADD/EVAL")

@@ -39,8 +39,9 @@ LogFormat = Literal["text", "json"]
 # `kill_before_ledger_mark` kills the process with SIGKILL when the write path is about to mark
 # its first committed batch in the ledger, i.e. between the ClickHouse commit and the ledger
 # update; `kill_before_stream_ack` kills `mlrun process` the same way between its ClickHouse
-# insert and the XACK of the entries it carried.
-FaultInjection = Literal["kill_before_ledger_mark", "kill_before_stream_ack"]
+# insert and the XACK of the entries it carried; `kill_mid_purge` kills `mlrun serve` right after
+# a purge job started its ClickHouse deletes, before it recorded their end.
+FaultInjection = Literal["kill_before_ledger_mark", "kill_before_stream_ack", "kill_mid_purge"]
 IngestMode = Literal["direct", "queued"]
 
 
@@ -132,6 +133,21 @@ class QueueConfig(msgspec.Struct, frozen=True):
     processor_read_entries: int = 1000
 
 
+# A century: beyond it, "keep everything" (0) says what is meant.
+MAX_RETENTION_DAYS = 36_500
+
+
+class LifecycleConfig(msgspec.Struct, frozen=True):
+    """Deletion, retention and pruning (README "Data lifecycle")."""
+
+    # MLRUN_RETENTION_DAYS: metric points older than this go, by whole UTC months; 0 = never.
+    retention_days: int = 0
+    ledger_retention_days: float = 7.0
+    upload_max_age_h: float = 24.0
+    purge_settle_s: float = 30.0
+    housekeeping_interval_s: float = 60.0
+
+
 class Config(msgspec.Struct, frozen=True):
     listen: ListenConfig = ListenConfig()
     auth: AuthConfig = AuthConfig()
@@ -141,6 +157,7 @@ class Config(msgspec.Struct, frozen=True):
     artifacts: ArtifactStoreConfig = ArtifactStoreConfig()
     ingest: IngestConfig = IngestConfig()
     queue: QueueConfig = QueueConfig()
+    lifecycle: LifecycleConfig = LifecycleConfig()
     data_dir: Path = Path("mlrun-data")
     log_level: LogLevel = "info"
     log_format: LogFormat = "text"
@@ -209,6 +226,23 @@ def _positive_float(name: str, raw: str) -> float:
     return value
 
 
+def _non_negative_int(name: str, raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a whole number >= 0, got {raw!r}") from None
+    if value < 0:
+        raise ConfigError(f"{name}: expected a whole number >= 0, got {raw!r}")
+    return value
+
+
+def _retention_days(name: str, raw: str) -> int:
+    value = _non_negative_int(name, raw)
+    if value > MAX_RETENTION_DAYS:
+        raise ConfigError(f"{name}: expected at most {MAX_RETENTION_DAYS} days, got {raw!r}")
+    return value
+
+
 def _choice(*choices: str) -> Callable[[str, str], str]:
     def parse(name: str, raw: str) -> str:
         lowered = raw.strip().lower()
@@ -233,7 +267,8 @@ def _log_format(name: str, raw: str) -> LogFormat:
 
 def _fault_injection(name: str, raw: str) -> FaultInjection:
     return cast(FaultInjection,
-                _choice("kill_before_ledger_mark", "kill_before_stream_ack")(name, raw))
+                _choice("kill_before_ledger_mark", "kill_before_stream_ack",
+                        "kill_mid_purge")(name, raw))
 
 
 def _host(name: str, raw: str) -> str:
@@ -435,6 +470,19 @@ def _load(env: _Reader) -> Config:
         ),
     )
     queue = _load_queue(env)
+    lifecycle_defaults = LifecycleConfig()
+    lifecycle = LifecycleConfig(
+        retention_days=env.get("MLRUN_RETENTION_DAYS", _retention_days,
+                               lifecycle_defaults.retention_days),
+        ledger_retention_days=env.get("MLRUN_LEDGER_RETENTION_DAYS", _positive_float,
+                                      lifecycle_defaults.ledger_retention_days),
+        upload_max_age_h=env.get("MLRUN_UPLOAD_MAX_AGE_H", _positive_float,
+                                 lifecycle_defaults.upload_max_age_h),
+        purge_settle_s=env.get("MLRUN_PURGE_SETTLE_S", _positive_float,
+                               lifecycle_defaults.purge_settle_s),
+        housekeeping_interval_s=env.get("MLRUN_HOUSEKEEPING_INTERVAL_S", _positive_float,
+                                        lifecycle_defaults.housekeeping_interval_s),
+    )
     config = Config(
         listen=listen,
         auth=auth,
@@ -444,6 +492,7 @@ def _load(env: _Reader) -> Config:
         artifacts=artifacts,
         ingest=ingest,
         queue=queue,
+        lifecycle=lifecycle,
         data_dir=Path(env.get("MLRUN_DATA_DIR", _text, str(defaults.data_dir))),
         log_level=env.get("MLRUN_LOG_LEVEL", _log_level, "info"),
         log_format=env.get("MLRUN_LOG_FORMAT", _log_format, "text"),

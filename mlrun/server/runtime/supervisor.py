@@ -22,7 +22,7 @@ import os
 import secrets
 import signal
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +34,7 @@ from hypercorn.config import Config as HypercornConfig
 
 from mlrun.server.edges.grpc.health import HealthServicer
 from mlrun.server.edges.grpc.ingest_servicer import IngestServicer
+from mlrun.server.edges.grpc.lifecycle_servicer import LifecycleServicer
 from mlrun.server.edges.grpc.listener import serve_grpc
 from mlrun.server.edges.grpc.query_servicer import QueryServicer
 from mlrun.server.edges.http.api import add_write_routes
@@ -41,9 +42,13 @@ from mlrun.server.edges.http.app import App, Router
 from mlrun.server.edges.http.artifact_api import add_artifact_routes, add_local_store_routes
 from mlrun.server.edges.http.health import add_health_routes
 from mlrun.server.edges.http.key_api import add_key_routes
+from mlrun.server.edges.http.lifecycle_api import add_lifecycle_routes
+from mlrun.server.edges.http.lifecycle_metrics import lifecycle_families
+from mlrun.server.edges.http.mlflow import add_mlflow_routes
 from mlrun.server.edges.http.openapi import add_openapi_route
 from mlrun.server.edges.http.prometheus import ExtraFamilies, PipelineGauges, add_metrics_route
 from mlrun.server.edges.http.query_api import add_query_routes
+from mlrun.server.edges.http.ui import add_ui_routes
 from mlrun.server.errors import BackendUnavailable, ConfigError, MlrunError
 from mlrun.server.ports.objects import ArtifactStore
 from mlrun.server.runtime.config import Config
@@ -56,6 +61,7 @@ from mlrun.server.runtime.write_paths import (
 from mlrun.server.storage.clickhouse.client import ClickHouse
 from mlrun.server.storage.clickhouse.embedded import open_embedded_clickhouse
 from mlrun.server.storage.clickhouse.http_client import open_http_clickhouse
+from mlrun.server.storage.clickhouse.lifecycle import ClickHouseLifecycle
 from mlrun.server.storage.clickhouse.metric_reads import MetricQueries
 from mlrun.server.storage.clickhouse.migrations import apply_clickhouse_migrations
 from mlrun.server.storage.objects.local import LocalArtifactStore, open_local_store
@@ -64,11 +70,14 @@ from mlrun.server.storage.postgres.artifact_rows import PostgresArtifactRows
 from mlrun.server.storage.postgres.client import Postgres, apply_postgres_migrations, open_postgres
 from mlrun.server.storage.postgres.embedded import open_embedded_postgres
 from mlrun.server.storage.postgres.keys import PostgresKeyDirectory
+from mlrun.server.storage.postgres.lifecycle import PostgresLifecycle
 from mlrun.server.storage.postgres.metadata import MetadataStore
+from mlrun.server.storage.postgres.mlflow_state import MlflowStateStore
 from mlrun.server.storage.postgres.planner_statistics import PlannerStatistics
 from mlrun.server.storage.postgres.run_reads import RunQueries
 from mlrun.server.storage.redis.client import RedisClient
 from mlrun.server.telemetry import Telemetry
+from mlrun.server.usecases.access import RunAccess
 from mlrun.server.usecases.artifacts import Artifacts
 from mlrun.server.usecases.auth import Authenticator
 from mlrun.server.usecases.ingest import Ingest, IngestTimeouts
@@ -77,6 +86,8 @@ from mlrun.server.usecases.keys import (
     load_or_create_bootstrap_key,
     serve_key_refresh,
 )
+from mlrun.server.usecases.lifecycle import Lifecycle, LifecycleSettings
+from mlrun.server.usecases.mlflow.tracking import MlflowTracking
 from mlrun.server.usecases.queries import Queries
 from mlrun.server.usecases.readiness import Readiness
 
@@ -304,6 +315,10 @@ class Services:
     local_signing_secret: bytes | None = None
     # More /metrics families (the queue's, in queued mode).
     metric_families: tuple[ExtraFamilies, ...] = ()
+    # The MLflow-compatible edge's use-cases (None: its routes are not mounted).
+    mlflow: MlflowTracking | None = None
+    # Deletes, purge jobs, retention and pruning (None: no lifecycle routes).
+    lifecycle: Lifecycle | None = None
 
 
 def build_http_app(services: Services, *, max_body_bytes: int) -> App:
@@ -316,8 +331,13 @@ def build_http_app(services: Services, *, max_body_bytes: int) -> App:
     if isinstance(store, LocalArtifactStore) and services.local_signing_secret is not None:
         add_local_store_routes(router, store, signing_secret=services.local_signing_secret)
     add_query_routes(router, services.queries, services.authenticator)
+    if services.lifecycle is not None:
+        add_lifecycle_routes(router, services.lifecycle, services.authenticator)
     add_metrics_route(router, services.telemetry, services.pipelines, services.metric_families)
     add_openapi_route(router)
+    if services.mlflow is not None:
+        add_mlflow_routes(router, services.mlflow, services.artifacts, services.authenticator)
+    add_ui_routes(router, auth_disabled=services.authenticator.disabled)
     return App(router, max_body_bytes=max_body_bytes, telemetry=services.telemetry)
 
 
@@ -379,26 +399,35 @@ async def _run_listeners(
     planner_statistics = PlannerStatistics(storage.postgres)
     authenticator = build_authenticator(config)
     key_directory = PostgresKeyDirectory(storage.postgres)
+    run_reads, metric_reads = RunQueries(storage.postgres), MetricQueries(storage.clickhouse)
+    ingest = Ingest(
+        metadata,
+        write_path=write_path,
+        cardinality=config.cardinality,
+        on_runs_created=planner_statistics.note_runs_created,
+    )
+    queries = Queries(run_reads, metric_reads)
+    lifecycle = build_lifecycle(config, storage, authenticator)
     services = Services(
         readiness=Readiness([storage.postgres, storage.clickhouse, storage.artifacts,
                              *([redis] if redis is not None else [])]),
         authenticator=authenticator,
-        ingest=Ingest(
-            metadata,
-            write_path=write_path,
-            cardinality=config.cardinality,
-            on_runs_created=planner_statistics.note_runs_created,
-        ),
+        ingest=ingest,
         pipelines=write_path.pipelines,
         telemetry=Telemetry(),
         keys=KeyManagement(key_directory, authenticator),
         artifacts=Artifacts(storage.artifacts, PostgresArtifactRows(storage.postgres)),
-        queries=Queries(RunQueries(storage.postgres), MetricQueries(storage.clickhouse)),
+        queries=queries,
         local_signing_secret=(
             local_signing_secret(prepare_data_dir(config.data_dir))
             if isinstance(storage.artifacts, LocalArtifactStore) else None
         ),
-        metric_families=metric_families(write_path),
+        mlflow=MlflowTracking(
+            ingest=ingest, queries=queries, runs=run_reads, metrics=metric_reads,
+            state=MlflowStateStore(storage.postgres, timeout_s=IngestTimeouts().metadata_s),
+            run_access=RunAccess(metadata.run_project)),
+        metric_families=(*metric_families(write_path), lifecycle_families(lifecycle)),
+        lifecycle=lifecycle,
     )
     app = build_http_app(services, max_body_bytes=config.ingest.max_body_bytes)
 
@@ -412,6 +441,7 @@ async def _run_listeners(
                        artifacts=services.artifacts).service,
         QueryServicer(queries=services.queries, authenticator=services.authenticator,
                       artifacts=services.artifacts).service,
+        LifecycleServicer(lifecycle=lifecycle, authenticator=services.authenticator).service,
     ]
     http_port: int = http_sock.getsockname()[1]
     hc_config = hypercorn_config(
@@ -420,6 +450,7 @@ async def _run_listeners(
     grpc_scope = anyio.CancelScope()
     keys_scope = anyio.CancelScope()
     statistics_scope = anyio.CancelScope()
+    lifecycle_scope = anyio.CancelScope()
     # Writers outlive listeners: on shutdown the listeners stop first (in-flight requests
     # finish, still served by the writers), then the write path closes and drains.
     async with anyio.create_task_group() as writers:
@@ -429,6 +460,9 @@ async def _run_listeners(
                             keys_scope)
         await writers.start(_serve_planner_statistics_until_cancelled, planner_statistics,
                             statistics_scope)
+        # Purge jobs, retention and pruning; a job cut short here resumes at its recorded phase
+        # (on this server's next start or on another server).
+        await writers.start(_serve_lifecycle_until_cancelled, lifecycle, lifecycle_scope)
         try:
             async with anyio.create_task_group() as listeners:
                 listeners.start_soon(serve_http, app, hc_config, shutdown_requested.wait)
@@ -451,8 +485,49 @@ async def _run_listeners(
         finally:
             keys_scope.cancel()
             statistics_scope.cancel()
+            lifecycle_scope.cancel()
             write_path.close()
     logger.info("writers drained: %s", drained_summary(write_path))
+
+
+def build_lifecycle(config: Config, storage: Storage, authenticator: Authenticator
+                    ) -> Lifecycle:
+    settings = config.lifecycle
+
+    def forget_keys(key_ids: Sequence[str]) -> None:
+        for key_id in key_ids:
+            authenticator.remove_key(key_id)
+
+    return Lifecycle(
+        PostgresLifecycle(storage.postgres), ClickHouseLifecycle(storage.clickhouse),
+        storage.artifacts,
+        settings=LifecycleSettings(
+            settle_s=settings.purge_settle_s,
+            interval_s=settings.housekeeping_interval_s,
+            retention_days=settings.retention_days,
+            ledger_retention_s=settings.ledger_retention_days * 24 * 3600,
+            upload_max_age_s=settings.upload_max_age_h * 3600,
+        ),
+        after_clickhouse_delete=(_kill_mid_purge if config.fault_injection == "kill_mid_purge"
+                                 else None),
+        forget_keys=forget_keys,
+    )
+
+
+async def _serve_lifecycle_until_cancelled(
+    lifecycle: Lifecycle,
+    scope: anyio.CancelScope,
+    *,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    with scope:
+        await lifecycle.serve(task_status=task_status)
+
+
+def _kill_mid_purge() -> None:
+    """MLRUN_FAULT_INJECTION=kill_mid_purge: die mid-purge, as a power cut would."""
+    logger.warning("fault injection: SIGKILL mid-purge")
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _kill_self() -> None:

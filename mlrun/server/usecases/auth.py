@@ -23,13 +23,15 @@ How authentication stays free of database round trips (and synchronous, so both 
 the same way): every server process holds the set of usable keys (digest -> principal and
 expiry), at most `MAX_USABLE_KEYS` of them, reloaded from PostgreSQL every
 `KEY_REFRESH_INTERVAL_S` by `usecases.keys.serve_key_refresh`. A key created or revoked through
-this process is
-applied to its view at once; other processes see it at their next reload, so revocation wins
-everywhere within ~2 s. Expiry is checked on every call against the stored deadline, so an expired
-key fails at once everywhere. If reloads keep failing for `MAX_STALENESS_S`, the view is no longer
-trusted: database keys get 503 (retryable) until a reload succeeds; the bootstrap key keeps
-working. Last-used times are noted in memory (at most once a minute per key) and written by the
-refresh task, off the request path.
+this process is applied to its view at once; other processes see it at their next reload, so
+revocation wins everywhere within ~2 s. A local change outlives only the reloads that began
+before it (their snapshot may predate its commit); the first reload that began after it is the
+truth, so a key created here and revoked on another process is refused here at that reload
+too, not kept alive by its local creation. Expiry is checked on every call against the stored
+deadline, so an expired key fails at once everywhere. If reloads keep failing for
+`MAX_STALENESS_S`, the view is no longer trusted: database keys get 503 (retryable) until a
+reload succeeds; the bootstrap key keeps working. Last-used times are noted in memory (at most
+once a minute per key) and written by the refresh task, off the request path.
 
 Statuses: 401 `missing_credentials` / `malformed_credentials` / `invalid_credentials` (unknown
 or revoked) / `key_expired`; 403 `missing_scope` / `wrong_project`.
@@ -77,9 +79,6 @@ MAX_PRESENTED_KEY_CHARS = 512
 
 # Past this age without a successful reload, database keys are refused with 503.
 MAX_STALENESS_S = 30.0
-# A local create/revoke overrides reloads for this long, so a reload that started before the
-# change committed cannot undo it.
-LOCAL_CHANGE_GRACE_S = 10.0
 
 
 # --- principals ----------------------------------------------------------------------------------
@@ -165,6 +164,11 @@ class Authenticator:
         self._last_noted: dict[str, float] = {}
         self._pending_last_used: dict[str, float] = {}
 
+    @property
+    def disabled(self) -> bool:
+        """MLRUN_AUTH_DISABLED: every caller is the local admin (the web UI skips sign-in)."""
+        return self._disabled
+
     # the hot path
 
     def authenticate(self, headers: Mapping[str, str]) -> Principal:
@@ -217,18 +221,26 @@ class Authenticator:
         if self._loaded_at is None:
             self._loaded_at = -math.inf
 
-    def replace_keys(self, keys: Iterable[UsableKey]) -> None:
-        """Install a freshly loaded view, keeping recent local changes the load may predate."""
+    def load_started(self) -> float:
+        """Call when a reload begins; pass the result to `replace_keys` as `loaded_from`."""
+        return self._monotonic()
+
+    def replace_keys(self, keys: Iterable[UsableKey], *, loaded_from: float) -> None:
+        """Install a freshly loaded view, keeping the local changes it may predate: those made
+        at or after `loaded_from` (when the load began, from `load_started`). Local changes
+        are applied after their commit, so a load that began later saw them in the database:
+        from then on the database is the truth, also for another process's later revocation
+        of a key created here."""
         now = self._monotonic()
         self._local_additions = {
             digest: (key, at)
             for digest, (key, at) in self._local_additions.items()
-            if now - at < LOCAL_CHANGE_GRACE_S
+            if at >= loaded_from
         }
         self._local_revocations = {
             key_id: at
             for key_id, at in self._local_revocations.items()
-            if now - at < LOCAL_CHANGE_GRACE_S
+            if at >= loaded_from
         }
         view = {key.digest: key for key in keys}
         for digest, (key, _) in self._local_additions.items():

@@ -146,6 +146,7 @@ async def serve_key_refresh(
 async def _refresh_once(
     authenticator: Authenticator, directory: KeyDirectory, *, healthy: bool
 ) -> bool:
+    loaded_from = authenticator.load_started()
     try:
         with anyio.fail_after(KEY_LOAD_TIMEOUT_S):
             keys = await directory.load_usable()
@@ -154,7 +155,7 @@ async def _refresh_once(
             logger.warning("cannot reload API keys: %s (keeping the current view for up to"
                            " %g s)", getattr(exc, "code", "timeout"), MAX_STALENESS_S)
         return False
-    authenticator.replace_keys(keys)
+    authenticator.replace_keys(keys, loaded_from=loaded_from)
     if not healthy:
         logger.info("API keys reloaded (%d usable)", len(keys))
     await _flush_last_used(authenticator, directory)

@@ -146,6 +146,8 @@ class RouteSpec:
     tags: tuple[str, ...] = ()
     # The handler reads the raw body from `Request.body_stream` (see the module docstring).
     stream_body: bool = False
+    # False: left out of /openapi.json (a foreign API served as its own docs describe it).
+    documented: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,8 @@ Rules of the rendering:
 - Query parameters are the fields of the route's query record; optional ones are not required,
   carry `allowEmptyValue` (the app's query parser drops `?name=` as if it were absent), and
   their schema drops any `null` alternative (a query string has no null).
+- A route declared `documented=False` (the MLflow-compatible surface, which follows MLflow's
+  own API and error shape) is left out.
 - Path parameters take the wire schema of their name when there is one (`run_id`), else a
   non-empty string.
 
@@ -153,10 +155,12 @@ def _responses(spec: RouteSpec, schemas: _Schemas) -> dict[str, Any]:
 
 def build_openapi(routes: Sequence[Route], *, title: str, version: str) -> dict[str, Any]:
     """The OpenAPI document of `routes`."""
-    schemas = _Schemas(routes)
+    schemas = _Schemas([route for route in routes if route.spec.documented])
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
         spec = route.spec
+        if not spec.documented:
+            continue
         operation: dict[str, Any] = {
             "operationId": _operation_id(route.method, route.template),
             "summary": spec.summary,

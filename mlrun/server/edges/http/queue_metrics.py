@@ -2,8 +2,9 @@
 
 Three sources, each read at scrape time (rendering never awaits):
 - the queue as the process last saw it (a `QueueMonitor`): stream length, bytes, pending
-  entries, consumer lag, consumers, dead letters, drained entries and the drain rate, Redis
-  memory — on servers and processors alike;
+  entries, consumer lag, consumers, dead letters, drained entries and rows and their rates,
+  and what all processors added to the processing hash (redeliveries, the insert-latency
+  histogram), Redis memory — on servers and processors alike;
 - a server's admission (`RedisWritePath.statistics()`): batches admitted and refused (queue
   full / unreachable), the bound;
 - a processor (`StreamProcessor.statistics()` and its ledger marker): entries read and
@@ -27,6 +28,8 @@ class Snapshot(Protocol):
     @property
     def reachable(self) -> bool: ...
 
+    def insert_latency(self) -> Histogram: ...
+
 
 class QueueView(Protocol):
     @property
@@ -34,6 +37,9 @@ class QueueView(Protocol):
 
     @property
     def drain_rate_entries_per_s(self) -> float: ...
+
+    @property
+    def drain_rate_rows_per_s(self) -> float: ...
 
 
 class Admission(Protocol):
@@ -100,6 +106,11 @@ _QUEUE_FAMILIES: tuple[tuple[str, str, str, str], ...] = (
      "Entries set aside in the dead-letter stream (malformed, foreign or rejected)."),
     ("mlrun_queue_drained_entries_total", "counter", "drained_total",
      "Batches processors have committed and acknowledged, by all processors."),
+    ("mlrun_queue_drained_rows_total", "counter", "drained_rows_total",
+     "Metric rows of those batches (all processors)."),
+    ("mlrun_queue_redeliveries_total", "counter", "redelivered_total",
+     "Entries processors took over from idle (dead) consumers or re-read after a restart "
+     "(all processors)."),
     ("mlrun_redis_used_memory_bytes", "gauge", "used_memory_bytes", "Redis used_memory."),
     ("mlrun_redis_max_memory_bytes", "gauge", "max_memory_bytes",
      "Redis maxmemory (0: none set)."),
@@ -139,6 +150,13 @@ def queue_families(view: QueueView) -> ExtraFamilies:
                           "Batches the processors acknowledge per second (smoothed); "
                           "Retry-After of a full queue is derived from it.",
                           [((), round(view.drain_rate_entries_per_s, 3))])
+        exposition.family("mlrun_queue_drain_rate_rows_per_second", "gauge",
+                          "Metric rows the processors insert and acknowledge per second "
+                          "(all processors, smoothed).",
+                          [((), round(view.drain_rate_rows_per_s, 1))])
+        exposition.histogram("mlrun_queue_insert_duration_seconds",
+                             "Duration of the processors' ClickHouse inserts (all processors).",
+                             [((), snapshot.insert_latency())])
 
     return add
 

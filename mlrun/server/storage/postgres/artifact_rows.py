@@ -24,8 +24,8 @@ class PostgresArtifactRows:
 
     async def run_project(self, run_id: str) -> str:
         """The name of the run's project; 404 `run_not_found`."""
-        return await self._pg.run(lambda conn: select_run_project(conn, run_id),
-                                  timeout_s=self._timeout_s)
+        return await self._pg.run_statement(lambda conn: select_run_project(conn, run_id),
+                                            timeout_s=self._timeout_s)
 
     async def insert_artifact(self, row: ArtifactRow) -> ArtifactRow:
         """Record a pending artifact (an upload URL was handed out); 404 `run_not_found`."""

@@ -67,6 +67,7 @@ from dataclasses import dataclass
 from typing import Any, get_args
 
 import psycopg
+import psycopg.errors
 
 from mlrun.server import errors
 from mlrun.server.ports.run_metadata import BatchOutcome, BatchPreparation, CardinalityLimits
@@ -138,7 +139,7 @@ class MetadataStore:
             ).fetchall()
             return [Project(name=n, description=d, created_at=iso_utc(c)) for n, d, c in rows]
 
-        return await self._pg.run(select, timeout_s=self._timeout_s)
+        return await self._pg.run_statement(select, timeout_s=self._timeout_s)
 
     # --- run lifecycle -------------------------------------------------------------------------
 
@@ -159,6 +160,7 @@ class MetadataStore:
             stored = _select_run(conn, run_id)
             created = False
             if stored is None:
+                _refuse_deleted_run_id(conn, run_id)
                 project_id = ensure_project(conn, req.project)
                 row = conn.execute(
                     "INSERT INTO runs (run_id, project_id, name) VALUES (%s, %s, %s)"
@@ -241,7 +243,7 @@ class MetadataStore:
                 return RunState(run_id=run_id, status=row[0])
             raise _run_finished(run_id, run_status(conn, run_id))
 
-        return await self._pg.run(beat, timeout_s=self._timeout_s)
+        return await self._pg.run_statement(beat, timeout_s=self._timeout_s)
 
     # --- ingest --------------------------------------------------------------------------------
 
@@ -272,6 +274,14 @@ class MetadataStore:
         tag_keys = sorted(tag_values)
 
         def prepare(conn: psycopg.Connection[Any]) -> BatchPreparation:
+            try:
+                return claim(conn)
+            except psycopg.errors.ForeignKeyViolation:
+                # The run was deleted while this batch waited for its row (a DELETE that
+                # committed first): a metric name or tag for it can no longer be stored.
+                raise run_not_found(run_id) from None
+
+        def claim(conn: psycopg.Connection[Any]) -> BatchPreparation:
             row = conn.execute(
                 _CLAIM_SQL,
                 {
@@ -356,14 +366,14 @@ class MetadataStore:
                 (run_ids, batch_ids),
             )
 
-        await self._pg.run(mark, timeout_s=self._timeout_s)
+        await self._pg.run_statement(mark, timeout_s=self._timeout_s)
 
     # --- access checks (mlrun.server.usecases.auth) ------------------------------------------
 
     async def run_project(self, run_id: str) -> str:
         """The name of the run's project; 404 `run_not_found`."""
-        return await self._pg.run(lambda conn: select_run_project(conn, run_id),
-                                  timeout_s=self._timeout_s)
+        return await self._pg.run_statement(lambda conn: select_run_project(conn, run_id),
+                                            timeout_s=self._timeout_s)
 
 
 # --- SQL run in worker threads (every function below takes a connection inside a transaction) --
@@ -423,6 +433,15 @@ def select_run_project(conn: psycopg.Connection[Any], run_id: str) -> str:
     return name
 
 
+def _refuse_deleted_run_id(conn: psycopg.Connection[Any], run_id: str) -> None:
+    """409 `run_deleting` while a purge job still holds the run id's tombstone: a new run of
+    that id would otherwise meet the old run's points before the purge removed them."""
+    if conn.execute("SELECT 1 FROM purge_runs WHERE run_id = %s", (run_id,)).fetchone():
+        raise errors.Conflict(
+            f"run {run_id!r} was deleted and is still being purged; retry after its purge job"
+            " is done", code=ErrorCode.RUN_DELETING, field="run_id")
+
+
 def ensure_project(conn: psycopg.Connection[Any], name: str) -> int:
     """The project's id, creating it on first use (race-safe)."""
     row = conn.execute(
@@ -457,8 +476,10 @@ def _compare_claim(
         " WHERE run_id = %s AND batch_id = %s",
         (run_id, batch_id),
     ).fetchone()
-    if row is None:  # pragma: no cover - a ledger row is never deleted while its run is running
-        raise errors.BackendError("ledger row vanished", backend="postgres", detail=batch_id)
+    if row is None:  # pragma: no cover - the ledger pruning removed it between two statements
+        # The row aged out of the ledger window (usecases.lifecycle) just now: outside the
+        # window a batch is written again, as documented; its versions are the new ones.
+        return "retry", None
     stored_hash, state, stored_first_version = row
     if bytes(stored_hash) != payload_hash:
         raise errors.Conflict(
