@@ -223,8 +223,9 @@ class Importer:
             shown = ", ".join(sorted(conflicts)[:5])
             more = f" and {len(conflicts) - 5} more" if len(conflicts) > 5 else ""
             raise ArchiveConflict(
-                f"{len(conflicts)} run id(s) of the file exist in the target with other content:"
-                f" {shown}{more}; nothing was imported (delete them there first)")
+                f"{len(conflicts)} run id(s) of the file exist in the target with other content"
+                f" (or are being deleted there): {shown}{more}; nothing was imported (delete"
+                " them there first, and let the purge finish)")
         wanted = {run_id for run_id, found in existing.items() if found.state == "absent"}
         progress.add_total(checked.points + checked.system_points)
         totals = await self._load(lines(), wanted, progress)
@@ -258,8 +259,9 @@ class Importer:
                     await self._series.restore_summary(summary)
                 if not await self._rows.commit_run(run.fields, run.artifacts,
                                                    digest=record.sha256):
-                    raise ArchiveConflict(f"run {record.run_id} was created in the target while "
-                                          "it was being imported; it was left as it was")
+                    raise ArchiveConflict(f"run {record.run_id} was created (or deleted) in the "
+                                          "target while it was being imported; it was left as "
+                                          "it was")
                 runs += 1
                 points += record.points
                 system_points += record.system_points
