@@ -37,7 +37,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import psycopg
 
 from bench.errors import BenchError
@@ -136,12 +135,14 @@ def _measure(command: list[str], env: dict[str, str], timeout_s: float) -> dict[
     samples: list[int] = []
     done = threading.Event()
 
+    statm = Path(f"/proc/{process.pid}/statm")
+    page_bytes = os.sysconf("SC_PAGE_SIZE")
+
     def sample() -> None:
-        watched = psutil.Process(process.pid)
         while not done.wait(_RSS_SAMPLE_S):
-            try:
-                samples.append(watched.memory_info().rss)
-            except psutil.Error:
+            try:  # resident pages are the second field
+                samples.append(int(statm.read_text().split()[1]) * page_bytes)
+            except (OSError, IndexError, ValueError):
                 return
             if time.monotonic() - started > timeout_s:
                 process.kill()  # by PID: bounded in time whatever happens
