@@ -440,8 +440,9 @@ async def _run_listeners(
     async def grpc_ready() -> bool:
         return (await services.readiness.check()).ready
 
+    health = HealthServicer(grpc_ready)
     grpc_services = [
-        HealthServicer(grpc_ready).service,
+        health.service,
         IngestServicer(ingest=services.ingest, authenticator=services.authenticator,
                        artifacts=services.artifacts).service,
         QueryServicer(queries=services.queries, authenticator=services.authenticator,
@@ -484,6 +485,7 @@ async def _run_listeners(
                 task_status.started(BoundAddresses(config.listen.host, http_port, grpc_port))
                 await shutdown_requested.wait()
                 logger.info("shutting down: listeners stop accepting, accepted work drains")
+                health.close()  # Health/Watch streams say NOT_SERVING and end
                 grpc_scope.cancel()
             logger.info("listeners stopped")
         finally:
