@@ -18,6 +18,7 @@ Modules (each a noun; the CLI in `__main__` wires them):
     suite        the sweep: for each K, baseline then every transport; the breakdown; the
                  references; count back; report
     report       the JSON report and the plain-text table
+    queued       `--workloads queued`: direct against queued mode on a deployment of its own
     purge        `python -m bench.purge`: a deleted run's purge speed (points/s removed from
                  ClickHouse) while another run is written to
 

@@ -116,7 +116,7 @@ def run_peers(target: Target, peers: Sequence[tuple[str, str]], *, writers: Sequ
                 mlrun_rate[count] = rate
             latency = latency_summary(run.latencies_s())
             errors = sum(run.errors().values())
-            versus = (f", {mlrun_rate[count] / rate:.1f}x less than MLRun" if
+            versus = (f"; MLRun's rate is {mlrun_rate[count] / rate:.2f}x this" if
                       server.name != "mlrun" and rate > 0 and count in mlrun_rate else "")
             notes.append(f"peers {server.name} K={count}: {rate:,.0f} points/s, p50"
                          f" {latency.p50} ms, p99 {latency.p99} ms, {errors} errors{versus}")

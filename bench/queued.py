@@ -6,6 +6,8 @@ Owns: a deployment it starts itself (Debian PostgreSQL 15, clickhouse-server 18.
 redis-server with AOF on free loopback ports, through the test suite's classes), servers and
 processors started and stopped per lane, and these measurements:
 
+    drain     a queue filled with no processor running, drained by 1 and by 2 processors:
+              what processors alone insert per second, and their CPU
     lanes     points/s and ack p50/p99 for K writers (8 and 32) in direct and queued mode, as
               fast as the server answers (closed loop: then the ack latency is K over the rate,
               Little's law) and at a nominal load (paced at half the direct rate); in
@@ -42,6 +44,7 @@ import pwd
 import re
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -114,6 +117,17 @@ class Lane(msgspec.Struct, frozen=True, kw_only=True):
     exactly_once: bool | None
 
 
+class Drain(msgspec.Struct, frozen=True, kw_only=True):
+    """A queue filled with no processor running, then drained by `processors` of them."""
+
+    processors: int
+    queued_points: int
+    drain_s: float | None
+    points_per_s: float | None
+    processor_cpu_us_per_point: float | None
+    cpu: list[CpuShare]
+
+
 class Visible(msgspec.Struct, frozen=True, kw_only=True):
     samples: int
     p50_ms: float | None
@@ -151,6 +165,7 @@ class QueuedReport(msgspec.Struct, kw_only=True):
     box: str
     settings: dict[str, str]
     lanes: list[Lane] = []
+    drains: list[Drain] = []
     visible: Visible | None = None
     bursts: list[Burst] = []
     targets: list[Target] = []
@@ -243,6 +258,7 @@ class _Deployment:
     servers: list[ServerProcess]
     processors: list[ProcessorProcess]
     api_key: str
+    start_processor: Callable[[], ProcessorProcess]
 
     def watched(self, backends: _Backends) -> dict[str, Watched]:
         found = dict(backends.watched)
@@ -274,8 +290,10 @@ def _deploy(backends: _Backends, *, mode: str, servers: int, processors: int,
             started.append(server)
             server.start(timeout_s=_START_TIMEOUT_S)
             server_list.append(server)
-        processor_list = []
-        for index in range(processors):
+        processor_list: list[ProcessorProcess] = []
+
+        def start_processor() -> ProcessorProcess:
+            index = len(processor_list)
             processor = ProcessorProcess(
                 {**env, "MLRUN_PROCESSOR_NAME": f"p{index}",
                  "MLRUN_DATA_DIR": str(backends.work_dir / f"pdata-{_started}-{index}")},
@@ -283,7 +301,12 @@ def _deploy(backends: _Backends, *, mode: str, servers: int, processors: int,
             started.append(processor)
             processor.start(timeout_s=_START_TIMEOUT_S)
             processor_list.append(processor)
-        yield _Deployment(server_list, processor_list, backends.env["MLRUN_API_KEY"])
+            return processor
+
+        for _ in range(processors):
+            start_processor()
+        yield _Deployment(server_list, processor_list, backends.env["MLRUN_API_KEY"],
+                          start_processor)
     except (RuntimeError, TimeoutError) as exc:
         raise BenchError(f"queued bench: a process did not start: {str(exc)[:500]}") from exc
     finally:
@@ -458,6 +481,38 @@ class _Lanes:
         self.report.lanes.append(lane)
         return lane
 
+    def drain(self, processors: int, writers: int) -> Drain:
+        """Fill the queue for the lane's duration while the processors are stopped (SIGSTOP),
+        then continue them and time the drain: what processors alone can insert."""
+        self.progress(f"queued bench: drain by {processors} processor(s) of a queue filled by "
+                      f"{writers} writers for {self.settings.duration_s:g} s")
+        with _deploy(self.backends, mode="queued", servers=1,
+                     processors=processors) as deployment:
+            run_ids = self._runs(deployment, f"drain-{processors}", writers)
+            pids = [processor.pid for processor in deployment.processors]
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                run, _ = self._write(deployment, run_ids, duration_s=self.settings.duration_s)
+                probe = UsageProbe(deployment.watched(self.backends))
+            finally:
+                for pid in pids:
+                    os.kill(pid, signal.SIGCONT)
+            drain_s = _wait_drained(deployment.servers[0])
+            usage, _, _ = probe.finish()
+        self._count(run_ids, run.acked_points)
+        wall_s = drain_s or _DRAIN_TIMEOUT_S
+        cpu = [CpuShare(process, u.cpu_s, round(u.cpu_s / wall_s, 3))
+               for process, u in usage.items() if u is not None]
+        spent = sum(share.cpu_s for share in cpu if share.process.startswith("processor"))
+        result = Drain(
+            processors=processors, queued_points=run.acked_points, drain_s=drain_s,
+            points_per_s=round(run.acked_points / drain_s) if drain_s else None,
+            processor_cpu_us_per_point=round(spent / run.acked_points * 1e6, 2)
+            if run.acked_points else None, cpu=cpu)
+        self.report.drains.append(result)
+        return result
+
     def visible(self, background_points_per_s: float) -> Visible:
         """Log -> visible under a paced background load in queued mode."""
         settings = self.settings
@@ -597,6 +652,8 @@ def run_queued(settings: QueuedSettings, progress: Callable[[str], None]) -> Que
                    writers=top)
         # What ClickHouse absorbs through one direct server: the best direct rate of the run.
         absorbs = max(lane.ack_points_per_s for lane in direct.values())
+        for processors in (1, 2):
+            lanes.drain(processors, top)
         nominal = {mode: lanes.lane(f"{mode}-k{top}-nominal", mode=mode, servers=1,
                                     processors=int(mode == "queued"), writers=top,
                                     rate_points_per_s=0.5 * absorbs)
@@ -648,6 +705,11 @@ def render(report: QueuedReport) -> str:
     for row in rows:
         lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
                      + "  " + row[-1])
+    for drain in report.drains:
+        shares = " ".join(f"{c.process}={c.share:.2f}" for c in drain.cpu)
+        lines.append(f"drain by {drain.processors} processor(s): {drain.queued_points} points in "
+                     f"{drain.drain_s} s = {drain.points_per_s} points/s, processor "
+                     f"{drain.processor_cpu_us_per_point} us/point; CPU share: {shares}")
     if report.visible is not None:
         v = report.visible
         lines += ["", f"log -> visible (queued, background {v.background_points_per_s} "

@@ -262,17 +262,61 @@ async def test_health_check_follows_injected_readiness() -> None:
             unknown = await client.call(CHECK, check_request("mlrun.v1.NoSuchService"))
             assert unknown.code == grpc.StatusCode.NOT_FOUND
 
-            def watch() -> grpc.StatusCode:
-                stream = client.channel.unary_stream("/grpc.health.v1.Health/Watch")
-                try:
-                    list(stream(check_request(), timeout=CALL_TIMEOUT_S))
-                except grpc.RpcError as error:
-                    return error.code()
-                return grpc.StatusCode.OK
-
-            assert await anyio.to_thread.run_sync(watch) == grpc.StatusCode.UNIMPLEMENTED
             await client.aclose()
             tg.cancel_scope.cancel()
+
+
+async def test_health_watch_streams_each_change_and_ends_at_close() -> None:
+    readiness = Readiness()
+    health = HealthServicer(readiness, readiness_timeout_s=0.5, watch_interval_s=0.1)
+    received: list[int] = []
+    changed = anyio.Event()
+    with anyio.fail_after(TEST_TIMEOUT_S - 5):
+        async with anyio.create_task_group() as tg:
+            port = await tg.start(server([health.service], grace_period_s=300))
+            client = Client(port)
+            stream = client.channel.unary_stream("/grpc.health.v1.Health/Watch")
+            updates = stream(check_request("mlrun.v1.QueryService"), timeout=30)
+            unknown = stream(check_request("mlrun.v1.NoSuchService"), timeout=30)
+            portal = anyio.from_thread.BlockingPortal()
+
+            def read_updates() -> grpc.StatusCode:
+                for response in updates:
+                    received.append(health_pb2.HealthCheckResponse.FromString(response).status)
+                    portal_call(changed.set)
+                return grpc.StatusCode.OK
+
+            async with portal:
+                portal_call = portal.call
+
+                async def next_status() -> int:
+                    nonlocal changed
+                    with anyio.fail_after(5):
+                        await changed.wait()
+                    changed = anyio.Event()
+                    return received[-1]
+
+                async with anyio.create_task_group() as reading:
+                    ended: list[grpc.StatusCode] = []
+
+                    async def read() -> None:
+                        ended.append(await anyio.to_thread.run_sync(read_updates))
+
+                    reading.start_soon(read)
+                    assert await next_status() == SERVING  # the current status, at once
+                    readiness.ready = False
+                    assert await next_status() == NOT_SERVING
+                    readiness.ready = True
+                    assert await next_status() == SERVING
+                    first = health_pb2.HealthCheckResponse.FromString(
+                        await anyio.to_thread.run_sync(next, unknown))
+                    assert first.status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+                    health.close()  # shutdown: NOT_SERVING, then the stream ends OK
+                    assert await next_status() == NOT_SERVING
+            assert ended == [grpc.StatusCode.OK]
+            assert received == [SERVING, NOT_SERVING, SERVING, NOT_SERVING]  # changes only
+            await client.aclose()
+            tg.cancel_scope.cancel()  # returns at once: no watch holds the drain
 
 
 async def test_hanging_readiness_reads_as_not_serving() -> None:
@@ -691,6 +735,47 @@ async def test_client_deadline_cancels_the_handler() -> None:
             assert outcome.code == grpc.StatusCode.DEADLINE_EXCEEDED
             await probe.cancelled.wait()  # the server honoured grpc-timeout, not only the client
             await client.aclose()
+            tg.cancel_scope.cancel()
+
+
+async def test_a_call_cancelled_by_its_client_stops_its_handler() -> None:
+    """grpcio's `future.cancel()` sends RST_STREAM after the request was read: the handler is
+    cancelled (not left running for nobody), and the connection keeps serving."""
+    probe = Probe()
+    with anyio.fail_after(TEST_TIMEOUT_S - 5):
+        async with anyio.create_task_group() as tg:
+            services = [probe.service, HealthServicer(Readiness()).service]
+            port = await tg.start(server(services, grace_period_s=300))
+            client = Client(port)
+            future = client.channel.unary_unary("/mlrun.test.Probe/Slow").future(
+                check_request(), timeout=30)
+            await probe.entered.wait()
+            assert await anyio.to_thread.run_sync(future.cancel)
+            with anyio.fail_after(5):
+                await probe.cancelled.wait()
+            assert await client.check() == SERVING  # same channel, same connection
+            await client.aclose()
+            tg.cancel_scope.cancel()  # returns promptly: no handler left waiting
+
+
+async def test_a_closed_client_connection_stops_its_handlers() -> None:
+    probe = Probe()
+    with anyio.fail_after(TEST_TIMEOUT_S - 5):
+        async with anyio.create_task_group() as tg:
+            port = await tg.start(server([probe.service], grace_period_s=300))
+
+            def start() -> RawH2:
+                raw = RawH2(port)
+                body = check_request()
+                raw.start(1, "/mlrun.test.Probe/Slow")
+                raw.upload(1, b"\x00" + len(body).to_bytes(4, "big") + body, end=True)
+                return raw
+
+            raw = await anyio.to_thread.run_sync(start)
+            await probe.entered.wait()
+            raw.close()  # no RST_STREAM, no GOAWAY: the connection just ends
+            with anyio.fail_after(5):
+                await probe.cancelled.wait()
             tg.cancel_scope.cancel()
 
 

@@ -286,6 +286,8 @@ def test_errors_are_mlflow_exceptions_with_mlflow_codes(tracking: str,
     assert oversized.json()["error_code"] == "INVALID_PARAMETER_VALUE"
     unknown = api.post("/api/2.0/mlflow/registered-models/create", json={"name": "x"})
     assert (unknown.status_code, unknown.json()["error_code"]) == (404, "ENDPOINT_NOT_FOUND")
+    # MLflow's surface keeps MLflow's shape: it is not part of our own OpenAPI document.
+    assert not [p for p in ok(api.get("/openapi.json"))["paths"] if "mlflow" in p]
     anonymous = httpx.get(f"{tracking}/api/2.0/mlflow/experiments/get",
                           params={"experiment_id": experiment_id})
     assert (anonymous.status_code, anonymous.json()["error_code"]) == (401, "UNAUTHENTICATED")
@@ -343,6 +345,9 @@ def test_log_artifacts_through_the_proxy(tracking: str, api: httpx.Client,
     assert (out / "weights.bin").read_bytes() == big.read_bytes()
     assert (out / "cfg" / "nested" / "b.txt").read_text() == "bee"
     assert mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/extra/d.json") == {"k": [1, 2]}
+    by_run = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/cfg/a.json",
+                                                 dst_path=str(tmp_path / "by-run"))
+    assert Path(by_run).read_text() == '{"a": 1}'  # runs:/ asks logged-models/search first
     # The same artifacts in our own API.
     names = {a["name"] for a in ok(api.get(f"/api/v1/runs/{run_id}/artifacts"))["artifacts"]}
     assert names == {"weights.bin", "cfg/a.json", "cfg/nested/b.txt", "extra/d.json"}
@@ -367,6 +372,9 @@ def test_experiment_lifecycle_run_edits_and_bulk_interval(tracking: str,
         view_type=ViewType.DELETED_ONLY)}
     client.restore_experiment(experiment_id)
 
+    default_run = client.create_run("0")  # MLflow's default experiment: our project Default
+    assert client.get_experiment("0").name == "Default"
+    assert client.get_run(default_run.info.run_id).info.experiment_id == "0"
     run_id = client.create_run(experiment_id, run_name="before").info.run_id
     client.set_tag(run_id, "scratch", "x")
     client.delete_tag(run_id, "scratch")

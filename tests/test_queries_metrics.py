@@ -365,6 +365,42 @@ async def test_long_series_are_bucketed_from_block_rollups_and_dirty_blocks_from
     assert [(s.name, s.count) for s in detail.metrics_summary] == [("loss", 60_000)]
 
 
+async def test_a_step_range_is_bucketed_from_whole_block_rollups_and_its_edge_blocks(
+    queries: Queries, ch: ClickHouse, pg_dsn: str
+) -> None:
+    """A ranged read of a long series is planned in whole blocks like a whole series: the
+    blocks inside the range from their rollups, the two edge blocks (cut by the range) and
+    dirty ones from their points. The answer must equal the reference over exactly the range's
+    points (a point-planned read gives other buckets; one that counted the edge blocks whole
+    would leak points from outside the range)."""
+    rng = random.Random(11)
+    samples = random_series(rng, 60_000, sparse=False)
+    add_runs(pg_dsn, ["ranged"])
+    writer = Writer(ch)
+    await writer.insert("ranged", "loss", samples)
+    ranges = [(1000, 50_000), (128 * 10, 128 * 300 - 1), (777, 59_999)]
+    for start, end in ranges:
+        inside = [s for s in samples if start <= s.key <= end]
+        for method in ("lttb", "minmax", "avg"):
+            assert plan_block_buckets(method, inside[0].key, inside[-1].key, 60,
+                                      BLOCK_STEPS) is not None
+            series = await read(queries, "ranged", "loss", method, 60, start=start, end=end)
+            assert series.downsampled and series.total_points == len(inside)
+            assert_same_selection(as_samples(series.points), reference(inside, method, 60))
+            assert series.points[0].step == start and series.points[-1].step == end
+    # A rewrite inside the range (a dirty block) and one just outside it (must not count).
+    rewrites = {20_000: Sample(20_000, 1e6, T0_MS), 999: Sample(999, -1e6, T0_MS)}
+    await writer.insert("ranged", "loss", list(rewrites.values()))
+    latest = [rewrites.get(s.key, s) for s in samples if 1000 <= s.key <= 50_000]
+    for method in ("lttb", "minmax", "avg"):
+        series = await read(queries, "ranged", "loss", method, 60, start=1000, end=50_000)
+        assert series.total_points == len(latest)
+        assert_same_selection(as_samples(series.points), reference(latest, method, 60))
+    spike = await read(queries, "ranged", "loss", "minmax", 60, start=1000, end=50_000)
+    assert SeriesPoint(20_000, 1e6, T0_MS) in spike.points
+    assert all(p.value != -1e6 for p in spike.points)
+
+
 @pytest.mark.parametrize("method", ["lttb", "minmax"])
 async def test_compare_of_runs_of_different_lengths_equals_the_reference_per_run(
     queries: Queries, ch: ClickHouse, pg_dsn: str, method: Any

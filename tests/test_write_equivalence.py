@@ -21,10 +21,10 @@ This is the guarantee the schema's cheaper summary view (sql/clickhouse/0003) mu
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
@@ -39,11 +39,13 @@ from mlrun.server.ports.write_path import (
     BatchWrite,
     PointColumns,
 )
+from mlrun.server.storage.clickhouse import migrations as clickhouse_migrations
 from mlrun.server.storage.clickhouse.client import ClickHouse
 from mlrun.server.storage.clickhouse.embedded import open_embedded_clickhouse
 from mlrun.server.storage.clickhouse.http_client import open_http_clickhouse
 from mlrun.server.storage.clickhouse.metric_reads import MetricQueries
 from mlrun.server.storage.clickhouse.migrations import apply_clickhouse_migrations
+from mlrun.server.storage.migrations import load_migrations
 from mlrun.server.storage.postgres.client import Postgres
 from mlrun.server.storage.postgres.run_reads import RunQueries
 from mlrun.server.usecases.queries import Queries
@@ -58,19 +60,27 @@ RUNS = ("eq-a", "eq-b")
 NAMES = ("loss", "acc", "grad/norm")
 
 
+Opener = Callable[[str], AbstractAsyncContextManager[ClickHouse]]
+
+
 @pytest.fixture(params=["http", "embedded"])
-async def ch(request: pytest.FixtureRequest, clickhouse_server: ClickHouseServer,
-             embedded_clickhouse_dir: Path, clickhouse_database: str) -> AsyncIterator[ClickHouse]:
-    client: Any
-    if request.param == "http":
-        client = open_http_clickhouse(
-            host=clickhouse_server.host, port=clickhouse_server.port,
-            user=clickhouse_server.user, password=clickhouse_server.password,
-            database=clickhouse_database)
-    else:
-        client = open_embedded_clickhouse(data_dir=embedded_clickhouse_dir,
-                                          database=clickhouse_database)
-    async with client as opened:
+def open_ch(request: pytest.FixtureRequest, clickhouse_server: ClickHouseServer,
+            embedded_clickhouse_dir: Path) -> Opener:
+    """Opens a database by name on the 18.16 server (`http`) or chdb (`embedded`)."""
+    def opener(database: str) -> AbstractAsyncContextManager[ClickHouse]:
+        if request.param == "http":
+            return open_http_clickhouse(
+                host=clickhouse_server.host, port=clickhouse_server.port,
+                user=clickhouse_server.user, password=clickhouse_server.password,
+                database=database)
+        return open_embedded_clickhouse(data_dir=embedded_clickhouse_dir, database=database)
+
+    return opener
+
+
+@pytest.fixture
+async def ch(open_ch: Opener, clickhouse_database: str) -> AsyncIterator[ClickHouse]:
+    async with open_ch(clickhouse_database) as opened:
         with anyio.fail_after(DEADLINE_S):
             await apply_clickhouse_migrations(opened)
         yield opened
@@ -228,3 +238,36 @@ async def test_summaries_rollups_and_series_equal_the_python_reference(
         spike = max(latest, key=lambda s: abs(s.value))
         minmax = as_samples((await read(queries, ref.run_id, ref.name, "minmax", 12)).points)
         assert spike in minmax
+
+
+async def test_summaries_stay_exact_across_the_upgrade_to_the_cheaper_summary_view(
+    open_ch: Opener, clickhouse_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Points written under 0001+0002 (the view with the step set), then 0003 applied (both
+    views live for a moment, then only the new one), then more points, retries and re-logged
+    steps: the summaries and rollups still equal the reference over everything written."""
+    rng = random.Random(7)
+    batches = [(f"up-{run_id}", rows) for run_id, rows in random_batches(rng)]
+    rounds = deliveries(rng, batches)
+    half = len(rounds) // 2
+    everything = load_migrations("clickhouse")
+    older = tuple(m for m in everything if m.version < 3)
+    async with open_ch(f"{clickhouse_database}_upgrade") as fresh:
+        with anyio.fail_after(DEADLINE_S):
+            monkeypatch.setattr(clickhouse_migrations, "load_migrations", lambda engine: older)
+            await apply_clickhouse_migrations(fresh)
+            await deliver(fresh, rounds[:half])
+            monkeypatch.setattr(clickhouse_migrations, "load_migrations",
+                                lambda engine: everything)
+            assert await apply_clickhouse_migrations(fresh) == [
+                m.version for m in everything if m.version >= 3]
+            await deliver(fresh, rounds[half:])
+            reads = MetricQueries(fresh, timeout_s=60)
+            run_ids = sorted({ref.run_id for ref in reference_of(rounds).written})
+            summaries = await reads.summaries(run_ids)
+            blocks = await reads.block_stats(run_ids, None)
+    expected = reference_of(rounds)
+    assert {SeriesRef(s.run_id, s.name): (s.min_value, s.max_value, s.last_value, s.last_step,
+                                          s.count) for s in summaries} == {
+        ref: expected.summary(ref) for ref in expected.written}
+    assert blocks == {ref: expected.blocks(ref) for ref in expected.written}

@@ -2,9 +2,18 @@
 partly in memory and partly in the spool, with a hard memory bound.
 
 Order: every operation gets its `pos` when pushed, and the sender takes them strictly in `pos`
-order, one at a time, whether they sit in memory or on disk (spool files are named by `pos`).
-So a spilled or replayed batch never overtakes an older one, and the server's last-write-wins
-per (run, metric, step) sees the writes in the order they were logged.
+order, whether they sit in memory or on disk (spool files are named by `pos`). So a spilled or
+replayed batch never overtakes an older one, and the server's last-write-wins per (run, metric,
+step) sees the writes in the order they were logged.
+
+More than one in flight (`take(max_in_flight=N)`, the live sender's lanes): the next operation
+may start while others are in flight only when the order between them cannot matter to the
+server: all of them are metric batches without params or tags, and its (metric, step) and
+(system metric, timestamp) ranges meet none of theirs. Run creation, finish, a batch with
+params or tags (write-once params, last-value tags) and a batch re-logging steps of one in
+flight wait until everything before them is acknowledged, as do all operations while offline.
+So the server's versions (assigned at admission) order every pair of writes that share a key
+exactly as they were logged, whatever order the concurrent batches are admitted in.
 
 Where an operation lives:
 - memory (a deque, at most `max_memory_ops` entries) while the server keeps up;
@@ -59,8 +68,9 @@ class Outbox:
         self._changed = threading.Condition(threading.Lock())
         self._memory: deque[Op] = deque()
         self._spooled: list[SpoolEntry] = sorted(recovered)
-        self._in_flight: Op | None = None
-        self._in_flight_entry: SpoolEntry | None = None
+        # pos -> (operation, its spool entry if it is on disk); in `pos` order.
+        self._in_flight: dict[int, tuple[Op, SpoolEntry | None]] = {}
+        self._ranges: dict[int, dict[tuple[str, str], tuple[int, int]] | None] = {}
         self._offline = False
         self._closed = False
         self._next_pos = self._spooled[-1].pos + 1 if self._spooled else 0
@@ -88,15 +98,18 @@ class Outbox:
 
     # --- consumer side (the sender) --------------------------------------------------------
 
-    def take(self, timeout_s: float | None) -> Op | None:
+    def take(self, timeout_s: float | None, *, max_in_flight: int = 1) -> Op | None:
         """Mark the oldest pending operation in flight and return it; None on timeout or close.
-        The caller must `settle` or `dead_letter` it (or leave it for `spill`) before the next."""
+        The caller must `settle` or `dead_letter` it (or leave it for `spill`). With
+        `max_in_flight` 1 (the default) the caller takes the next only after that; with more,
+        several callers may hold operations at once, and `take` waits until the oldest pending
+        one may go alongside those in flight (see the module docstring)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._changed:
-            if self._in_flight is not None:
+            if max_in_flight <= 1 and self._in_flight:
                 raise RuntimeError("take() while an operation is in flight")
             while not self._closed:
-                op = self._take_head()
+                op = self._take_head(max_in_flight)
                 if op is not None:
                     return op
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -142,10 +155,7 @@ class Outbox:
         """Make every pending operation up to `through_pos` (all if None) durable on disk.
         Returns False if the spool could not take all of them."""
         with self._changed:
-            if self._in_flight is not None and (
-                through_pos is None or self._in_flight.pos <= through_pos
-            ):
-                self._spill_in_flight()
+            self._spill_in_flight(through_pos)
             while self._memory and (through_pos is None or self._memory[0].pos <= through_pos):
                 if not self._spill_one():
                     break
@@ -172,8 +182,9 @@ class Outbox:
     def pending_counts(self) -> tuple[int, int]:
         """(pending operations, of which on disk)."""
         with self._changed:
-            in_flight_only_in_memory = self._in_flight is not None and self._in_flight_entry is None
-            pending = len(self._memory) + len(self._spooled) + int(in_flight_only_in_memory)
+            in_flight_only_in_memory = sum(
+                1 for _, entry in self._in_flight.values() if entry is None)
+            pending = len(self._memory) + len(self._spooled) + in_flight_only_in_memory
             return pending, len(self._spooled)
 
     def _wait(self, predicate: Callable[[], bool], timeout_s: float) -> bool:
@@ -182,8 +193,8 @@ class Outbox:
 
     def _pending_min_pos(self) -> float:
         candidates: list[float] = [_INFINITY]
-        if self._in_flight is not None:
-            candidates.append(self._in_flight.pos)
+        if self._in_flight:
+            candidates.append(min(self._in_flight))
         if self._memory:
             candidates.append(self._memory[0].pos)
         if self._spooled:
@@ -192,38 +203,55 @@ class Outbox:
 
     def _volatile_min_pos(self) -> float:
         candidates: list[float] = [_INFINITY]
-        if self._in_flight is not None and self._in_flight_entry is None:
-            candidates.append(self._in_flight.pos)
+        candidates.extend(pos for pos, (_, entry) in self._in_flight.items() if entry is None)
         if self._memory:
             candidates.append(self._memory[0].pos)
         return min(candidates)
 
     # --- internals (lock held) -------------------------------------------------------------
 
-    def _take_head(self) -> Op | None:
-        while self._spooled and (not self._memory or self._spooled[0].pos < self._memory[0].pos):
-            entry = self._spooled[0]
+    def _take_head(self, max_in_flight: int) -> Op | None:
+        if self._in_flight and (len(self._in_flight) >= max_in_flight or self._offline):
+            return None
+        while True:
+            # In-flight operations that were spilled stay in `_spooled` until settled.
+            entry = next((e for e in self._spooled if e.pos not in self._in_flight), None)
+            if entry is None or (self._memory and self._memory[0].pos < entry.pos):
+                break
             try:
                 op = decode_op(self._spool.read(entry))
             except (SpoolCorrupt, OSError, zlib.error, msgspec.DecodeError) as exc:
                 # Damaged after it was written (recovery checked it): keep it aside, counted.
-                self._spooled.pop(0)
+                self._spooled.remove(entry)
                 self._spool.quarantine(entry, str(exc))
                 continue
-            self._in_flight, self._in_flight_entry = op, entry
-            return op
+            return self._start(op, entry)
         if self._memory:
-            self._in_flight, self._in_flight_entry = self._memory.popleft(), None
-            return self._in_flight
+            return self._start(self._memory[0], None)
         return None
 
+    def _start(self, op: Op, entry: SpoolEntry | None) -> Op | None:
+        """Put `op` (the oldest pending one) in flight, unless it must wait for those that are."""
+        ranges = batch_key_ranges(op)
+        if self._in_flight and (ranges is None or any(
+                other is None or _overlap(ranges, other) for other in self._ranges.values())):
+            return None
+        if entry is None:
+            self._memory.popleft()
+        self._in_flight[op.pos] = (op, entry)
+        self._ranges[op.pos] = ranges
+        return op
+
     def _finish_in_flight(self, op: Op) -> None:
-        if op is not self._in_flight:
+        held = self._in_flight.get(op.pos)
+        if held is None or held[0] is not op:
             raise RuntimeError("settling an operation that is not in flight")
-        if self._in_flight_entry is not None:
-            self._spool.remove(self._in_flight_entry)
-            self._spooled.remove(self._in_flight_entry)
-        self._in_flight = self._in_flight_entry = None
+        entry = held[1]
+        if entry is not None:
+            self._spool.remove(entry)
+            self._spooled.remove(entry)
+        del self._in_flight[op.pos]
+        del self._ranges[op.pos]
         self._changed.notify_all()
 
     def _enforce_memory_bound(self) -> None:
@@ -244,13 +272,14 @@ class Outbox:
         bisect.insort(self._spooled, entry)
         return True
 
-    def _spill_in_flight(self) -> None:
-        if self._in_flight is None or self._in_flight_entry is not None:
-            return
-        entry = self._write(self._in_flight)
-        if entry is not None:  # otherwise it stays in memory, in flight: not lost
-            self._in_flight_entry = entry
-            bisect.insort(self._spooled, entry)
+    def _spill_in_flight(self, through_pos: int | None = None) -> None:
+        for pos, (op, entry) in list(self._in_flight.items()):
+            if entry is not None or (through_pos is not None and pos > through_pos):
+                continue
+            written = self._write(op)
+            if written is not None:  # otherwise it stays in memory, in flight: not lost
+                self._in_flight[pos] = (op, written)
+                bisect.insort(self._spooled, written)
 
     def _write(self, op: Op) -> SpoolEntry | None:
         try:
@@ -275,3 +304,40 @@ class Outbox:
         self._counters.dropped_batches += 1
         if isinstance(op, BatchOp):
             self._counters.dropped_points += op.points
+
+
+def batch_key_ranges(op: Op) -> dict[tuple[str, str], tuple[int, int]] | None:
+    """The keys a batch writes, as ranges per series: ("m", name) -> (lowest, highest step) and
+    ("s", name) -> (lowest, highest timestamp) of system metrics. None for an operation whose
+    order matters whatever it writes: run creation, finish, a batch with params or tags, a
+    point without its own timestamp (the server fills in its clock)."""
+    if not isinstance(op, BatchOp):
+        return None
+    request = op.request
+    if request.params or request.tags:
+        return None
+    ranges: dict[tuple[str, str], tuple[int, int]] = {}
+
+    def add(key: tuple[str, str], low: int, high: int) -> None:
+        known = ranges.get(key)
+        ranges[key] = (low, high) if known is None else (min(known[0], low), max(known[1], high))
+
+    for series in request.series:
+        if series.steps:
+            add(("m", series.name), min(series.steps), max(series.steps))
+    for point in request.metrics:
+        add(("m", point.name), point.step, point.step)
+    for point in request.system_metrics:
+        if point.timestamp is None:
+            return None
+        add(("s", point.name), point.timestamp, point.timestamp)
+    return ranges
+
+
+def _overlap(ranges: dict[tuple[str, str], tuple[int, int]],
+             other: dict[tuple[str, str], tuple[int, int]]) -> bool:
+    for key, (low, high) in ranges.items():
+        known = other.get(key)
+        if known is not None and low <= known[1] and known[0] <= high:
+            return True
+    return False

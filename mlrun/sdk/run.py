@@ -212,7 +212,9 @@ class Run:
     def finish(self, status: FinalStatus = "finished", timeout_s: float | None = None) -> None:
         """Mark the run `status` (finished | failed | killed) and deliver what is left, within
         `timeout_s` (default `finish_timeout_s`); what is not delivered by then stays in the
-        spool for `mlrun sync`. A second call does nothing."""
+        spool for `mlrun sync`. Artifact uploads in flight are waited for (within the same
+        deadline) before the status is sent, so a run seen finished has all its artifacts.
+        A second call does nothing."""
         if status not in get_args(FinalStatus):
             raise InvalidArgument(f"status: expected one of {get_args(FinalStatus)}, got "
                                   f"{status!r}")
@@ -225,19 +227,22 @@ class Run:
                                        else timeout_s)
         if self._monitor is not None:
             self._monitor.stop(_STOP_JOIN_S)
+        if self._uploader is not None:
+            # Artifacts in flight first: the run is marked finished only once they are
+            # finalized, so whoever sees the status sees every artifact too. Uploads and the
+            # sender's deliveries of what was logged before progress together meanwhile.
+            self._batcher.wake()
+            late = self._uploader.close(deadline - time.monotonic())
+            if late:
+                logger.warning("mlrun: run %s: %d artifact uploads did not complete before the "
+                               "finish deadline and were cancelled: %s", self.run_id, len(late),
+                               ", ".join(repr(h.name) for h in late))
         self._entries.append((FINISH, 0, 0.0, FinishOp(run_id=self.run_id,
                                                        request=FinishRun(status=status))))
         self._batcher.wake()
         # The batcher never waits on the network, so it gets its few moments (to form the last
         # batch and queue the finish) even when the deadline has passed already.
         self._batcher.join(max(deadline - time.monotonic(), _BATCHER_JOIN_S))
-        if self._uploader is not None:
-            # Uploads and the sender's last deliveries progress together on their threads.
-            late = self._uploader.close(deadline - time.monotonic())
-            if late:
-                logger.warning("mlrun: run %s: %d artifact uploads did not complete before the "
-                               "finish deadline and were cancelled: %s", self.run_id, len(late),
-                               ", ".join(repr(h.name) for h in late))
         if self._sender is not None:
             self._outbox.wait_settled(self._outbox.last_pos, deadline - time.monotonic())
         self._shutdown()

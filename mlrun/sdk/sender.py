@@ -1,5 +1,11 @@
-"""The sender: delivers the outbox's operations one at a time, in order, acting on each
-attempt's `Outcome` (see `mlrun.sdk.retry` for the table).
+"""The sender: delivers the outbox's operations in order, acting on each attempt's `Outcome`
+(see `mlrun.sdk.retry` for the table).
+
+A live run's sender has `max_batches_in_flight` lanes (threads sharing the transport's one
+connection pool / channel): while the server keeps up, a lane starts the next metric batch
+before the previous ones are acknowledged, when the outbox says their order cannot matter
+(disjoint steps, no params or tags: see `mlrun.sdk.outbox`), so one process is not limited to
+one batch per round trip. Run creation, finish, and everything while offline go one at a time.
 
 - Delivered: settle (delete the spool file if it was spooled); log the server's warnings once
   per code.
@@ -66,29 +72,40 @@ class Sender:
         # Set when the run's creation is answered, or when the run goes offline (no answer is
         # coming soon): `Run` waits on it at init.
         self.init_resolved = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, name=f"mlrun-sender-{(run_id or 'sync')[:8]}", daemon=True)
+        self._lanes = max(1, settings.max_batches_in_flight)
+        # Counters, reports and the offline switch are shared by the lanes.
+        self._lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._run, args=(lane,), daemon=True,
+                             name=f"mlrun-sender-{(run_id or 'sync')[:8]}-{lane}")
+            for lane in range(self._lanes)
+        ]
 
     # --- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
         self._stop.set()
         self._outbox.close()
 
     def join(self, timeout_s: float) -> bool:
-        if self._thread.ident is not None:
-            self._thread.join(max(0.0, timeout_s))
-        return not self._thread.is_alive()
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            if thread.ident is not None:
+                thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in self._threads)
 
-    def _run(self) -> None:
+    def _run(self, lane: int) -> None:
         try:
             while not self._stop.is_set():
-                op = self._outbox.take(timeout_s=self._heartbeat_interval_s)
+                op = self._outbox.take(timeout_s=self._heartbeat_interval_s,
+                                       max_in_flight=self._lanes)
                 if op is None:
-                    self._heartbeat()
+                    if lane == 0:
+                        self._heartbeat()
                     continue
                 self._deliver(op, give_up_when_offline=False)
         except Exception:
@@ -127,13 +144,16 @@ class Sender:
             if isinstance(outcome, Rejected):
                 self._rejected(op, outcome)
                 return True
-            self._counters.retries += 1
+            with self._lock:
+                self._counters.retries += 1
+                if isinstance(outcome, Overloaded):
+                    self._counters.overloaded_responses += 1
+                else:
+                    self._counters.transient_errors += 1
             if isinstance(outcome, Overloaded):
-                self._counters.overloaded_responses += 1
                 failing_since = None  # the server is up and talking: never a reason to spool
                 delay_s = self._backoff.overloaded_delay_s(outcome.retry_after_s)
             else:
-                self._counters.transient_errors += 1
                 now = time.monotonic()
                 failing_since = now if failing_since is None else failing_since
                 if now - failing_since >= self._offline_after_s and not self._outbox.offline:
@@ -148,16 +168,18 @@ class Sender:
         return False
 
     def _delivered(self, op: Op, outcome: Delivered) -> None:
-        if self._outbox.offline:
-            self._outbox.set_offline(False)
-            logger.warning("mlrun: the server answers again; replaying the spool in order")
-        if isinstance(op, BatchOp):
-            self._counters.batches_delivered += 1
-            self._counters.points_delivered += op.points
-            self._counters.duplicate_batches += int(outcome.duplicate)
-        for code, message in outcome.warnings:
-            self._counters.server_warnings += 1
-            self._report_once(("warning", code), "mlrun: server warning %s: %s", code, message)
+        with self._lock:
+            if self._outbox.offline:
+                self._outbox.set_offline(False)
+                logger.warning("mlrun: the server answers again; replaying the spool in order")
+            if isinstance(op, BatchOp):
+                self._counters.batches_delivered += 1
+                self._counters.points_delivered += op.points
+                self._counters.duplicate_batches += int(outcome.duplicate)
+            for code, message in outcome.warnings:
+                self._counters.server_warnings += 1
+                self._report_once(("warning", code), "mlrun: server warning %s: %s", code,
+                                  message)
         self._outbox.settle(op)
         if isinstance(op, InitOp):
             self.init_outcome = outcome
@@ -167,24 +189,28 @@ class Sender:
         if isinstance(op, FinishOp) and outcome.status in ("HTTP 409", "gRPC FAILED_PRECONDITION"):
             self._outbox.settle(op)  # already finished (a replay, or finished elsewhere)
             return
-        self._report_once(
-            (outcome.status, outcome.code),
-            "mlrun: the server refused a %s (%s %s: %s); it is not retried and is kept in "
-            "%s/dead/ (reported once per code, counted in statistics().dead_lettered)",
-            op_kind(op), outcome.status, outcome.code, outcome.message, self._spool_dir,
-        )
         letter = DeadLetter(op=op, status=outcome.status, code=outcome.code,
                             message=outcome.message, at_ms=int(time.time() * 1000))
-        self._outbox.dead_letter(op, letter)
+        with self._lock:
+            self._report_once(
+                (outcome.status, outcome.code),
+                "mlrun: the server refused a %s (%s %s: %s); it is not retried and is kept in "
+                "%s/dead/ (reported once per code, counted in statistics().dead_lettered)",
+                op_kind(op), outcome.status, outcome.code, outcome.message, self._spool_dir,
+            )
+            self._outbox.dead_letter(op, letter)
         if isinstance(op, InitOp):
             self.init_outcome = outcome
             self.init_resolved.set()
 
     def _go_offline(self, outcome: Unavailable) -> None:
+        with self._lock:
+            if self._outbox.offline:
+                return  # another lane switched already
+            self._outbox.set_offline(True)
         logger.warning(
             "mlrun: the server has been unreachable for %g s (%s); spooling to %s and probing "
             "until it is back", self._offline_after_s, outcome.reason, self._spool_dir)
-        self._outbox.set_offline(True)
         self.init_resolved.set()
 
     def _heartbeat(self) -> None:
@@ -196,6 +222,7 @@ class Sender:
                 logger.debug("mlrun: heartbeat not acknowledged: %s", outcome)
 
     def _report_once(self, key: tuple[str, str], message: str, *args: object) -> None:
+        """Log `message` once per `key` (callers hold `_lock` or run in one thread)."""
         if key not in self._reported:
             self._reported.add(key)
             logger.warning(message, *args)

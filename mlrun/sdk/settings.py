@@ -13,6 +13,7 @@ parsed once into a frozen `Settings` record and passed down.
     MLRUN_BATCH_MAX_BYTES             max_batch_bytes            4 MiB     (estimated JSON bytes)
     MLRUN_BATCH_MAX_AGE_S             max_batch_age_s            0.05
     MLRUN_QUEUE_MAX_BATCHES           max_queued_batches         16        (batches kept in memory)
+    MLRUN_MAX_BATCHES_IN_FLIGHT       max_batches_in_flight      1         (batches sent at once)
     MLRUN_REQUEST_TIMEOUT_S           request_timeout_s          10
     MLRUN_INIT_TIMEOUT_S              init_timeout_s             10
     MLRUN_FINISH_TIMEOUT_S            finish_timeout_s           30
@@ -68,6 +69,7 @@ class Settings:
     max_batch_bytes: int = 4 << 20
     max_batch_age_s: float = 0.05
     max_queued_batches: int = 16
+    max_batches_in_flight: int = 1
     request_timeout_s: float = 10.0
     init_timeout_s: float = 10.0
     finish_timeout_s: float = 30.0
@@ -127,7 +129,8 @@ class Settings:
                 f"{_label('max_batch_points')}: must be between 1 and {MAX_POINTS_PER_BATCH} "
                 f"(the server's cap per batch), got {self.max_batch_points}"
             )
-        for name in ("spool_max_bytes", "max_batch_bytes", "max_queued_batches"):
+        for name in ("spool_max_bytes", "max_batch_bytes", "max_queued_batches",
+                     "max_batches_in_flight"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{_label(name)}: must be at least 1")
         for name in (
@@ -201,6 +204,7 @@ _ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "max_batch_bytes": ("MLRUN_BATCH_MAX_BYTES", _int),
     "max_batch_age_s": ("MLRUN_BATCH_MAX_AGE_S", _float),
     "max_queued_batches": ("MLRUN_QUEUE_MAX_BATCHES", _int),
+    "max_batches_in_flight": ("MLRUN_MAX_BATCHES_IN_FLIGHT", _int),
     "request_timeout_s": ("MLRUN_REQUEST_TIMEOUT_S", _float),
     "init_timeout_s": ("MLRUN_INIT_TIMEOUT_S", _float),
     "finish_timeout_s": ("MLRUN_FINISH_TIMEOUT_S", _float),

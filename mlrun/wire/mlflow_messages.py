@@ -35,32 +35,34 @@ Number = float | int | str
 
 
 class Message(Struct, kw_only=True, omit_defaults=True):
-    """Base of the MLflow messages: unset fields are omitted when encoded."""
+    """Base of the MLflow messages: unset fields are omitted when encoded. Messages holding only
+    scalars are `gc=False`: a log-batch decodes a thousand of them, which would otherwise be
+    tracked by (and trigger) the cyclic garbage collector."""
 
 
 # --- shared ---------------------------------------------------------------------------------
 
 
-class KeyValue(Message):
+class KeyValue(Message, gc=False):
     key: str
     value: str = ""
 
 
-class MetricIn(Message):
+class MetricIn(Message, gc=False):
     key: str
     value: Number
     timestamp: Number = 0
     step: Number = 0
 
 
-class MetricOut(Message):
+class MetricOut(Message, gc=False):
     key: str
     value: float
     timestamp: int
     step: int
 
 
-class MetricWithRun(Message):
+class MetricWithRun(Message, gc=False):
     key: str
     value: float
     timestamp: int

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,24 @@ def test_small_and_multipart_files_round_trip_byte_identical(
     assert artifacts["checkpoints/final.pt"]["type"] == "model"
     assert artifacts["metrics.json"]["mime_type"] == "application/json"
     assert artifacts["checkpoints/final.pt"]["sha256"] == large_sha
+
+
+def test_finish_marks_the_run_finished_only_after_its_uploads_in_flight(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    large = tmp_path / "weights.bin"
+    sha = write_random(large, 20 * MiB + 1)
+    run = mlrun.init("artifacts", settings=sdk_settings(server, tmp_path / "spool"))
+    handle = run.log_artifact(large)  # not waited for: finish() must
+    run.finish(timeout_s=180)
+    assert handle.state == "done" and handle.sha256 == sha, handle.error
+    with httpx.Client(base_url=server.base_url, headers=AUTH, timeout=60) as api:
+        detail = api.get(f"/api/v1/runs/{run.run_id}").json()
+    artifact = listed(server, run.run_id)["weights.bin"]
+    assert detail["status"] == "finished" and detail["artifacts_count"] == 1
+    # The status reached the server after the artifact was finalized, not while it uploaded.
+    assert (datetime.fromisoformat(artifact["finalized_at"])
+            <= datetime.fromisoformat(detail["finished_at"]))
 
 
 def test_wait_true_blocks_until_finalized(server: ServerProcess, tmp_path: Path) -> None:

@@ -204,9 +204,13 @@ class StreamProcessor:
                         groups_ready = True
                         continue
                     if own_pending_left:
-                        # Alone (no other round in flight yet): our pending list is exactly
-                        # what an earlier life left.
-                        entries = await self._read(b"0")
+                        # What an earlier life of this name left pending, or a read whose
+                        # answer was lost (Redis delivered, the reply never arrived): taken
+                        # back at once instead of after the claim timeout. Entries of our
+                        # own rounds in flight are pending too: they stay theirs.
+                        read = await self._read(b"0")
+                        entries = [entry for entry in read
+                                   if (entry.stream, entry.entry_id) not in self._in_flight]
                         own_pending_left = bool(entries)
                         self._note_redelivered(len(entries))
                         if entries:
@@ -226,6 +230,7 @@ class StreamProcessor:
                     backoff_s = 0.0
                 except BackendUnavailable as exc:  # redis is down or restarting
                     self._counts["redis_failures"] += 1
+                    own_pending_left = True  # a lost reply may have delivered entries to us
                     backoff_s = min(max(backoff_s * 2, 0.05), _MAX_BACKOFF_S)
                     logger.warning("cannot read the ingest queue (%s); retrying in %.2fs",
                                    exc.message, backoff_s)

@@ -77,6 +77,10 @@ class LifecycleStore(Protocol):
 
     async def record_error(self, job_id: str, message: str) -> None: ...
 
+    async def prune_jobs(self, *, older_than_s: float, limit: int) -> int:
+        """Delete up to `limit` jobs done more than `older_than_s` ago."""
+        ...
+
     async def prune_ledger(self, *, older_than_s: float, limit: int) -> int:
         """Delete up to `limit` ledger rows created more than `older_than_s` ago."""
         ...

@@ -58,10 +58,11 @@ class KeyRange:
 class SeriesStats:
     """One series in the requested range: its rows, its key bounds, and whether any of its
     steps was written twice (then reads must deduplicate). `rows_distinct`: `rows` counts
-    distinct keys (else rows, duplicates included). `dirty_blocks`: the range is the whole
-    series and these of its blocks are dirty, sorted (the others can be read from the block
-    rollups); None when the range is not the whole series or its dirty blocks are too many
-    to list."""
+    distinct keys (else rows, duplicates included). `dirty_blocks`: the blocks of the range
+    to compute from points, sorted (the others can be read from the block rollups): the
+    series' dirty blocks in range, and for a step range also its two edge blocks (partly
+    outside the range); None for system metrics, or when the dirty blocks are too many to
+    list."""
 
     rows: int
     lo: int
@@ -126,6 +127,9 @@ class BucketRequest:
     method: Method
     dedup: bool
     dirty: tuple[int, ...] = ()
+    # The step range read: under a BlockPlan the blocks computed from points (`dirty`, which
+    # then include the range's two edge blocks) count only their points inside it.
+    key_range: KeyRange = KeyRange()
 
 
 def whole_series_stats(blocks: dict[SeriesRef, BlockStats]) -> dict[SeriesRef, SeriesStats]:

@@ -17,6 +17,9 @@ Must not import trio or hypercorn (the entry point runs this on the default back
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
+import gc
 import gzip
 import logging
 import os
@@ -31,7 +34,7 @@ import anyio
 
 from mlrun.server.errors import ConfigError, InvalidInput, MlrunError
 from mlrun.server.ports.run_reads import RunFilter
-from mlrun.server.protocols.export_file import ExportFileError
+from mlrun.server.protocols.export_file import ExportFileError, Points
 from mlrun.server.runtime.config import Config, load_config
 from mlrun.server.runtime.logs import configure_logging
 from mlrun.server.runtime.supervisor import StartupError, open_prepared_storage
@@ -61,6 +64,29 @@ logger = logging.getLogger("mlrun.archive")
 _IO_CHUNK_BYTES: Final = 1 << 20
 _COMPRESS_LEVEL: Final = 3  # ~3x faster than 9 on this data, ~15 % larger
 _REDRAW_S: Final = 0.2
+# glibc's mallopt parameters (malloc.h) and the fixed threshold we set: see _flat_heap.
+_M_TRIM_THRESHOLD: Final = -1
+_M_MMAP_THRESHOLD: Final = -3
+_MMAP_THRESHOLD_BYTES: Final = 1 << 20
+
+
+def _flat_heap() -> None:
+    """Keep the resident size flat over a long import or export. Both churn through buffers of
+    a few MB (a chunk's JSON line, its RowBinary, the compressed request); glibc serves those
+    from mmap at first, but raises its mmap threshold each time one is freed, after which they
+    come from the heap, fragment it and stay resident (measured: 10M points imported grew to
+    ~300 MB, with a fixed 1 MiB threshold it stays ~120 MB). A fixed threshold turns that
+    adjustment off. Not glibc (musl, macOS): nothing to do."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+    mallopt(_M_TRIM_THRESHOLD, _MMAP_THRESHOLD_BYTES)
 
 
 class ProgressBar:
@@ -200,6 +226,25 @@ def _selection(args: argparse.Namespace) -> ExportSelection:
     ))
 
 
+class _CollectingSeries:
+    """`SeriesArchive` whose inserts are followed by a garbage collection. httpx's request and
+    response objects form reference cycles that keep each insert's body (a few MB) alive until
+    a full collection, and an import allocates too few container objects to trigger one: without
+    this, 10M points imported held ~7 bodies at a time and grew past 300 MB (measured with
+    tracemalloc). A collection costs a few ms per insert of 131k points."""
+
+    def __init__(self, series: SeriesArchive) -> None:
+        self._series = series
+        self.series_names = series.series_names
+        self.read_chunk = series.read_chunk
+        self.summaries = series.summaries
+        self.restore_summary = series.restore_summary
+
+    async def write_points(self, chunks: Sequence[Points]) -> None:
+        await self._series.write_points(chunks)
+        gc.collect()
+
+
 def archive_main(command: str, argv: Sequence[str]) -> int:
     args = _parser(command).parse_args(argv)
     try:
@@ -209,6 +254,7 @@ def archive_main(command: str, argv: Sequence[str]) -> int:
         print(f"mlrun {command}: {exc}", file=sys.stderr)
         return 2
     configure_logging("warning", config.log_format)
+    _flat_heap()
     enabled = args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty())
     started = time.monotonic()
     try:
@@ -269,7 +315,7 @@ async def _import(config: Config, path: Path, progress_enabled: bool) -> Archive
     load = ProgressBar("import", enabled=progress_enabled)
     async with open_prepared_storage(config, public_base_url="http://127.0.0.1") as storage:
         importer = Importer(PostgresRunArchive(storage.postgres),
-                            SeriesArchive(storage.clickhouse))
+                            _CollectingSeries(SeriesArchive(storage.clickhouse)))
         try:
             return await importer.import_file(lambda: gzip_lines(path), load, check)
         finally:

@@ -40,8 +40,10 @@ LogFormat = Literal["text", "json"]
 # its first committed batch in the ledger, i.e. between the ClickHouse commit and the ledger
 # update; `kill_before_stream_ack` kills `mlrun process` the same way between its ClickHouse
 # insert and the XACK of the entries it carried; `kill_mid_purge` kills `mlrun serve` right after
-# a purge job started its ClickHouse deletes, before it recorded their end.
-FaultInjection = Literal["kill_before_ledger_mark", "kill_before_stream_ack", "kill_mid_purge"]
+# a purge job started its ClickHouse deletes, before it recorded their end; `kill_mid_retention`
+# right after retention dropped a month, before it rebuilt its runs' summaries and rollups.
+FaultInjection = Literal["kill_before_ledger_mark", "kill_before_stream_ack", "kill_mid_purge",
+                         "kill_mid_retention"]
 IngestMode = Literal["direct", "queued"]
 
 
@@ -268,7 +270,7 @@ def _log_format(name: str, raw: str) -> LogFormat:
 def _fault_injection(name: str, raw: str) -> FaultInjection:
     return cast(FaultInjection,
                 _choice("kill_before_ledger_mark", "kill_before_stream_ack",
-                        "kill_mid_purge")(name, raw))
+                        "kill_mid_purge", "kill_mid_retention")(name, raw))
 
 
 def _host(name: str, raw: str) -> str:

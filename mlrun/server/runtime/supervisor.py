@@ -25,6 +25,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -293,6 +294,11 @@ def hypercorn_config(sock: socket.socket, *, graceful_timeout_s: float) -> Hyper
     # detach ours so the descriptor has exactly one owner.
     config.bind = [f"fd://{sock.detach()}"]
     config.graceful_timeout = graceful_timeout_s
+    # Idle kept-alive connections stay open longer than clients keep them in their pools
+    # (httpx 5 s, the SDK 4 s): with hypercorn's default of 5 s both ends time out
+    # together and a request sent just as the server closes fails with "server disconnected".
+    # The server must be the side that waits longer (nginx uses 75 s for the same reason).
+    config.keep_alive_timeout = 75.0
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.include_server_header = False
@@ -434,8 +440,9 @@ async def _run_listeners(
     async def grpc_ready() -> bool:
         return (await services.readiness.check()).ready
 
+    health = HealthServicer(grpc_ready)
     grpc_services = [
-        HealthServicer(grpc_ready).service,
+        health.service,
         IngestServicer(ingest=services.ingest, authenticator=services.authenticator,
                        artifacts=services.artifacts).service,
         QueryServicer(queries=services.queries, authenticator=services.authenticator,
@@ -478,6 +485,7 @@ async def _run_listeners(
                 task_status.started(BoundAddresses(config.listen.host, http_port, grpc_port))
                 await shutdown_requested.wait()
                 logger.info("shutting down: listeners stop accepting, accepted work drains")
+                health.close()  # Health/Watch streams say NOT_SERVING and end
                 grpc_scope.cancel()
             logger.info("listeners stopped")
         finally:
@@ -506,8 +514,8 @@ def build_lifecycle(config: Config, storage: Storage, authenticator: Authenticat
             ledger_retention_s=settings.ledger_retention_days * 24 * 3600,
             upload_max_age_s=settings.upload_max_age_h * 3600,
         ),
-        after_clickhouse_delete=(_kill_mid_purge if config.fault_injection == "kill_mid_purge"
-                                 else None),
+        fault_point=(partial(_kill_at, _LIFECYCLE_FAULTS[config.fault_injection])
+                     if config.fault_injection in _LIFECYCLE_FAULTS else None),
         forget_keys=forget_keys,
     )
 
@@ -522,10 +530,18 @@ async def _serve_lifecycle_until_cancelled(
         await lifecycle.serve(task_status=task_status)
 
 
-def _kill_mid_purge() -> None:
-    """MLRUN_FAULT_INJECTION=kill_mid_purge: die mid-purge, as a power cut would."""
-    logger.warning("fault injection: SIGKILL mid-purge")
-    os.kill(os.getpid(), signal.SIGKILL)
+# MLRUN_FAULT_INJECTION values that kill the server at a point of the housekeeper's work.
+_LIFECYCLE_FAULTS = {
+    "kill_mid_purge": "purge_clickhouse_deletes_started",
+    "kill_mid_retention": "retention_partition_dropped",
+}
+
+
+def _kill_at(wanted: str, reached: str) -> None:
+    """Die at the housekeeper's point `wanted`, as a power cut would."""
+    if reached == wanted:
+        logger.warning("fault injection: SIGKILL at %s", reached)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _kill_self() -> None:

@@ -47,8 +47,9 @@ from mlrun.server.protocols.export_file import (
 
 # Points per `points` record: ~2.5 MB of JSON, a few tens of MB of Python objects at most.
 CHUNK_POINTS: Final = 65_536
-# Points gathered into one ClickHouse INSERT on import (fewer, larger parts).
-INSERT_POINTS: Final = 4 * CHUNK_POINTS
+# Points gathered into one ClickHouse INSERT on import: larger inserts make fewer parts, but
+# their rows are held as Python objects and RowBinary at once (2 chunks: ~60 MB at the peak).
+INSERT_POINTS: Final = 2 * CHUNK_POINTS
 _RUNS_PER_PAGE: Final = 200
 _TABLES: Final[tuple[SeriesTable, ...]] = ("metrics", "system_metrics")
 
@@ -222,8 +223,9 @@ class Importer:
             shown = ", ".join(sorted(conflicts)[:5])
             more = f" and {len(conflicts) - 5} more" if len(conflicts) > 5 else ""
             raise ArchiveConflict(
-                f"{len(conflicts)} run id(s) of the file exist in the target with other content:"
-                f" {shown}{more}; nothing was imported (delete them there first)")
+                f"{len(conflicts)} run id(s) of the file exist in the target with other content"
+                f" (or are being deleted there): {shown}{more}; nothing was imported (delete"
+                " them there first, and let the purge finish)")
         wanted = {run_id for run_id, found in existing.items() if found.state == "absent"}
         progress.add_total(checked.points + checked.system_points)
         totals = await self._load(lines(), wanted, progress)
@@ -257,8 +259,9 @@ class Importer:
                     await self._series.restore_summary(summary)
                 if not await self._rows.commit_run(run.fields, run.artifacts,
                                                    digest=record.sha256):
-                    raise ArchiveConflict(f"run {record.run_id} was created in the target while "
-                                          "it was being imported; it was left as it was")
+                    raise ArchiveConflict(f"run {record.run_id} was created (or deleted) in the "
+                                          "target while it was being imported; it was left as "
+                                          "it was")
                 runs += 1
                 points += record.points
                 system_points += record.system_points

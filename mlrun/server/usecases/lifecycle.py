@@ -60,6 +60,13 @@ _DAY_S = 24 * 3600.0
 _MIN_WAIT_S = 0.5
 # Delete passes of one round over a job's runs in ClickHouse (see _delete_from_clickhouse).
 _DELETE_PASSES = 3
+# Runs per set of mutations: a project's or a month's runs go in sets of this many, each set
+# finished before the next starts (its IN list stays far below ClickHouse's max_query_size).
+_RUNS_PER_MUTATION = 1000
+
+
+def _chunks(run_ids: list[str]) -> list[list[str]]:
+    return [run_ids[i:i + _RUNS_PER_MUTATION] for i in range(0, len(run_ids), _RUNS_PER_MUTATION)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +82,8 @@ class LifecycleSettings:
     ledger_retention_s: float = 7 * _DAY_S
     # Unfinalized uploads older than this are aborted (upload URLs expire after 1 h).
     upload_max_age_s: float = _DAY_S
+    # Finished purge jobs stay readable (GET /api/v1/purge_jobs/{job_id}) this long.
+    job_retention_s: float = 30 * _DAY_S
     object_chunk: int = 100
     ledger_chunk: int = 5000
     # Most ledger chunks one round prunes (the rest waits for the next round).
@@ -114,11 +123,13 @@ class Lifecycle:
     def __init__(self, store: LifecycleStore, metrics: MetricLifecycle, objects: ArtifactStore,
                  *, settings: LifecycleSettings = LifecycleSettings(),
                  worker: str | None = None,
-                 after_clickhouse_delete: Callable[[], None] | None = None,
+                 fault_point: Callable[[str], None] | None = None,
                  forget_keys: Callable[[Sequence[str]], None] | None = None) -> None:
         self._store = store
-        # Tests' fault injection: called once a job's ClickHouse deletes were started.
-        self._after_clickhouse_delete = after_clickhouse_delete
+        # Tests' fault injection: called with "purge_clickhouse_deletes_started" once a job's
+        # ClickHouse deletes were started, "retention_partition_dropped" once a month's
+        # partitions were dropped (before its runs' rollups were rebuilt).
+        self._fault_point = fault_point
         # Drops keys from this process's key view at once (other processes: next reload).
         self._forget_keys = forget_keys
         self._metrics = metrics
@@ -199,6 +210,8 @@ class Lifecycle:
                         await self._apply_retention()
                     await self._prune_ledger()
                     await self._abort_stale_uploads()
+                    await self._store.prune_jobs(older_than_s=self._settings.job_retention_s,
+                                                 limit=self._settings.ledger_chunk)
             self._stats.jobs_by_state = await self._store.job_counts()
             if held and self._stats.errors == errors_before:
                 next_job_s = await self._store.seconds_until_next_job()
@@ -242,8 +255,8 @@ class Lifecycle:
             if points is None:
                 points = await self._metrics.count_points(run_ids)
                 await self._store.set_phase(job.job_id, "clickhouse", points_removed=points)
-            if run_ids:
-                await self._delete_from_clickhouse(job.job_id, run_ids)
+            for chunk in _chunks(run_ids):  # one set of mutations at a time
+                await self._delete_from_clickhouse(job.job_id, chunk)
             self._stats.points_removed += points
             await self._store.set_phase(job.job_id, "ledger",
                                         clickhouse_seconds=anyio.current_time() - started)
@@ -264,8 +277,8 @@ class Lifecycle:
         for _ in range(_DELETE_PASSES):
             await self._wait_for(self._metrics.busy_mutations, "earlier mutations")
             await self._metrics.delete_runs(run_ids)
-            if self._after_clickhouse_delete is not None:
-                self._after_clickhouse_delete()
+            if self._fault_point is not None:
+                self._fault_point("purge_clickhouse_deletes_started")
             await self._wait_for(self._metrics.busy_mutations,
                                  f"the delete mutations of {job_id}")
             if await self._metrics.remaining_rows(run_ids) == 0:
@@ -300,34 +313,40 @@ class Lifecycle:
     # --- retention -----------------------------------------------------------------------------
 
     async def _apply_retention(self) -> None:
-        await self._rebuild_pending()
+        await self._rebuild_pending()  # what a crash left between a drop and its rebuild
         before = month_before(datetime.now(UTC), self._settings.retention_days)
         for month in await self._metrics.expired_partitions(before_month=before):
             run_ids = await self._metrics.runs_in_partition(month)
             # Recorded first: a crash from here on resumes with the rebuild.
             await self._store.add_rebuilds(run_ids)
-            if run_ids:
-                await self._wait_for(self._metrics.busy_mutations, "earlier mutations")
-                # Rollups go before their points: a read may briefly miss a summary, never
-                # show one for points that are gone.
-                await self._metrics.delete_rollups(run_ids)
-                await self._wait_for(partial(self._metrics.remaining_rollups, run_ids),
-                                     f"the rollup deletes of month {month}")
+            # Rollups go before their points: a read may briefly miss a summary, never show
+            # one for points that are gone.
+            for chunk in _chunks(run_ids):
+                await self._delete_rollups(chunk, f"the rollup deletes of month {month}")
             await self._metrics.drop_partition(month)
+            if self._fault_point is not None:
+                self._fault_point("retention_partition_dropped")
             self._stats.partitions_dropped += 1
+            for chunk in _chunks(run_ids):
+                await self._metrics.rebuild_rollups(chunk)
+                await self._store.rebuilds_done(chunk)
+                self._stats.runs_rebuilt += len(chunk)
             logger.info("retention: dropped month %d (%d runs had points in it)", month,
                         len(run_ids))
-            await self._rebuild_pending()
 
     async def _rebuild_pending(self) -> None:
-        while run_ids := await self._store.pending_rebuilds(limit=1000):
-            await self._wait_for(self._metrics.busy_mutations, "earlier mutations")
-            await self._metrics.delete_rollups(run_ids)
-            await self._wait_for(partial(self._metrics.remaining_rollups, run_ids),
-                                 "the rollup deletes of a rebuild")
+        """Runs recorded for a rebuild that a crash interrupted: their rollups may be deleted
+        or not, so they are deleted (again) and rebuilt."""
+        while run_ids := await self._store.pending_rebuilds(limit=_RUNS_PER_MUTATION):
+            await self._delete_rollups(run_ids, "the rollup deletes of a resumed rebuild")
             await self._metrics.rebuild_rollups(run_ids)
             await self._store.rebuilds_done(run_ids)
             self._stats.runs_rebuilt += len(run_ids)
+
+    async def _delete_rollups(self, run_ids: list[str], what: str) -> None:
+        await self._wait_for(self._metrics.busy_mutations, "earlier mutations")
+        await self._metrics.delete_rollups(run_ids)
+        await self._wait_for(partial(self._metrics.remaining_rollups, run_ids), what)
 
     # --- pruning -------------------------------------------------------------------------------
 

@@ -413,15 +413,16 @@ class Queries:
             dirty: dict[SeriesRef, tuple[int, ...]] = {}
             for ref in large:
                 st = stats[ref]
-                # A whole series is bucketed from its block rollups (128 steps a row; dirty
-                # blocks from their points) when it is long enough for whole blocks per bucket.
+                # A series or step range is bucketed from its block rollups (128 steps a row;
+                # dirty blocks and a range's two edge blocks from their points) when it is
+                # long enough for whole blocks per bucket.
                 block_plan = (plan_block_buckets(method, st.lo, st.hi, max_points, BLOCK_STEPS)
                               if st.dirty_blocks is not None else None)
                 if block_plan is not None and st.dirty_blocks is not None:
                     dirty[ref] = st.dirty_blocks
                 plans[ref] = block_plan or plan_buckets(method, st.lo, st.hi, max_points)
             requests = [BucketRequest(ref, plans[ref], method, stats[ref].has_duplicates,
-                                      dirty.get(ref, ())) for ref in large]
+                                      dirty.get(ref, ()), key_range) for ref in large]
             bucketed = await self._metrics.buckets(table, requests)
             for ref, series in bucketed.items():
                 total = series.total

@@ -25,6 +25,10 @@ What is extended, and why:
   INVALID_ARGUMENT with `mlrun-error-code: payload_too_large` (never RESOURCE_EXHAUSTED, which
   clients are told to wait on and resend: the same message can never fit).
 
+- Cancellation: purerpc ignores a client's RST_STREAM once the request was read, so a handler
+  kept working for nobody. `GrpcStream.handler_scope` is cancelled by such a reset, and
+  `GrpcSocket.cancel_calls` cancels every running call when the client's connection ends.
+
 Invariants: every request byte the connection accepted is acknowledged once it is read or known
 never to be read; a stream is answered at most once (`locally_closed` says so).
 """
@@ -34,7 +38,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final, cast
 
 import anyio
@@ -100,6 +104,22 @@ class GrpcStream(GRPCProtoStream):  # type: ignore[misc]  # purerpc has no type 
         # a call that ends through purerpc's own response path ended OK.
         self.call_label = "unknown"
         self.status_code = GrpcCode.OK
+        # Set when the client cancelled the call (RST_STREAM) or its connection went away: the
+        # handler's scope is cancelled and nobody is left to answer.
+        self.client_cancelled = False
+        self._handler_scope: anyio.CancelScope | None = None
+
+    def handler_scope(self) -> anyio.CancelScope:
+        """The scope the call's handler runs in; cancelled when the client cancels the call."""
+        self._handler_scope = anyio.CancelScope()
+        if self.client_cancelled:
+            self._handler_scope.cancel()
+        return self._handler_scope
+
+    def cancel_by_client(self) -> None:
+        self.client_cancelled = True
+        if self._handler_scope is not None:
+            self._handler_scope.cancel()
 
     @property
     def locally_closed(self) -> bool:
@@ -163,6 +183,8 @@ class _H2Connection(GRPCConnection):  # type: ignore[misc]
         # Read by purerpc's settings setup inside super().__init__.
         self.MAX_CONCURRENT_STREAMS = max_concurrent_streams
         self._window_bytes = window_bytes
+        # Told the stream id of every RST_STREAM from the client (GrpcSocket cancels its call).
+        self.on_stream_reset: Callable[[int], None] | None = None
         super().__init__(config=config)
 
     def initiate_connection(self) -> None:
@@ -221,7 +243,10 @@ class _H2Connection(GRPCConnection):  # type: ignore[misc]
 
     def _stream_reset(self, event: Any) -> list[Any]:
         # purerpc ignores RST_STREAM: the partial message stayed buffered (unacknowledged) and
-        # the stream never ended. Release the bytes and end the request.
+        # the stream never ended. Release the bytes and end the request; a handler already
+        # running (its request read) is cancelled: the client will not take its answer.
+        if self.on_stream_reset is not None:
+            self.on_stream_reset(event.stream_id)
         if event.stream_id not in self.message_read_buffers:  # the request had already ended
             return []
         self.release_unparsed(event.stream_id)
@@ -250,6 +275,17 @@ class GrpcSocket(GRPCProtoSocket):  # type: ignore[misc]
             config, max_concurrent_streams=max_concurrent_streams, window_bytes=window_bytes
         )
         self._socket = SocketWrapper(self._grpc_connection, sock)
+        self._grpc_connection.on_stream_reset = self._stream_reset
+
+    def _stream_reset(self, stream_id: int) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            stream.cancel_by_client()
+
+    def cancel_calls(self) -> None:
+        """The client went away (its connection ended): cancel the calls still running."""
+        for stream in list(self._streams.values()):
+            stream.cancel_by_client()
 
     def send_goaway(self) -> None:
         # Already closed (a protocol error, or the peer's GOAWAY): nothing to announce.

@@ -43,8 +43,9 @@ is bounded by `close_timeout_s` more (a peer that does not read cannot hold shut
 A GOAWAY is sent only at the very end because h2 3.x refuses to send anything on a connection
 after its GOAWAY, which would cut off the calls being drained.
 
-Known limit: a client's RST_STREAM ends the request, but a handler already past reading it is
-not cancelled; it finishes and its answer is dropped.
+A call the client cancels (RST_STREAM, e.g. grpcio's `future.cancel()`, or its connection
+closing) has its handler cancelled at once; it is counted with status CANCELLED and answered
+nothing (nobody is listening).
 """
 
 from __future__ import annotations
@@ -234,6 +235,8 @@ class _GrpcServer:
                         async with anyio.create_task_group() as calls:
                             async for stream in grpc_socket.listen():
                                 calls.start_soon(self._serve_call, stream)
+                            # The client closed the connection: nobody waits for these answers.
+                            grpc_socket.cancel_calls()
                     if connection.closing:
                         grpc_socket.send_goaway()
                         await grpc_socket.flush()
@@ -288,7 +291,7 @@ class _GrpcServer:
         stream.expect_message_type(request_type)
         deadline_s = event.timeout.total_seconds() if event.timeout is not None else None
         try:
-            with anyio.move_on_after(deadline_s) as deadline:
+            with anyio.move_on_after(deadline_s) as deadline, stream.handler_scope():
                 await _CALLERS[method.signature.cardinality](
                     functools.partial(method.method_fn, request=event), stream
                 )
@@ -326,6 +329,10 @@ class _GrpcServer:
             await self._finish(stream, GrpcCode.INTERNAL, "internal error",
                                error_code_trailer(ErrorCode.INTERNAL))
         else:
+            if stream.client_cancelled:  # RST_STREAM or connection gone: no one to answer
+                stream.status_code = GrpcCode.CANCELLED
+                log.debug("grpc call %s cancelled by the client", stream.call_label)
+                return
             if deadline.cancelled_caught:
                 await self._finish(stream, GrpcCode.DEADLINE_EXCEEDED, "deadline exceeded",
                                    error_code_trailer(ErrorCode.DEADLINE_EXCEEDED))

@@ -323,7 +323,9 @@ def block_bucket_parts(columns: Sequence[str],
 def dirty_block_bucket_statement(request: BucketRequest) -> str:
     """The block bucket statement of one series whose `dirty` blocks are computed from their
     points, deduplicated (last write wins), rather than from their rollups. Always carries
-    the first/last columns: the series' edges may lie in a dirty block."""
+    the first/last columns: the series' edges may lie in a dirty block. For a step range the
+    two edge blocks are among `dirty` and only their points inside the range count; every
+    other block of the plan lies wholly inside the range."""
     plan = request.plan
     if not isinstance(plan, BlockPlan):
         raise TypeError("a point plan reached the block bucketing statement")
@@ -337,7 +339,7 @@ def dirty_block_bucket_statement(request: BucketRequest) -> str:
         f" AND name = {quote_string(ref.name)} AND block >= {plan.first_block}"
         f" AND block <= {plan.last_block} AND block NOT IN {dirty} GROUP BY block"
     )
-    points = multi_source(METRICS, [ref], KeyRange(), None, dedup=True,
+    points = multi_source(METRICS, [ref], request.key_range, None, dedup=True,
                            also=f"intDiv(step, {BLOCK_STEPS}) IN {dirty}")
     from_points, _, _ = block_bucket_parts(columns, BLOCK_FROM_POINTS)
     dirty_blocks = (f"SELECT intDiv(k, {BLOCK_STEPS}) AS block, {from_points}"

@@ -17,9 +17,10 @@ Invariants:
   deduplicating subquery `argMax(value, version) ... GROUP BY key` unless the block rollups
   prove there is nothing to deduplicate (`dedup=False`, see `MetricQueries.stats`: no block in
   range had a step written twice): a retried or replayed batch is never counted twice.
-- Block rollups are read only for a whole series (`SeriesStats.dirty_blocks`) and only for its
-  clean blocks, whose states describe exactly the stored points; a dirty block (a step
-  written twice) is computed from its points, deduplicated, in the same statement.
+- Block rollups are read only for clean blocks wholly inside the series or step range read
+  (`SeriesStats.dirty_blocks`), whose states describe exactly the stored points; a dirty
+  block (a step written twice) and a range's two edge blocks are computed from their points
+  (deduplicated, inside the range) in the same statement.
 - Bucketing (`BucketPlan.index_of` as SQL, with the first and last key in buckets of their
   own; or whole blocks under a `BlockPlan`) runs in ClickHouse; only per-bucket statistics
   travel back, never the points of a downsampled series.
@@ -268,11 +269,16 @@ class MetricQueries:
                 continue
             lo, hi = int(row["lo"]), int(row["hi"])
             block = blocks.get(ref)
-            duplicates = (block is None or block.dirty is None
-                          or any(lo // BLOCK_STEPS <= b <= hi // BLOCK_STEPS
-                                 for b in block.dirty))
+            first_block, last_block = lo // BLOCK_STEPS, hi // BLOCK_STEPS
+            dirty_in_range = (None if block is None or block.dirty is None else
+                              [b for b in block.dirty if first_block <= b <= last_block])
+            duplicates = dirty_in_range is None or bool(dirty_in_range)
+            # Bucketed from the rollups when long enough: the blocks wholly inside the range
+            # from their rollups, the two edge blocks (and dirty ones) from their points.
+            from_points = (None if dirty_in_range is None
+                           else tuple(sorted({*dirty_in_range, first_block, last_block})))
             result[ref] = SeriesStats(rows=int(row["n"]), lo=lo, hi=hi,
-                                      has_duplicates=duplicates)
+                                      has_duplicates=duplicates, dirty_blocks=from_points)
         return result
 
     async def distinct_keys(

@@ -255,6 +255,17 @@ class PostgresLifecycle:
 
     # --- pruning -------------------------------------------------------------------------------
 
+    async def prune_jobs(self, *, older_than_s: float, limit: int) -> int:
+        def delete(conn: psycopg.Connection[Any]) -> int:
+            return int(conn.execute(
+                "DELETE FROM purge_jobs WHERE job_id = ANY(ARRAY("
+                " SELECT job_id FROM purge_jobs WHERE state = 'done'"
+                " AND finished_at < now() - make_interval(secs => %s) LIMIT %s))",
+                (older_than_s, limit)).rowcount)
+
+        deleted: int = await self._run(delete)
+        return deleted
+
     async def prune_ledger(self, *, older_than_s: float, limit: int) -> int:
         def delete(conn: psycopg.Connection[Any]) -> int:
             # ingest_batches_created_idx finds the oldest rows; ctid deletes exactly those.

@@ -85,6 +85,11 @@ class PostgresRunArchive:
             ):
                 found[run_id] = (ExistingRun("other") if digest is None
                                  else ExistingRun("imported", digest))
+            # A run being deleted (its purge job's tombstone, sql/postgres/0010): its id is
+            # not free until the purge is done, or the purge would remove imported points.
+            for (run_id,) in conn.execute(
+                    "SELECT run_id FROM purge_runs WHERE run_id = ANY(%s)", (wanted,)):
+                found[run_id] = ExistingRun("other")
             return found
 
         return await self._pg.run(select, timeout_s=self._timeout_s)
@@ -92,6 +97,9 @@ class PostgresRunArchive:
     async def commit_run(self, run: RunFields, artifacts: Sequence[Artifact], *,
                          digest: str) -> bool:
         def insert(conn: psycopg.Connection[Any]) -> bool:
+            if conn.execute("SELECT 1 FROM purge_runs WHERE run_id = %s",
+                            (run.run_id,)).fetchone() is not None:
+                return False  # deleted meanwhile: its id is not free until the purge is done
             project_id = ensure_project(conn, run.project)
             if run.project_description:
                 conn.execute("UPDATE projects SET description = %s"

@@ -51,7 +51,7 @@ def stored_steps(keys: Sequence[str], steps: Sequence[int], timestamps_ms: Seque
                  origins: Step0Origins | None) -> list[int]:
     """The steps the points are stored at (see the module docstring)."""
     if origins is None:
-        return list(steps)
+        return steps if isinstance(steps, list) else list(steps)
     first = origins.first_ms
     start = origins.run_start_ms
     return [

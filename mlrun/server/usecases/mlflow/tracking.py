@@ -300,7 +300,11 @@ class MlflowTracking:
         principal.require("read")
         record, summaries = await both(lambda: self._run_record(principal, run_id),
                                        lambda: self._metrics.summaries([run_id]))
-        return (await self._render_runs([record], summaries))[0]
+        rendered = await self._render_runs([record], summaries)
+        if not rendered:
+            raise NotFound(f"run {run_id!r} does not exist", code=ErrorCode.RUN_NOT_FOUND,
+                           field="run_id")
+        return rendered[0]
 
     async def _render_runs(self, records: Sequence[RunRecord],
                            summaries: Sequence[SummaryRow]) -> list[m.Run]:
@@ -319,9 +323,12 @@ class MlflowTracking:
                               ids=sorted({x.project_id for x in extras.values()}))}
         runs = []
         for record in records:
-            extra = extras[record.run_id]
+            extra = extras.get(record.run_id)
+            if extra is None:  # deleted since it was read
+                continue
             runs.append(m.Run(
-                info=self._run_info(record, extra, experiment_ids[extra.project_id]),
+                info=self._run_info(record, extra, experiment_ids.get(extra.project_id,
+                                                                    str(extra.project_id))),
                 data=m.RunData(
                     metrics=latest.get(record.run_id, []),
                     params=[m.KeyValue(key=k, value=v) for k, v in sorted(record.params.items())],
@@ -579,8 +586,8 @@ def _integers(raw: list[m.Number], name: str) -> list[int]:
     return [int(_number(v, f"metrics[{i}].{name}", integer=True)) for i, v in enumerate(raw)]
 
 
-def _series(keys: Sequence[str], values: Sequence[float], stored_steps: Sequence[int],
-            timestamps: Sequence[int]) -> list[MetricSeries]:
+def _series(keys: list[str], values: list[float], stored_steps: list[int],
+            timestamps: list[int]) -> list[MetricSeries]:
     """The points as one columnar series per key (the cheapest form for `Ingest`). When each
     key's points are contiguous (the usual batch: a dict per step, or one key after another)
     the columns are sliced; otherwise gathered by index."""
@@ -588,8 +595,8 @@ def _series(keys: Sequence[str], values: Sequence[float], stored_steps: Sequence
     starts = [0, *(i for i in range(1, count) if keys[i] != keys[i - 1])]
     if len(starts) == len(set(keys)):
         bounds = [*starts, count]
-        return [MetricSeries(name=keys[lo], steps=list(stored_steps[lo:hi]),
-                             values=list(values[lo:hi]), timestamps=list(timestamps[lo:hi]))
+        return [MetricSeries(name=keys[lo], steps=stored_steps[lo:hi], values=values[lo:hi],
+                             timestamps=timestamps[lo:hi])
                 for lo, hi in itertools.pairwise(bounds) if hi > lo]
     by_key: dict[str, list[int]] = {}
     for index, key in enumerate(keys):
