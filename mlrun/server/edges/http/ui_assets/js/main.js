@@ -16,7 +16,7 @@ let current = null; // the active view's cleanup
 let busyTimer = null;
 let readyTimer = null;
 
-export const debug = { timings: {}, charts: {} };
+export const debug = { timings: {} };
 window.mlrunDebug = debug; // read by the browser tests; holds no key
 
 export function mark(name) {

@@ -84,7 +84,6 @@ export async function renderRun(ctx, runId) {
   const controls = h('div', { class: 'toolbar' },
     h('label', { for: 'x-axis' }, 'x: ', xSelect), h('label', null, logBox, ' log scale'),
     h('label', { for: 'smoothing' }, 'smoothing ', smoothInput), smoothLabel, resetZoom,
-    h('a', { href: `#/compare?runs=${encodeURIComponent(runId)}`, text: 'Compare with…', class: 'hidden' }),
     h('span', { class: 'spacer' }), liveNote);
   const chartsEl = h('div', { class: 'charts', id: 'charts' });
   const systemEl = h('div', { class: 'charts', id: 'system-charts' });

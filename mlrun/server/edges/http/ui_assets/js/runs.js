@@ -1,12 +1,11 @@
 // The runs table: the listing API's filters and sorts, keyset paging (forward with the cursor,
 // backward with a stack of cursors, "last page" by the reversed sort), a column chooser for
-// params and tags, row selection for compare. Every piece of state is in the URL hash.
+// run fields, params, tags and metric summaries, row selection (mouse or keyboard) for compare,
+// running runs refreshed in place. Every piece of state is in the URL hash.
 import { api, query } from './api.js';
 import { afterPaint, append, clear, fmtDuration, fmtNumber, fmtTime, h, statusBadge } from './dom.js';
 
 const STATUSES = ['running', 'finished', 'failed', 'killed'];
-const SORTABLE = { name: 'name', status: 'status', created_at: 'created_at',
-  updated_at: 'updated_at', duration: 'duration' };
 const BASE_COLUMNS = {
   status: { label: 'Status', cell: (r) => statusBadge(r.status), sort: 'status' },
   run_id: { label: 'Run id', cell: (r) => r.run_id },
