@@ -333,6 +333,45 @@ def test_a_full_queue_answers_429_with_retry_after_then_drains(
     assert processor.stop() == 0 and server.stop() == 0
 
 
+def test_a_purge_waits_for_the_queued_batches_of_its_run_then_nothing_stays_behind(
+    queued_env: dict[str, str], start: Callable[..., Any], clickhouse_reader: ClickHouseReader,
+) -> None:
+    """Batches acknowledged into the queue before a delete, with no processor running: the
+    purge's ClickHouse phase waits for them (a processor inserting them after the deletes would
+    leave them behind), then removes them; another run's points stay."""
+    env = {**queued_env, "MLRUN_PURGE_SETTLE_S": "1", "MLRUN_HOUSEKEEPING_INTERVAL_S": "0.5"}
+    server = start("serve", env, "server")  # no processor yet: the entries stay queued
+    for run_id in ("q-gone", "q-kept"):
+        create_run(server.base_url, run_id)
+    with httpx.Client(base_url=server.base_url, headers=AUTH, timeout=10) as http:
+        for index in range(3):
+            for run_id in ("q-gone", "q-kept"):
+                answer = http.post("/api/v1/ingest/batch", content=_batch_body(run_id, 0, index))
+                assert answer.status_code == 200, answer.text
+        deleted = http.delete("/api/v1/runs/q-gone")
+        assert deleted.status_code == 202, deleted.text
+        job_id = deleted.json()["job_id"]
+
+        def job() -> dict[str, Any]:
+            info: dict[str, Any] = http.get(f"/api/v1/purge_jobs/{job_id}").json()
+            return info
+
+        wait_until(lambda: job()["phase"] != "objects", 30, "the job's ClickHouse phase")
+        time.sleep(2)  # several housekeeping rounds' worth: it must still be waiting
+        assert job()["phase"] == "clickhouse" and job()["state"] != "done", job()
+
+        processor = start("process", env, "processor")
+        wait_until(lambda: job()["state"] == "done", 60, "the purge job")
+        wait_until(lambda: metric(server.base_url, "mlrun_queue_entries") == 0, 30,
+                   "the queue to drain")
+    for table in ("metrics", "metrics_summary", "metric_blocks"):
+        assert clickhouse_reader.scalar(
+            f"SELECT count() FROM {table} WHERE run_id = 'q-gone'") == 0, table
+    assert clickhouse_reader.scalar(
+        "SELECT count() FROM metrics FINAL WHERE run_id = 'q-kept'") == 3 * 200
+    assert processor.stop() == 0 and server.stop() == 0
+
+
 def test_malformed_and_foreign_entries_go_to_the_dead_letters_without_blocking(
     queued_env: dict[str, str], start: Callable[..., Any], redis_server: RedisServer,
     clickhouse_reader: ClickHouseReader,

@@ -51,6 +51,7 @@ from mlrun.server.edges.http.prometheus import ExtraFamilies, PipelineGauges, ad
 from mlrun.server.edges.http.query_api import add_query_routes
 from mlrun.server.edges.http.ui import add_ui_routes
 from mlrun.server.errors import BackendUnavailable, ConfigError, MlrunError
+from mlrun.server.pipelines.stream_backlog import StreamBacklog
 from mlrun.server.ports.objects import ArtifactStore
 from mlrun.server.runtime.config import Config
 from mlrun.server.runtime.write_paths import (
@@ -58,6 +59,7 @@ from mlrun.server.runtime.write_paths import (
     drained_summary,
     metric_families,
     open_queue_redis,
+    queue_keys,
 )
 from mlrun.server.storage.clickhouse.client import ClickHouse
 from mlrun.server.storage.clickhouse.embedded import open_embedded_clickhouse
@@ -413,7 +415,7 @@ async def _run_listeners(
         on_runs_created=planner_statistics.note_runs_created,
     )
     queries = Queries(run_reads, metric_reads)
-    lifecycle = build_lifecycle(config, storage, authenticator)
+    lifecycle = build_lifecycle(config, storage, authenticator, redis)
     services = Services(
         readiness=Readiness([storage.postgres, storage.clickhouse, storage.artifacts,
                              *([redis] if redis is not None else [])]),
@@ -496,8 +498,8 @@ async def _run_listeners(
     logger.info("writers drained: %s", drained_summary(write_path))
 
 
-def build_lifecycle(config: Config, storage: Storage, authenticator: Authenticator
-                    ) -> Lifecycle:
+def build_lifecycle(config: Config, storage: Storage, authenticator: Authenticator,
+                    redis: RedisClient | None) -> Lifecycle:
     settings = config.lifecycle
 
     def forget_keys(key_ids: Sequence[str]) -> None:
@@ -517,6 +519,7 @@ def build_lifecycle(config: Config, storage: Storage, authenticator: Authenticat
         fault_point=(partial(_kill_at, _LIFECYCLE_FAULTS[config.fault_injection])
                      if config.fault_injection in _LIFECYCLE_FAULTS else None),
         forget_keys=forget_keys,
+        queue_backlog=(StreamBacklog(redis, queue_keys(config)) if redis is not None else None),
     )
 
 

@@ -13,8 +13,10 @@ How a delete works (README "Data lifecycle"):
    run is refused (404 `run_not_found`); the run id stays reserved (409 `run_deleting`).
 2. The job waits `settle_s` (batches admitted before the delete finish committing), then, one
    phase at a time, each resumable and idempotent: `objects` (abort multipart uploads, delete
-   objects, in chunks), `clickhouse` (one batch of mutations over every table, then wait until
-   no row is left), `ledger` (chunked deletes). `done` frees the run id.
+   objects, in chunks), `clickhouse` (in queued ingest mode, first wait until the queue's
+   entries admitted before this moment are committed; then one batch of mutations over every
+   table, then wait until no row is left), `ledger` (chunked deletes). `done` frees the run
+   id.
 
 Invariants:
 - One housekeeper per deployment: each round runs under `LifecycleStore.exclusive()` (a
@@ -48,6 +50,7 @@ from mlrun.server.ports.artifact_rows import ArtifactRow
 from mlrun.server.ports.keys import Principal
 from mlrun.server.ports.lifecycle import LifecycleStore, MetricLifecycle, PurgeObject
 from mlrun.server.ports.objects import ArtifactStore
+from mlrun.server.ports.queue_backlog import QueueBacklog
 from mlrun.server.usecases.artifacts import staging_key
 from mlrun.wire.error_codes import ErrorCode
 from mlrun.wire.lifecycle import PurgeJobInfo
@@ -90,6 +93,10 @@ class LifecycleSettings:
     ledger_chunks_per_round: int = 200
     chunk_pause_s: float = 0.01
     mutation_wait_s: float = 600.0
+    # Queued ingest: how long a round waits for the processors to drain what the queue held
+    # when a job's ClickHouse phase started (past it the job records the error and is retried
+    # next round, so a stopped processor does not hold up retention and pruning).
+    queue_wait_s: float = 60.0
 
 
 @dataclass(slots=True)
@@ -124,8 +131,12 @@ class Lifecycle:
                  *, settings: LifecycleSettings = LifecycleSettings(),
                  worker: str | None = None,
                  fault_point: Callable[[str], None] | None = None,
-                 forget_keys: Callable[[Sequence[str]], None] | None = None) -> None:
+                 forget_keys: Callable[[Sequence[str]], None] | None = None,
+                 queue_backlog: QueueBacklog | None = None) -> None:
         self._store = store
+        # Queued ingest: batches admitted before a delete may still wait in the queue; the
+        # ClickHouse phase waits for them (None in direct mode: every 200 was committed).
+        self._queue_backlog = queue_backlog
         # Tests' fault injection: called with "purge_clickhouse_deletes_started" once a job's
         # ClickHouse deletes were started, "retention_partition_dropped" once a month's
         # partitions were dropped (before its runs' rollups were rebuilt).
@@ -252,6 +263,7 @@ class Lifecycle:
         if phase == "clickhouse":
             started = anyio.current_time()
             points = job.points_removed
+            await self._wait_for_queue_backlog()
             if points is None:
                 points = await self._metrics.count_points(run_ids)
                 await self._store.set_phase(job.job_id, "clickhouse", points_removed=points)
@@ -269,6 +281,18 @@ class Lifecycle:
         await self._store.finish_job(job.job_id)
         self._stats.jobs_finished += 1
         logger.info("purge job %s done (%s %s)", job.job_id, job.kind, job.target)
+
+    async def _wait_for_queue_backlog(self) -> None:
+        """Queued ingest: every entry the queue held when the ClickHouse phase starts (among
+        them any batch of these runs admitted before the delete) is committed first, or the
+        processors would insert it after the deletes and it would stay behind."""
+        backlog = self._queue_backlog
+        if backlog is None:
+            return
+        mark = await backlog.newest()
+        await self._wait_for(partial(backlog.left_up_to, mark),
+                             "draining the queue's entries admitted before the delete",
+                             backend="redis", within_s=self._settings.queue_wait_s)
 
     async def _delete_from_clickhouse(self, job_id: str, run_ids: list[str]) -> None:
         """Mutations on every table, then wait until they are done. Rows that arrive after a
@@ -300,15 +324,17 @@ class Lifecycle:
             storage_key=item.storage_key, sha256=None, upload_id=item.upload_id,
             declared_size_bytes=None)))
 
-    async def _wait_for(self, remaining: Callable[[], Awaitable[int]], what: str) -> None:
+    async def _wait_for(self, remaining: Callable[[], Awaitable[int]], what: str, *,
+                        backend: str = "clickhouse", within_s: float | None = None) -> None:
         delay_s = 0.05
-        with anyio.move_on_after(self._settings.mutation_wait_s):
+        within_s = self._settings.mutation_wait_s if within_s is None else within_s
+        with anyio.move_on_after(within_s):
             while await remaining() > 0:
                 await anyio.sleep(delay_s)  # a bounded back-off poll: see the module invariants
                 delay_s = min(delay_s * 2, 2.0)
             return
-        raise BackendTimeout(f"ClickHouse did not finish {what} within "
-                             f"{self._settings.mutation_wait_s:g} s", backend="clickhouse")
+        raise BackendTimeout(f"{backend} did not finish {what} within {within_s:g} s",
+                             backend=backend)
 
     # --- retention -----------------------------------------------------------------------------
 
