@@ -412,6 +412,7 @@ def test_clickhouse_frozen_the_queue_absorbs_until_its_bound_then_drains(
     threads = start_writers(lambda: server.base_url, "q-frozen", 4, 60, 200, stats, budget_s=150)
     wait_until(lambda: stats.acked_points > 4 * 10 * 200, 60, "load under way")
     clickhouse_server.freeze()
+    frozen_at = time.monotonic()
     try:
         acked_at_freeze = stats.acked_points
         # Nothing reaches ClickHouse, yet batches are acknowledged until the queue holds its
@@ -420,7 +421,8 @@ def test_clickhouse_frozen_the_queue_absorbs_until_its_bound_then_drains(
                    "the queue to fill up to its bound")
         wait_until(lambda: stats.statuses.get(429, 0) > 0, 20, "429 once the queue is full")
         acked_while_frozen = stats.acked_points - acked_at_freeze
-        time.sleep(3.0)  # held at the bound for a while: nothing is lost meanwhile
+        # Frozen for 20 s in all, at least 3 s of it at the bound: nothing is lost meanwhile.
+        time.sleep(max(3.0, 20.0 - (time.monotonic() - frozen_at)))
     finally:
         clickhouse_server.thaw()
     for thread in threads:
