@@ -247,11 +247,12 @@ async def test_health_check_follows_injected_readiness() -> None:
         async with anyio.create_task_group() as tg:
             port = await tg.start(server(all_services(probe, readiness)))
             client = Client(port)
-            names = ["", "mlrun.v1.IngestService", "mlrun.v1.QueryService"]
-            assert [await client.check(name) for name in names] == [SERVING] * 3
+            names = ["", "mlrun.v1.IngestService", "mlrun.v1.QueryService",
+                     "mlrun.v1.LifecycleService"]
+            assert [await client.check(name) for name in names] == [SERVING] * 4
 
             readiness.ready = False
-            assert [await client.check(name) for name in names] == [NOT_SERVING] * 3
+            assert [await client.check(name) for name in names] == [NOT_SERVING] * 4
 
             readiness.ready, readiness.error = True, ConnectionRefusedError("clickhouse down")
             assert await client.check() == NOT_SERVING

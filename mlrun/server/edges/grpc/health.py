@@ -34,7 +34,7 @@ import anyio
 from mlrun.server.edges.grpc.listener import GrpcAbort
 from mlrun.server.errors import GrpcCode
 from mlrun.wire.proto.grpc.health.v1 import health_grpc, health_pb2
-from mlrun.wire.proto.mlrun.v1 import ingest_pb2, query_pb2
+from mlrun.wire.proto.mlrun.v1 import ingest_pb2, lifecycle_pb2, query_pb2
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ Readiness = Callable[[], Awaitable[bool]]
 MLRUN_SERVICE_NAMES: Final[tuple[str, ...]] = (
     ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name,
     query_pb2.DESCRIPTOR.services_by_name["QueryService"].full_name,
+    lifecycle_pb2.DESCRIPTOR.services_by_name["LifecycleService"].full_name,
 )
 DEFAULT_READINESS_TIMEOUT_S: Final = 2.0
 DEFAULT_WATCH_INTERVAL_S: Final = 1.0
