@@ -161,21 +161,19 @@ def _record(row: Sequence[Any]) -> RunRecord:
 
 
 def _attach_children(conn: psycopg.Connection[Any], records: Sequence[RunRecord]) -> None:
+    """Tags and params of `records` in one statement: one PostgreSQL round trip, not two (each
+    costs a thread hop and a loopback exchange on every listing and run read)."""
     if not records:
         return
     by_id = {record.run_id: record for record in records}
     ids = list(by_id)
-    for run_id, key, value in conn.execute(
-        "SELECT run_id, key, value FROM run_tags WHERE run_id = ANY(%s) ORDER BY run_id, key",
-        (ids,),
+    for is_tag, run_id, key, value in conn.execute(
+        "SELECT true, run_id, key, value FROM run_tags WHERE run_id = ANY(%s)"
+        " UNION ALL SELECT false, run_id, key, value FROM run_params WHERE run_id = ANY(%s)"
+        " ORDER BY 1 DESC, 2, 3",
+        (ids, ids),
     ):
-        by_id[run_id].tags[key] = value
-    for run_id, key, value in conn.execute(
-        "SELECT run_id, key, value FROM run_params WHERE run_id = ANY(%s)"
-        " ORDER BY run_id, key",
-        (ids,),
-    ):
-        by_id[run_id].params[key] = value
+        (by_id[run_id].tags if is_tag else by_id[run_id].params)[key] = value
 
 
 _T = TypeVar("_T")
