@@ -273,6 +273,13 @@ def test_errors_are_mlflow_exceptions_with_mlflow_codes(tracking: str,
     with pytest.raises(MlflowException) as changed:
         client.log_param(run_id, "lr", "0.2")
     assert error_code(changed) == "INVALID_PARAMETER_VALUE"
+    for too_long in (lambda: client.log_param(run_id, "long", "x" * 2049),
+                     lambda: client.set_tag(run_id, "long", "x" * 2049)):
+        with pytest.raises(MlflowException) as rejected:
+            too_long()
+        assert error_code(rejected) == "INVALID_PARAMETER_VALUE"
+        assert "2048" in str(rejected.value)
+    client.log_param(run_id, "long", "x" * 2048)  # our limit itself is accepted
     with pytest.raises(MlflowException) as malformed:
         client.search_runs([experiment_id], "metrics.acc >>> 1")
     assert error_code(malformed) == "INVALID_PARAMETER_VALUE"
