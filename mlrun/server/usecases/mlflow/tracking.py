@@ -502,7 +502,7 @@ class MlflowTracking:
             await self._state.update_run(run_id, name=renamed[-1])
 
     async def _log(self, principal: Principal, batch: IngestBatch) -> None:
-        result = await self._ingest.log_batch(principal, batch)
+        result = await self._ingest.log_batch(principal, batch, tags_after_finish=True)
         for warning in result.warnings:
             if warning.code == ErrorCode.PARAM_CONFLICT:
                 raise InvalidInput(
