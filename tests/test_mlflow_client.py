@@ -273,6 +273,19 @@ def test_errors_are_mlflow_exceptions_with_mlflow_codes(tracking: str,
     with pytest.raises(MlflowException) as changed:
         client.log_param(run_id, "lr", "0.2")
     assert error_code(changed) == "INVALID_PARAMETER_VALUE"
+    for too_long in (lambda: client.log_param(run_id, "long", "x" * 2049),
+                     lambda: client.set_tag(run_id, "long", "x" * 2049)):
+        with pytest.raises(MlflowException) as rejected:
+            too_long()
+        assert error_code(rejected) == "INVALID_PARAMETER_VALUE"
+        assert "2048" in str(rejected.value)
+    client.log_param(run_id, "long", "x" * 2048)  # our limit itself is accepted
+    client.set_terminated(run_id)
+    client.set_tag(run_id, "best", "yes")  # tagging a finished run (the best of a sweep)
+    assert client.get_run(run_id).data.tags["best"] == "yes"
+    with pytest.raises(MlflowException) as finished:
+        client.log_metric(run_id, "late", 1.0)
+    assert error_code(finished) == "INVALID_PARAMETER_VALUE"
     with pytest.raises(MlflowException) as malformed:
         client.search_runs([experiment_id], "metrics.acc >>> 1")
     assert error_code(malformed) == "INVALID_PARAMETER_VALUE"

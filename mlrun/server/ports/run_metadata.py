@@ -81,4 +81,5 @@ class RunMetadata(BatchLedger, Protocol):
         params: Sequence[Param],
         tags: Sequence[Tag],
         limits: CardinalityLimits,
+        tags_after_finish: bool = False,
     ) -> BatchPreparation: ...

@@ -272,7 +272,9 @@ class Ingest:
 
     # --- batches ------------------------------------------------------------------------------
 
-    async def log_batch(self, principal: Principal, batch: IngestBatch) -> IngestResult:
+    async def log_batch(self, principal: Principal, batch: IngestBatch, *,
+                        tags_after_finish: bool = False) -> IngestResult:
+        """`tags_after_finish`: a batch of only tags may also land on a finished run."""
         deadline = anyio.current_time() + self._timeouts.answer_s
         principal.require("write")
         await self._run_access.require(principal, batch.run_id)
@@ -284,17 +286,18 @@ class Ingest:
             with anyio.move_on_after(_left(deadline) - self._timeouts.metadata_s):
                 await inflight.wait()
         if key is None:
-            return await self._log_batch(batch, deadline)
+            return await self._log_batch(batch, deadline, tags_after_finish)
         done = anyio.Event()
         self._inflight.setdefault(key, done)
         try:
-            return await self._log_batch(batch, deadline)
+            return await self._log_batch(batch, deadline, tags_after_finish)
         finally:
             if self._inflight.get(key) is done:
                 del self._inflight[key]
             done.set()
 
-    async def _log_batch(self, batch: IngestBatch, deadline: float) -> IngestResult:
+    async def _log_batch(self, batch: IngestBatch, deadline: float,
+                         tags_after_finish: bool) -> IngestResult:
         warnings: list[IngestWarning] = []
         now_ms = time.time_ns() // 1_000_000
         metric_columns = gather_columns(batch.metrics, batch.series, field="metrics",
@@ -325,6 +328,7 @@ class Ingest:
                     params=batch.params,
                     tags=batch.tags,
                     limits=self._cardinality,
+                    tags_after_finish=tags_after_finish,
                 )
             warnings.extend(preparation.warnings)
             if preparation.outcome == "duplicate":

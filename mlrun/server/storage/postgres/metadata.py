@@ -267,6 +267,7 @@ class MetadataStore:
         params: Sequence[Param],
         tags: Sequence[Tag],
         limits: CardinalityLimits,
+        tags_after_finish: bool = False,
     ) -> BatchPreparation:
         """Claim the batch in the ledger and apply its metadata (see the module docstring)."""
         if batch_id is not None:
@@ -305,7 +306,9 @@ class MetadataStore:
             if row is None:
                 raise run_not_found(run_id)
             project_id, status, claimed, known_names, known_run_keys, known_project_keys = row
-            if status != "running":
+            # Only tags (the same cardinality limits as above) may land on a finished run, and
+            # only when the caller asks (the MLflow edge: tagging the best run of a sweep).
+            if status != "running" and not (tags_after_finish and points == 0 and not params):
                 raise _run_finished(run_id, status)
             warnings: list[IngestWarning] = []
             # A retry rewrites the rows its first attempt was given: the same versions, so it

@@ -58,6 +58,8 @@ from mlrun.server.usecases.queries import Queries, SeriesRequest
 from mlrun.wire import mlflow_messages as m
 from mlrun.wire.error_codes import ErrorCode
 from mlrun.wire.schemas import (
+    MAX_PARAM_VALUE_CHARS,
+    MAX_TAG_VALUE_CHARS,
     CreateProject,
     FinalStatus,
     IngestBatch,
@@ -112,6 +114,16 @@ def _check_key(key: str, field: str) -> str:
         raise InvalidInput(f"{field}: longer than {MAX_KEY_CHARS} characters",
                            code=ErrorCode.VALUE_TOO_LONG, field=field)
     return key
+
+
+def _check_value(value: str, field: str, limit: int) -> str:
+    # MLflow allows 6000 (params) / 8000 (tags); run params/tags stay in indexed PostgreSQL
+    # columns whose btree entries cannot hold that, so the edge answers MLflow's error at ours.
+    # Checked here in UTF-8 bytes, as the columns' CHECK constraints count them (no 5xx).
+    if len(value) > limit // 4 and len(value.encode()) > limit:
+        raise InvalidInput(f"{field}: longer than {limit} bytes (UTF-8)",
+                           code=ErrorCode.VALUE_TOO_LONG, field=field)
+    return value
 
 
 def _view_type(text: str, field: str) -> ViewType:
@@ -273,7 +285,9 @@ class MlflowTracking:
                                         create_default=True)
         if record.lifecycle_stage != "active":
             raise invalid("experiment_id", f"experiment {request.experiment_id} is deleted")
-        tags = {_check_key(t.key, f"tags[{i}].key"): t.value for i, t in enumerate(request.tags)}
+        tags = {_check_key(t.key, f"tags[{i}].key"):
+                _check_value(t.value, f"tags[{i}].value", MAX_TAG_VALUE_CHARS)
+                for i, t in enumerate(request.tags)}
         run_id = uuid.uuid4().hex
         name = request.run_name or tags.get(RUN_NAME_TAG) or run_id
         tags[RUN_NAME_TAG] = name
@@ -473,9 +487,11 @@ class MlflowTracking:
         claim = steps.step0_claim(keys, raw_steps, timestamps) if 0 in raw_steps else {}
         origins = await self._step0_origins(run_id, claim) if claim else None
         stored = steps.stored_steps(keys, raw_steps, timestamps, origins)
-        params = [Param(name=_check_key(p.key, f"params[{i}].key"), value=p.value)
+        params = [Param(name=_check_key(p.key, f"params[{i}].key"),
+                        value=_check_value(p.value, f"params[{i}].value", MAX_PARAM_VALUE_CHARS))
                   for i, p in enumerate(request.params)]
-        tags = [Tag(key=_check_key(t.key, f"tags[{i}].key"), value=t.value)
+        tags = [Tag(key=_check_key(t.key, f"tags[{i}].key"),
+                    value=_check_value(t.value, f"tags[{i}].value", MAX_TAG_VALUE_CHARS))
                 for i, t in enumerate(request.tags)]
         batch = IngestBatch(
             run_id=run_id, batch_id="mlflow-" + body_digest.hex()[:40],
@@ -486,7 +502,7 @@ class MlflowTracking:
             await self._state.update_run(run_id, name=renamed[-1])
 
     async def _log(self, principal: Principal, batch: IngestBatch) -> None:
-        result = await self._ingest.log_batch(principal, batch)
+        result = await self._ingest.log_batch(principal, batch, tags_after_finish=True)
         for warning in result.warnings:
             if warning.code == ErrorCode.PARAM_CONFLICT:
                 raise InvalidInput(
