@@ -36,6 +36,7 @@ from xml.sax.saxutils import escape
 
 import pytest
 
+from backends.children import terminate_child
 from backends.ports import PORT_ATTEMPTS, address_was_in_use, free_port
 
 _BINARY_CANDIDATES = ("/usr/bin/clickhouse-server", "/usr/sbin/clickhouse-server")
@@ -110,15 +111,7 @@ class ClickHouseServer:
         process = self._process
         if process is None:
             return
-        if process.poll() is None:
-            if self._frozen:
-                os.kill(process.pid, signal.SIGCONT)  # a stopped process never sees SIGTERM
-            process.terminate()
-            try:
-                process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=timeout_s)
+        terminate_child(process, frozen=self._frozen, timeout_s=timeout_s)
         self._frozen = False
         self._process = None
 

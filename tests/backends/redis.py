@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from backends.children import terminate_child
 from backends.ports import PORT_ATTEMPTS, address_was_in_use, free_port
 
 _START_TIMEOUT_S = 15.0
@@ -99,15 +100,7 @@ class RedisServer:
         process = self._process
         if process is None:
             return
-        if process.poll() is None:
-            if self._frozen:
-                os.kill(process.pid, signal.SIGCONT)
-            process.terminate()
-            try:
-                process.wait(timeout=_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=_STOP_TIMEOUT_S)
+        terminate_child(process, frozen=self._frozen, timeout_s=_STOP_TIMEOUT_S)
         self._process = None
         self._frozen = False
 

@@ -149,34 +149,35 @@ def add_mlflow_tracking_routes(router: Router, tracking: MlflowTracking,
     def digest(request: Request) -> bytes:
         return hashlib.sha256(request.path.encode() + b"\0" + request.body).digest()
 
+    async def logged(request: Request, batch: m.LogBatch) -> Response:
+        """Every logging route answers through this: the batch (a single-value route's as a
+        one-item batch), keyed by its own request's digest."""
+        await tracking.log_batch(who(request), batch, body_digest=digest(request))
+        return json_response(empty)
+
     async def log_batch(request: Request) -> Response:
         if len(request.body) > m.MAX_BATCH_REQUEST_BYTES:
             raise InvalidInput(f"a log-batch request is at most {m.MAX_BATCH_REQUEST_BYTES}"
                                " bytes", code=ErrorCode.PAYLOAD_TOO_LARGE, field="body")
-        body = decode_body(request.body, m.LogBatch)
-        await tracking.log_batch(who(request), body, body_digest=digest(request))
-        return json_response(empty)
+        return await logged(request, decode_body(request.body, m.LogBatch))
 
     async def log_metric(request: Request) -> Response:
         body = decode_body(request.body, m.LogMetric)
         batch = m.LogBatch(run_id=_run_id(body.run_id, body.run_uuid), metrics=[m.MetricIn(
             key=body.key, value=body.value, timestamp=body.timestamp, step=body.step)])
-        await tracking.log_batch(who(request), batch, body_digest=digest(request))
-        return json_response(empty)
+        return await logged(request, batch)
 
     async def log_param(request: Request) -> Response:
         body = decode_body(request.body, m.LogParam)
         batch = m.LogBatch(run_id=_run_id(body.run_id, body.run_uuid),
                            params=[m.KeyValue(key=body.key, value=body.value)])
-        await tracking.log_batch(who(request), batch, body_digest=digest(request))
-        return json_response(empty)
+        return await logged(request, batch)
 
     async def set_tag(request: Request) -> Response:
         body = decode_body(request.body, m.SetTag)
         batch = m.LogBatch(run_id=_run_id(body.run_id, body.run_uuid),
                            tags=[m.KeyValue(key=body.key, value=body.value)])
-        await tracking.log_batch(who(request), batch, body_digest=digest(request))
-        return json_response(empty)
+        return await logged(request, batch)
 
     async def delete_tag(request: Request) -> Response:
         body = decode_body(request.body, m.DeleteTag)
