@@ -113,10 +113,10 @@ def test_a_forked_child_cannot_log_and_does_not_hold_the_spool(tmp_path: Path) -
                 run.log({{"loss": 2.0}})
                 os._exit(3)
             except mlrun.RunClosed:
-                print("child-closed", flush=True)
+                os.write(1, b"child-closed\\n")  # one write of a line: atomic on a pipe
             time.sleep(60)  # outlives the parent
             os._exit(0)
-        print(child, flush=True)
+        os.write(1, f"{{child}}\\n".encode())  # never interleaved with the child's line
         time.sleep(60)
     """)
     parent = subprocess.Popen([sys.executable, "-c", script], cwd=REPO_ROOT,
