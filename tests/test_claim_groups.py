@@ -20,6 +20,7 @@ import anyio.abc
 import psycopg
 import pytest
 
+from bench.claims import measure, render
 from mlrun.server import errors
 from mlrun.server.ports.run_metadata import BatchPreparation, CardinalityLimits
 from mlrun.server.storage.postgres.client import Postgres, apply_postgres_migrations, open_postgres
@@ -392,3 +393,15 @@ def test_grouping_works_under_asyncio(postgres_dsn: str) -> None:
     statements = anyio.run(main, backend="asyncio")
     assert answers == {f"c{i}": _new(i) for i in range(16)}
     assert 1 <= statements <= 3
+
+
+def test_the_claims_bench_measures_both_modes(postgres_dsn: str) -> None:
+    """`python -m bench.claims` measures grouped claims against one statement per claim:
+    here only that it counted what it ran (no timing is asserted)."""
+    grouped = measure(postgres_dsn, mode="grouped", writers=8, batches=4, work_ms=0.2)
+    alone = measure(postgres_dsn, mode="one per claim", writers=8, batches=4, work_ms=0.2)
+    assert (grouped.claims, alone.claims) == (32, 32)
+    assert alone.statements == 32 and 1 <= grouped.statements < 32
+    assert grouped.cpu_s > 0 and alone.cpu_s > 0
+    table = render([grouped, alone]).splitlines()
+    assert len(table) == 3 and table[1].startswith("grouped") and "1.00" in table[2]

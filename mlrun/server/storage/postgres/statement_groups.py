@@ -18,7 +18,8 @@ nothing for the grouping (no queue hop, no extra task switch).
 Invariants:
 - At most ONE group of a `StatementGroups` is in flight; the queue is bounded (`max_queued`).
   A caller that finds it full does not wait for a place: it executes its item alone, as an
-  ungrouped call would (the pool's limiter bounds those).
+  ungrouped call would (the pool's limiter bounds those). `max_queued=0` turns grouping off
+  (every item alone: the reference `bench.claims` measures the grouping against).
 - Every await has a deadline. A queued caller waits at most `wait_timeout_s` (the statement in
   flight, then its own group), then leaves the queue with errors.BackendTimeout. The leader runs
   the group shielded from its own cancellation (the group's other callers depend on it) but
@@ -95,8 +96,8 @@ class StatementGroups(Generic[I, A]):
     ) -> None:
         if wait_timeout_s <= 0:
             raise ValueError("wait_timeout_s must be positive")
-        if max_queued < 1:
-            raise ValueError("max_queued must be at least 1")
+        if max_queued < 0:
+            raise ValueError("max_queued must not be negative")
         self._execute = execute
         self._wait_timeout_s = wait_timeout_s
         self._max_queued = max_queued
@@ -115,6 +116,8 @@ class StatementGroups(Generic[I, A]):
 
     async def submit(self, item: I) -> A:
         """The answer `execute` gave for `item`, executed alone or in a group."""
+        if self._max_queued == 0:  # grouping off: every item its own statement
+            return (await self._run([item]))[0]
         if self._leading and len(self._queue) >= self._max_queued:
             self._overflows += 1
             return (await self._run([item]))[0]
