@@ -36,20 +36,6 @@ HASH_B = b"\x02" * 32
 Outcome = BatchPreparation | errors.MlrunError
 
 
-@asynccontextmanager
-async def _open_migrated(dsn: str) -> AsyncIterator[Postgres]:
-    async with open_postgres(dsn, max_connections=8) as pg:
-        with anyio.fail_after(TEST_DEADLINE_S):
-            await apply_postgres_migrations(pg)
-        yield pg
-
-
-@pytest.fixture
-async def pg(postgres_dsn: str) -> AsyncIterator[Postgres]:
-    async with _open_migrated(postgres_dsn) as opened:
-        yield opened
-
-
 @contextmanager
 def _counting(pg: Postgres) -> Iterator[dict[str, int]]:
     """Counts `run` (transactions) and `run_statement` (autocommit statements) calls."""
@@ -97,9 +83,9 @@ async def _new_run(store: MetadataStore, names: Sequence[str] = ("loss",)) -> st
 
 async def _prepare(store: MetadataStore, run_id: str, batch_id: str, *,
                    payload_hash: bytes = HASH_A, names: Sequence[str] = ("loss",),
-                   first_version: int = 1000) -> BatchPreparation:
+                   first_version: int = 1000, seq: int | None = 1) -> BatchPreparation:
     return await store.prepare_batch(
-        run_id=run_id, batch_id=batch_id, payload_hash=payload_hash, seq=1, points=10,
+        run_id=run_id, batch_id=batch_id, payload_hash=payload_hash, seq=seq, points=10,
         first_version=first_version, metric_names=names, params=(), tags=(), limits=LIMITS)
 
 
@@ -144,19 +130,28 @@ def _code(outcome: Outcome) -> str:
     return str(outcome.code)
 
 
-async def _queue_in_order(tg: anyio.abc.TaskGroup,
-                          sends: Sequence[Callable[[], Awaitable[None]]]) -> None:
-    """Start each send once the previous one is blocked (queued behind the statement)."""
-    for send in sends:
-        tg.start_soon(send)
+@asynccontextmanager
+async def _statement_in_flight(
+    dsn: str, run_id: str, lead: Callable[[], Awaitable[None]], held_batch_id: str,
+    followers: Sequence[Callable[[], Awaitable[None]]],
+) -> AsyncIterator[anyio.abc.TaskGroup]:
+    """Start `lead`, whose claim of `held_batch_id` waits for the ledger row another session
+    holds, then each follower once the one before it is blocked (queued behind the statement,
+    in this order). The row is released when the block ends; then every send finishes."""
+    async with anyio.create_task_group() as tg, _held_ledger_row(dsn, run_id, held_batch_id):
+        tg.start_soon(lead)
         await anyio.wait_all_tasks_blocked()
+        for follower in followers:
+            tg.start_soon(follower)
+            await anyio.wait_all_tasks_blocked()
+        yield tg
 
 
 def _new(first_version: int, names: Sequence[str] = ("loss",)) -> BatchPreparation:
     return BatchPreparation("new", frozenset(names), [], first_version)
 
 
-async def test_every_outcome_through_one_grouped_statement(pg: Postgres, postgres_dsn: str
+async def test_every_outcome_through_one_grouped_statement(pg: Postgres, pg_dsn: str
                                                           ) -> None:
     """Claims queued behind a statement in flight go as ONE statement and each gets the
     answer the transaction gives it alone: new, duplicate, 409 conflict, retry of a pending
@@ -193,11 +188,10 @@ async def test_every_outcome_through_one_grouped_statement(pg: Postgres, postgre
             send("twice other", run_id, "b-twice", payload_hash=HASH_B, first_version=17),
         ]
         with _counting(pg) as calls:
-            async with (anyio.create_task_group() as tg,
-                        _held_ledger_row(postgres_dsn, run_id, "b-lead")):
-                tg.start_soon(send("lead", run_id, "b-lead", first_version=10))
-                await anyio.wait_all_tasks_blocked()
-                await _queue_in_order(tg, group)
+            async with _statement_in_flight(
+                    pg_dsn, run_id, send("lead", run_id, "b-lead", first_version=10), "b-lead",
+                    group):
+                pass
         ledger = await _ledger(pg, run_id)
     # The leader's statement, then one for the ten queued claims; the transaction only for
     # the new names and the two later copies of b-twice.
@@ -223,15 +217,16 @@ async def test_every_outcome_through_one_grouped_statement(pg: Postgres, postgre
 
 
 async def test_concurrent_claims_share_few_statements(pg: Postgres) -> None:
-    """64 batches of 4 runs at once: a handful of statements, every claim its own answer and
-    its own ledger row."""
+    """64 batches of 4 runs at once (without seq): a handful of statements, every claim its own
+    answer and its own ledger row."""
     store = MetadataStore(pg)
     answers: dict[tuple[str, str], Outcome] = {}
     with anyio.fail_after(TEST_DEADLINE_S):
         runs = [await _new_run(store, names=("loss", "acc")) for _ in range(4)]
 
         async def send(run_id: str, i: int) -> None:
-            answers[run_id, f"c{i}"] = await _answer(store, run_id, f"c{i}",
+            # No seq at all: a group whose seq array is all NULL.
+            answers[run_id, f"c{i}"] = await _answer(store, run_id, f"c{i}", seq=None,
                                                      names=("acc", "loss"), first_version=i)
 
         before = store.claim_statistics()
@@ -251,7 +246,7 @@ async def test_concurrent_claims_share_few_statements(pg: Postgres) -> None:
 
 
 async def test_cancelled_callers_leave_the_group_and_the_queue_moves_on(
-        pg: Postgres, postgres_dsn: str) -> None:
+        pg: Postgres, pg_dsn: str) -> None:
     """A leader cancelled while its statement is in flight still answers the claims it
     carries, then raises its cancellation; a queued caller that is cancelled leaves the queue
     (its batch is never claimed); the next claim after that is answered at once."""
@@ -273,11 +268,8 @@ async def test_cancelled_callers_leave_the_group_and_the_queue_moves_on(
         async def follow(batch_id: str) -> None:
             answers[batch_id] = await _answer(store, run_id, batch_id, first_version=5)
 
-        async with (anyio.create_task_group() as tg,
-                    _held_ledger_row(postgres_dsn, run_id, "b-lead")):
-            tg.start_soon(lead)
-            await anyio.wait_all_tasks_blocked()
-            await _queue_in_order(tg, [lambda: follow("f1"), quit_early, lambda: follow("f2")])
+        async with _statement_in_flight(pg_dsn, run_id, lead, "b-lead",
+                                        [lambda: follow("f1"), quit_early, lambda: follow("f2")]):
             quitter_scope.cancel()
             leader_scope.cancel()
             await anyio.wait_all_tasks_blocked()
@@ -294,7 +286,7 @@ async def test_cancelled_callers_leave_the_group_and_the_queue_moves_on(
 
 
 async def test_a_statement_past_its_deadline_fails_its_group_only(
-        pg: Postgres, postgres_dsn: str) -> None:
+        pg: Postgres, pg_dsn: str) -> None:
     """The group statement is bounded like any call: past `timeout_s` its claims get a
     retryable BackendTimeout (as each would alone), and the claims queued behind it go next."""
     store = MetadataStore(pg, timeout_s=0.5)
@@ -305,11 +297,8 @@ async def test_a_statement_past_its_deadline_fails_its_group_only(
         async def send(batch_id: str) -> None:
             answers[batch_id] = await _answer(store, run_id, batch_id, first_version=3)
 
-        async with (anyio.create_task_group() as tg,
-                    _held_ledger_row(postgres_dsn, run_id, "b-stuck")):
-            tg.start_soon(send, "b-stuck")
-            await anyio.wait_all_tasks_blocked()
-            await _queue_in_order(tg, [lambda: send("f1"), lambda: send("f2")])
+        async with _statement_in_flight(pg_dsn, run_id, lambda: send("b-stuck"), "b-stuck",
+                                        [lambda: send("f1"), lambda: send("f2")]):
             with anyio.fail_after(5):
                 await answers.count_reaches(3)
     assert isinstance(answers.pop("b-stuck"), errors.BackendTimeout)
@@ -349,7 +338,7 @@ async def test_a_driver_error_leaves_each_claim_to_the_transaction(pg: Postgres)
                        "dup": BatchPreparation("duplicate", frozenset(), [], 2)}
 
 
-async def test_a_full_queue_sends_claims_alone(pg: Postgres, postgres_dsn: str) -> None:
+async def test_a_full_queue_sends_claims_alone(pg: Postgres, pg_dsn: str) -> None:
     """Past `max_queued_claims` a claim does not wait for a place: it is executed alone."""
     store = MetadataStore(pg, max_queued_claims=2)
     answers = _Answers()
@@ -359,11 +348,8 @@ async def test_a_full_queue_sends_claims_alone(pg: Postgres, postgres_dsn: str) 
         async def send(batch_id: str) -> None:
             answers[batch_id] = await _answer(store, run_id, batch_id, first_version=4)
 
-        async with (anyio.create_task_group() as tg,
-                    _held_ledger_row(postgres_dsn, run_id, "b-lead")):
-            tg.start_soon(send, "b-lead")
-            await anyio.wait_all_tasks_blocked()
-            await _queue_in_order(tg, [lambda i=i: send(f"f{i}") for i in range(5)])
+        async with _statement_in_flight(pg_dsn, run_id, lambda: send("b-lead"), "b-lead",
+                                        [lambda i=i: send(f"f{i}") for i in range(5)]):
             with anyio.fail_after(5):  # the three past the bound did not wait for b-lead
                 await answers.count_reaches(3)
             assert set(answers) == {"f2", "f3", "f4"}
@@ -372,14 +358,15 @@ async def test_a_full_queue_sends_claims_alone(pg: Postgres, postgres_dsn: str) 
     assert (stats.overflows, stats.largest) == (3, 2)
 
 
-def test_grouping_works_under_asyncio(postgres_dsn: str) -> None:
+def test_grouping_works_under_asyncio(pg_dsn: str) -> None:
     """The same grouping on asyncio (the server supports both event loops)."""
     answers: dict[str, Outcome] = {}
 
     async def main() -> int:
-        async with _open_migrated(postgres_dsn) as pg:
+        async with open_postgres(pg_dsn, max_connections=4) as pg:
             store = MetadataStore(pg)
             with anyio.fail_after(TEST_DEADLINE_S):
+                await apply_postgres_migrations(pg)
                 run_id = await _new_run(store)
 
                 async def send(i: int) -> None:
@@ -395,11 +382,11 @@ def test_grouping_works_under_asyncio(postgres_dsn: str) -> None:
     assert 1 <= statements <= 3
 
 
-def test_the_claims_bench_measures_both_modes(postgres_dsn: str) -> None:
+def test_the_claims_bench_measures_both_modes(pg_dsn: str) -> None:
     """`python -m bench.claims` measures grouped claims against one statement per claim:
     here only that it counted what it ran (no timing is asserted)."""
-    grouped = measure(postgres_dsn, mode="grouped", writers=8, batches=4, work_ms=0.2)
-    alone = measure(postgres_dsn, mode="one per claim", writers=8, batches=4, work_ms=0.2)
+    grouped = measure(pg_dsn, mode="grouped", writers=8, batches=4, work_ms=0.2)
+    alone = measure(pg_dsn, mode="one per claim", writers=8, batches=4, work_ms=0.2)
     assert (grouped.claims, alone.claims) == (32, 32)
     assert alone.statements == 32 and 1 <= grouped.statements < 32
     assert grouped.cpu_s > 0 and alone.cpu_s > 0
