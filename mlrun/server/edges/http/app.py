@@ -132,8 +132,9 @@ Handler = Callable[[Request], Awaitable[Response]]
 class RouteSpec:
     """What a route promises, for /openapi.json: rendered, never re-declared by hand.
 
-    `scope` None means public (no API key). `errors` lists every non-2xx status the route can
-    answer besides the ones every route may give (413 body too large, 500, 503)."""
+    `scope` None means public (no API key), "any" any valid key. `errors` lists every non-2xx
+    status the route can answer besides the ones every route may give (413 body too large, 500,
+    503)."""
 
     summary: str
     scope: str | None
