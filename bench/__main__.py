@@ -56,11 +56,12 @@ _MAX_WRITERS = 512
 _MAX_IN_FLIGHT = 16
 _MAX_DURATION_S = 3600.0
 _WORKLOADS = ("ingest", "overload", "query", "sdk", "baseline", "reference", "breakdown",
-              "queued", "mlflow", "peers")
+              "queued", "mlflow", "peers", "floor")
 # breakdown needs py-spy and a minute of its own; queued (bench.queued) a deployment of its
 # own and about five minutes; mlflow the official client (bench/mlflow.py); peers other
 # servers (bench/peers.py): asked for by name only.
-_DEFAULT_WORKLOADS = frozenset(_WORKLOADS) - {"breakdown", "queued", "mlflow", "peers"}
+# floor (bench/floor.py): one kept-alive connection's per-request latency; runs alone.
+_DEFAULT_WORKLOADS = frozenset(_WORKLOADS) - {"breakdown", "queued", "mlflow", "peers", "floor"}
 _DEFAULT_BREAKDOWN_WRITERS = 8
 _DEFAULT_WRITERS = (1, 8, 32, 128)
 _QUICK_WRITERS = (1, 8)
@@ -217,6 +218,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("the breakdown samples the server: --url needs --server-pid")
     if "queued" in args.workloads and (len(args.workloads) > 1 or args.url or args.embedded):
         parser.error("--workloads queued runs alone, on backends it starts itself")
+    if "floor" in args.workloads and len(args.workloads) > 1:
+        parser.error("--workloads floor runs alone")
     return args
 
 
@@ -298,6 +301,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             burst_s=8.0 if quick else 20.0, visible_s=5.0 if quick else 10.0,
             batch_points=args.batch_size, request_timeout_s=args.request_timeout),
             out_dir, stem, _progress)
+    if "floor" in args.workloads:
+        from bench.floor import FloorSettings, main_floor
+
+        return main_floor(lambda: _target(args, log_dir),
+                          FloorSettings(duration_s=args.duration or (5.0 if quick else 30.0)),
+                          out_dir, stem, _progress)
     settings = SuiteSettings(
         writers=args.writers or (_QUICK_WRITERS if quick else _DEFAULT_WRITERS),
         in_flight=args.in_flight,

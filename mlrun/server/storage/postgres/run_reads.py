@@ -194,6 +194,11 @@ class RunQueries:
         async with self._slots:
             return await self._pg.run(select, timeout_s=self._timeout_s)
 
+    async def _read_statement(self, select: Callable[[psycopg.Connection[Any]], _T]) -> _T:
+        """`_read` for a `select` of ONE statement: autocommit, one round trip."""
+        async with self._slots:
+            return await self._pg.run_statement(select, timeout_s=self._timeout_s)
+
     async def page(
         self,
         run_filter: RunFilter,
@@ -265,11 +270,17 @@ class RunQueries:
         return await self._read(select)
 
     async def detail(self, run_id: str) -> RunRecord | None:
-        """One run with tags, params and its count of finalized artifacts."""
+        """One run with tags, params and its count of finalized artifacts: ONE statement in
+        autocommit (one round trip, no BEGIN/COMMIT), the tags and params as JSON objects
+        built in key order (`json`, not `jsonb`, keeps that order)."""
         statement = (
             f"SELECT {_RUN_COLUMNS},"
             " (SELECT count(*) FROM artifacts a WHERE a.run_id = r.run_id"
-            "  AND a.status = 'finalized')"
+            "  AND a.status = 'finalized'),"
+            " (SELECT json_object_agg(t.key, t.value ORDER BY t.key) FROM run_tags t"
+            "  WHERE t.run_id = r.run_id),"
+            " (SELECT json_object_agg(q.key, q.value ORDER BY q.key) FROM run_params q"
+            "  WHERE q.run_id = r.run_id)"
             " FROM runs r JOIN projects p ON p.id = r.project_id WHERE r.run_id = %s"
         )
 
@@ -279,10 +290,11 @@ class RunQueries:
                 return None
             record = _record(row)
             record.artifacts_count = int(row[8])
-            _attach_children(conn, [record])
+            record.tags = dict(row[9] or {})
+            record.params = dict(row[10] or {})
             return record
 
-        return await self._read(select)
+        return await self._read_statement(select)
 
 
 def _where_sql(clauses: Sequence[str]) -> str:
