@@ -587,6 +587,11 @@ class Suite:
                 and self.sdk.stored_points != self.sdk.log_calls:
             problems.append(f"sdk: {self.sdk.stored_points} points stored for"
                             f" {self.sdk.log_calls} log() calls")
+        for variant in self.sdk.throughput if self.sdk is not None else ():
+            if variant.stored_points not in (None, variant.points):
+                problems.append(f"sdk throughput ({variant.transport}, {variant.in_flight} in"
+                                f" flight): {variant.stored_points} points stored of"
+                                f" {variant.points}")
         store = self.target.store
         return Report(
             started_at=started_at,
