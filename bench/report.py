@@ -481,13 +481,13 @@ def cpu_cells(cpu_ms: dict[str, float], busy: float | None) -> str:
 
 
 def _query_lines(query: QuerySection) -> list[str]:
-    header = (f"{'query':18} {'p50 ms':>8} {'p99 ms':>8} {'target':>7} {'KB':>7} {CPU_HEADER}"
+    header = (f"{'query':20} {'p50 ms':>8} {'p99 ms':>8} {'target':>7} {'KB':>7} {CPU_HEADER}"
               "  data")
     lines = [f"query: seeded {query.sizes} in {query.seed_s:.1f} s", header, "-" * len(header)]
     for r in query.results:
         goal = "-" if r.target_ms is None else f"<{r.target_ms:g}"
         mark = "" if r.meets_target is None else (" ok" if r.meets_target else " MISSED")
-        lines.append(f"{r.workload:18} {r.latency_ms.p50 or 0:8.1f} {r.latency_ms.p99 or 0:8.1f}"
+        lines.append(f"{r.workload:20} {r.latency_ms.p50 or 0:8.1f} {r.latency_ms.p99 or 0:8.1f}"
                      f" {goal:>7} {r.response_bytes / 1024:7.0f}"
                      f" {cpu_cells(r.cpu_ms_per_request, r.machine_busy)}  {r.data}{mark}")
     return lines
