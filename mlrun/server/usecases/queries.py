@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -162,9 +163,7 @@ def _summary(record: RunRecord) -> RunSummary:
 def _sample_columns(table: SeriesTable, samples: Sequence[Sample],
                     shift_ms: int = 0) -> _SeriesColumns:
     """Selected samples as (steps, values, timestamps)."""
-    keys = [s.key for s in samples]
-    values = [s.value for s in samples]
-    others = [s.other for s in samples]
+    keys, values, others = (list(map(operator.itemgetter(i), samples)) for i in range(3))
     return _stored_columns(table, keys, values, others, shift_ms)
 
 

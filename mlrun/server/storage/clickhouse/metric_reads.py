@@ -70,6 +70,8 @@ from mlrun.server.ports.metric_reads import (
 from mlrun.server.protocols.clickhouse import RowBinaryType, quote_list, quote_string
 from mlrun.server.storage.clickhouse.bucket_sql import (
     block_bucket_statement,
+    bucket_row_names,
+    bucket_row_types,
     bucket_statement,
     dirty_block_bucket_statement,
     edge_statement,
@@ -107,6 +109,15 @@ class MetricQueries:
 
     async def _rows(self, sql: str) -> list[dict[str, Any]]:
         return await self._ch.query_rows(sql, timeout_s=self._timeout_s)
+
+    async def _bucket_rows(self, sql: str, method: Method) -> list[dict[str, Any]]:
+        """Rows of a (point or block) bucket statement, one per series, read as RowBinary
+        (its arrays are typed: `bucket_sql.typed_arrays`): a comparison's 20 x 500 buckets of
+        ten columns decode without a parsed JSON number each."""
+        names = bucket_row_names(method)
+        rows = await self._ch.query_row_binary(sql, bucket_row_types(method),
+                                               timeout_s=self._timeout_s)
+        return [dict(zip(names, row, strict=True)) for row in rows]
 
     # --- summaries ---------------------------------------------------------------------------
 
@@ -352,7 +363,7 @@ class MetricQueries:
                     result.update(await self._block_buckets(chunk, method))
                     continue
                 statement, series = bucket_statement(table, chunk, dedup, method)
-                for row in await self._rows(statement):
+                for row in await self._bucket_rows(statement, method):
                     index = int(row["s"])
                     if index in series:
                         result[series[index].ref] = _bucketed(method, row)
@@ -381,7 +392,7 @@ class MetricQueries:
         point from its edge blocks (a separate small statement: merging the first/last states
         of every block only for those two would cost ~40% more, measured)."""
         statement, series = block_bucket_statement(requests, method)
-        rows, edge_rows = await both(lambda: self._rows(statement),
+        rows, edge_rows = await both(lambda: self._bucket_rows(statement, method),
                                      lambda: self._rows(edge_statement(requests)))
         edges = {(str(r["sr"]), str(r["sn"]), int(r["block"])): r for r in edge_rows}
         result: dict[SeriesRef, BucketedSeries] = {}
@@ -471,9 +482,16 @@ def _lttb_records(row: dict[str, Any]) -> tuple[dict[int, Sample], list[Bucket],
     if len(lengths) != 1:
         raise BackendError("ClickHouse returned bucket columns of different lengths",
                            backend="clickhouse")
-    edges = {slot: Sample(int(columns.low_keys[i]), float(columns.low_values[i]),
-                          int(columns.low_others[i]))
-             for i, slot in enumerate(columns.slots) if slot < 0}
+    # The edge slots lead (ORDER BY b puts -2, -1 first): found without a Python pass over
+    # every bucket, unless some negative slot is elsewhere.
+    leading = 0
+    while leading < len(columns.slots) and columns.slots[leading] < 0:
+        leading += 1
+    negative = (range(leading) if min(columns.slots[leading:], default=0) >= 0 else
+                [i for i, slot in enumerate(columns.slots) if slot < 0])
+    edges = {columns.slots[i]: Sample(int(columns.low_keys[i]), float(columns.low_values[i]),
+                                      int(columns.low_others[i]))
+             for i in negative}
     # Keep the interior buckets only, in slot order: the inner ORDER BY puts the edge slots
     # -2, -1 first and the rest in order in practice (a slice); never trust it blindly.
     slots = columns.slots
