@@ -30,7 +30,9 @@ import anyio.to_thread
 
 from mlrun.server.errors import BackendError, BackendTimeout, BackendUnavailable, ConfigError
 from mlrun.server.protocols.clickhouse import (
+    RowBinaryType,
     decode_json_each_row,
+    decode_row_binary,
     insert_prefix,
     parse_error,
     quote_identifier,
@@ -131,6 +133,25 @@ class EmbeddedClickHouse:
         body = await self._call(run, timeout_s=timeout_s)
         try:
             return decode_json_each_row(body)
+        except ValueError as exc:
+            raise BackendError(
+                "embedded ClickHouse returned an unreadable result",
+                backend=BACKEND,
+                detail=str(exc),
+            ) from exc
+
+    async def query_row_binary(
+        self, sql: str, types: Sequence[RowBinaryType], *, timeout_s: float
+    ) -> list[list[Any]]:
+        statement = with_format(sql, "RowBinary")
+
+        def run(slot: _Slot) -> bytes:
+            result: bytes = slot.session.query(statement, "RowBinary").bytes()
+            return result
+
+        body = await self._call(run, timeout_s=timeout_s)
+        try:
+            return decode_row_binary(body, types)
         except ValueError as exc:
             raise BackendError(
                 "embedded ClickHouse returned an unreadable result",

@@ -26,11 +26,13 @@ import httpx
 from mlrun.server.errors import BackendError, BackendTimeout, BackendUnavailable
 from mlrun.server.protocols.clickhouse import (
     HttpRequest,
+    RowBinaryType,
     auth_headers,
     build_insert_request,
     build_query_request,
     deadline_settings,
     decode_json_each_row,
+    decode_row_binary,
     find_error_in_body,
     parse_error,
     quote_identifier,
@@ -79,6 +81,22 @@ class HttpClickHouse:
         body = await self._post(request, timeout_s=timeout_s)
         try:
             return decode_json_each_row(body)
+        except ValueError as exc:
+            raise BackendError(
+                "ClickHouse returned an unreadable result", backend=BACKEND, detail=str(exc)
+            ) from exc
+
+    async def query_row_binary(
+        self, sql: str, types: Sequence[RowBinaryType], *, timeout_s: float
+    ) -> list[list[Any]]:
+        request = build_query_request(
+            with_format(sql, "RowBinary"),
+            database=self._database,
+            settings=deadline_settings(timeout_s),
+        )
+        body = await self._post(request, timeout_s=timeout_s)
+        try:
+            return decode_row_binary(body, types)
         except ValueError as exc:
             raise BackendError(
                 "ClickHouse returned an unreadable result", backend=BACKEND, detail=str(exc)

@@ -562,7 +562,7 @@ class MlflowTracking:
         return m.GetHistoryResponse(
             metrics=[m.MetricOut(key=key, value=p.value, timestamp=p.timestamp,
                                  step=steps.mlflow_step(key, p.step, p.timestamp, origin))
-                     for p in series.points],
+                     for p in series.as_points()],
             next_page_token=series.next_cursor)
 
     async def metric_history_bulk_interval(self, principal: Principal,
@@ -584,7 +584,7 @@ class MlflowTracking:
                 points += [m.MetricWithRun(
                     key=key, value=p.value, timestamp=p.timestamp, run_id=run_id,
                     step=steps.mlflow_step(key, p.step, p.timestamp, origins.get(run_id)))
-                    for p in series.points]
+                    for p in series.as_points()]
         return m.BulkIntervalResponse(metrics=points)
 
 
