@@ -125,6 +125,7 @@ class WorkloadResult(Struct, frozen=True, kw_only=True):
     postgres: ProcessUsage | None
     generator: ProcessUsage  # the bench process itself (all writer threads)
     machine_busy_share: float  # all cores, from /proc/stat
+    in_flight: int = 1  # batches each writer kept in flight (`--in-flight`)
     # CPU per acknowledged point, in microseconds: of the server alone, and of the whole stack
     # (server + ClickHouse + PostgreSQL). On a shared box these hold from run to run while rates
     # swing 2x: compare runs by them.
@@ -320,7 +321,7 @@ def _row(result: WorkloadResult) -> list[str]:
     ingest_like = result.workload in ("ingest", "overload")
     return [
         lane_label(result),
-        str(result.writers),
+        str(result.writers) if result.in_flight == 1 else f"{result.writers}x{result.in_flight}",
         _cell(result.points_per_s),
         _cell(result.points_per_s_ratio_to_baseline, 2) if ingest_like else (
             "1" if result.workload == "baseline" else "-"),

@@ -46,7 +46,7 @@ import anyio.abc
 import msgspec
 
 from mlrun.server.errors import BackendUnavailable, Overloaded
-from mlrun.server.pipelines.clickhouse_write_path import clickhouse_holds, estimate_rowbinary_bytes
+from mlrun.server.pipelines.clickhouse_write_path import clickhouse_holds, estimate_block_bytes
 from mlrun.server.pipelines.group_commit import Pipeline, PipelineStatistics, Reservation, Ticket
 from mlrun.server.pipelines.queue_monitor import QueueMonitor, QueueSnapshot
 from mlrun.server.pipelines.stream_entries import StreamKeys, encode_xadd
@@ -122,8 +122,8 @@ class RedisWritePath:
 
     def reserve_nowait(self, run_id: str, metrics: PointColumns, system_metrics: PointColumns
                        ) -> _Reservation:
-        payload_bytes = (estimate_rowbinary_bytes(run_id, metrics)
-                         + estimate_rowbinary_bytes(run_id, system_metrics))
+        payload_bytes = (estimate_block_bytes(run_id, metrics)
+                         + estimate_block_bytes(run_id, system_metrics))
         self._admit(payload_bytes)
         reservation = self.pipeline.reserve_nowait(len(metrics) + len(system_metrics),
                                                    payload_bytes + _ENTRY_OVERHEAD_BYTES)
