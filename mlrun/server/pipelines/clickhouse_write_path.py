@@ -4,6 +4,8 @@ Implements `mlrun.server.ports.write_path.WritePath` with one bounded `Pipeline`
 table (`metrics`, `system_metrics`) and one writer task each, plus a `LedgerMarker`:
 
     reserve_nowait   capacity in both pipelines or in neither (429 when full)
+    reserve          the same, never waiting: a full pipeline here means ClickHouse is behind,
+                     which only a 429 tells the client
     submit_nowait    encode each table's rows as one Native block, queue it under the reservation
     writer           one INSERT per group of queued payloads; once a batch's every part is
                      committed, its (run_id, batch_id) goes to the ledger marker
@@ -161,6 +163,10 @@ class ClickHouseWritePath:
                     for pipeline, columns in zip(self.pipelines, (metrics, system_metrics),
                                                  strict=True)]
         return _Reservation(self, reserve_all(requests))
+
+    async def reserve(self, run_id: str, metrics: PointColumns, system_metrics: PointColumns,
+                      *, wait_s: float) -> _Reservation:
+        return self.reserve_nowait(run_id, metrics, system_metrics)
 
     async def holds(self, write: BatchWrite, *, timeout_s: float) -> bool:
         return await clickhouse_holds(self._clickhouse, write, timeout_s=timeout_s)
