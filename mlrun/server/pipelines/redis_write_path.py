@@ -132,8 +132,8 @@ class RedisWritePath:
 
     async def reserve(self, run_id: str, metrics: PointColumns, system_metrics: PointColumns,
                       *, wait_s: float) -> _Reservation:
-        payload_bytes = (estimate_rowbinary_bytes(run_id, metrics)
-                         + estimate_rowbinary_bytes(run_id, system_metrics))
+        payload_bytes = (estimate_block_bytes(run_id, metrics)
+                         + estimate_block_bytes(run_id, system_metrics))
         self._admit(payload_bytes)
         rows = len(metrics) + len(system_metrics)
         nbytes = payload_bytes + _ENTRY_OVERHEAD_BYTES
