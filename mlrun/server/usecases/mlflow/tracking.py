@@ -117,11 +117,10 @@ def _check_key(key: str, field: str) -> str:
 
 
 def _check_value(value: str, field: str, limit: int) -> str:
-    # MLflow allows 6000 (params) / 8000 (tags); run params/tags stay in indexed PostgreSQL
-    # columns whose btree entries cannot hold that, so the edge answers MLflow's error at ours.
-    # Checked here in UTF-8 bytes, as the columns' CHECK constraints count them (no 5xx).
-    if len(value) > limit // 4 and len(value.encode()) > limit:
-        raise InvalidInput(f"{field}: longer than {limit} bytes (UTF-8)",
+    # MLflow's own caps in characters (6000 params / 8000 tags); the columns hold them in any
+    # UTF-8 (MAX_VALUE_BYTES), so a value within the cap is never refused further in.
+    if len(value) > limit:
+        raise InvalidInput(f"{field}: longer than {limit} characters",
                            code=ErrorCode.VALUE_TOO_LONG, field=field)
     return value
 
