@@ -320,7 +320,7 @@ class MlflowTracking:
         # run, its metric summaries and its MLflow side rows; then only its experiment.
         (record, summaries), side = await both(
             lambda: both(lambda: self._run_record(principal, run_id),
-                         lambda: self._metrics.summaries(ids)),
+                         lambda: self._metrics.summaries(ids, with_counts=False)),
             lambda: self._side_rows(ids))
         rendered = await self._assemble([record], summaries, side)
         if not rendered:
@@ -448,7 +448,7 @@ class MlflowTracking:
             return m.SearchRunsResponse()
         (records, summaries), extras = await both(
             lambda: both(lambda: self._runs.by_ids(ids),
-                         lambda: self._metrics.summaries(ids)),
+                         lambda: self._metrics.summaries(ids, with_counts=False)),
             lambda: self._state.run_extras(ids))
         metrics: dict[str, dict[str, float]] = {}
         for s in summaries:
