@@ -71,6 +71,11 @@ class QueueAdmissionStatistics(msgspec.Struct, frozen=True):
     queue: QueueSnapshot
 
 
+def _payload_bytes(run_id: str, metrics: PointColumns, system_metrics: PointColumns) -> int:
+    """What admission counts for a batch's rows (the queue bound's unit)."""
+    return estimate_block_bytes(run_id, metrics) + estimate_block_bytes(run_id, system_metrics)
+
+
 class _Done:
     """The durability of a write with no rows: nothing to wait for."""
 
@@ -122,8 +127,7 @@ class RedisWritePath:
 
     def reserve_nowait(self, run_id: str, metrics: PointColumns, system_metrics: PointColumns
                        ) -> _Reservation:
-        payload_bytes = (estimate_block_bytes(run_id, metrics)
-                         + estimate_block_bytes(run_id, system_metrics))
+        payload_bytes = _payload_bytes(run_id, metrics, system_metrics)
         self._admit(payload_bytes)
         reservation = self.pipeline.reserve_nowait(len(metrics) + len(system_metrics),
                                                    payload_bytes + _ENTRY_OVERHEAD_BYTES)
@@ -132,8 +136,7 @@ class RedisWritePath:
 
     async def reserve(self, run_id: str, metrics: PointColumns, system_metrics: PointColumns,
                       *, wait_s: float) -> _Reservation:
-        payload_bytes = (estimate_block_bytes(run_id, metrics)
-                         + estimate_block_bytes(run_id, system_metrics))
+        payload_bytes = _payload_bytes(run_id, metrics, system_metrics)
         self._admit(payload_bytes)
         rows = len(metrics) + len(system_metrics)
         nbytes = payload_bytes + _ENTRY_OVERHEAD_BYTES
