@@ -57,13 +57,15 @@ _QUICK_GRACE_S = 5.0
 _TRANSPORTS: tuple[Transport, ...] = ("http", "http-rows", "grpc", "mlflow")
 _DEFAULT_TRANSPORTS: tuple[Transport, ...] = ("http", "grpc")
 _MAX_WRITERS = 512
+_MAX_IN_FLIGHT = 16
 _MAX_DURATION_S = 3600.0
 _WORKLOADS = ("ingest", "overload", "query", "sdk", "baseline", "reference", "breakdown",
-              "queued", "mlflow", "peers")
+              "queued", "mlflow", "peers", "floor")
 # breakdown needs py-spy and a minute of its own; queued (bench.queued) a deployment of its
 # own and about five minutes; mlflow the official client (bench/mlflow.py); peers other
 # servers (bench/peers.py): asked for by name only.
-_DEFAULT_WORKLOADS = frozenset(_WORKLOADS) - {"breakdown", "queued", "mlflow", "peers"}
+# floor (bench/floor.py): one kept-alive connection's per-request latency; runs alone.
+_DEFAULT_WORKLOADS = frozenset(_WORKLOADS) - {"breakdown", "queued", "mlflow", "peers", "floor"}
 _DEFAULT_BREAKDOWN_WRITERS = 8
 _DEFAULT_WRITERS = (1, 8, 32, 128)
 _QUICK_WRITERS = (1, 8)
@@ -97,6 +99,16 @@ def _writer_counts(text: str) -> tuple[int, ...]:
     if not counts or any(not 1 <= count <= _MAX_WRITERS for count in counts):
         raise argparse.ArgumentTypeError(f"writer counts must be 1..{_MAX_WRITERS}")
     return counts
+
+
+def _in_flight(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 1 <= value <= _MAX_IN_FLIGHT:
+        raise argparse.ArgumentTypeError(f"batches in flight must be 1..{_MAX_IN_FLIGHT}")
+    return value
 
 
 def _transports(text: str) -> tuple[Transport, ...]:
@@ -177,6 +189,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                       help="NAME=URL of a server speaking MLflow's REST API (workload peers)")
     load.add_argument("--writers", type=_writer_counts,
                       help="comma list of writer counts K (default 1,8,32,128; --quick 1,8)")
+    load.add_argument("--in-flight", type=_in_flight, default=1,
+                      help="batches each ingest writer keeps in flight (default 1): over gRPC"
+                      " that many calls on the writer's one HTTP/2 connection, over HTTP/1.1"
+                      " that many connections")
     load.add_argument("--overload-writers", type=_writer_counts,
                       help="K steps of the overload workload (default 4,32,128; --quick 4,64)")
     load.add_argument("--transports", type=_transports, default=_DEFAULT_TRANSPORTS,
@@ -221,6 +237,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("the breakdown samples the server: --url needs --server-pid")
     if "queued" in args.workloads and (len(args.workloads) > 1 or args.url or args.embedded):
         parser.error("--workloads queued runs alone, on backends it starts itself")
+    if "floor" in args.workloads and len(args.workloads) > 1:
+        parser.error("--workloads floor runs alone")
     return args
 
 
@@ -302,8 +320,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             burst_s=8.0 if quick else 20.0, visible_s=5.0 if quick else 10.0,
             batch_points=args.batch_size, request_timeout_s=args.request_timeout),
             out_dir, stem, _progress)
+    if "floor" in args.workloads:
+        from bench.floor import FloorSettings, main_floor
+
+        return main_floor(lambda: _target(args, log_dir),
+                          FloorSettings(duration_s=args.duration or (5.0 if quick else 30.0)),
+                          out_dir, stem, _progress)
     settings = SuiteSettings(
         writers=args.writers or (_QUICK_WRITERS if quick else _DEFAULT_WRITERS),
+        in_flight=args.in_flight,
         transports=args.transports,
         duration_s=duration_s,
         batch_points=args.batch_size,

@@ -125,6 +125,7 @@ class WorkloadResult(Struct, frozen=True, kw_only=True):
     postgres: ProcessUsage | None
     generator: ProcessUsage  # the bench process itself (all writer threads)
     machine_busy_share: float  # all cores, from /proc/stat
+    in_flight: int = 1  # batches each writer kept in flight (`--in-flight`)
     # CPU per acknowledged point, in microseconds: of the server alone, and of the whole stack
     # (server + ClickHouse + PostgreSQL). On a shared box these hold from run to run while rates
     # swing 2x: compare runs by them.
@@ -228,6 +229,8 @@ class QueryLatency(Struct, frozen=True, kw_only=True):
     data: str
     target_ms: float | None
     meets_target: bool | None
+    cpu_ms_per_request: dict[str, float] = {}
+    machine_busy: float | None = None
 
 
 class QuerySection(Struct, frozen=True, kw_only=True):
@@ -359,7 +362,7 @@ def _row(result: WorkloadResult) -> list[str]:
     ingest_like = result.workload in ("ingest", "overload")
     return [
         lane_label(result),
-        str(result.writers),
+        str(result.writers) if result.in_flight == 1 else f"{result.writers}x{result.in_flight}",
         _cell(result.points_per_s),
         _cell(result.points_per_s_ratio_to_baseline, 2) if ingest_like else (
             "1" if result.workload == "baseline" else "-"),
@@ -533,14 +536,29 @@ def _sdk_throughput_lines(results: list[SdkThroughput]) -> list[str]:
     ]
 
 
+# CPU ms per request of the server, ClickHouse and PostgreSQL, and the machine's busy share.
+CPU_HEADER = f"{'srv cpu':>7} {'ch cpu':>6} {'pg cpu':>6} {'busy':>4}"
+
+
+def cpu_cells(cpu_ms: dict[str, float], busy: float | None) -> str:
+    def cell(name: str, width: int) -> str:
+        value = cpu_ms.get(name)
+        return f"{'-' if value is None else f'{value:.1f}':>{width}}"
+    share = "-" if busy is None else f"{busy * 100:.0f}%"
+    return f"{cell('server', 7)} {cell('clickhouse', 6)} {cell('postgres', 6)} {share:>4}"
+
+
+
 def _query_lines(query: QuerySection) -> list[str]:
-    header = f"{'query':18} {'p50 ms':>8} {'p99 ms':>8} {'target':>7} {'KB':>7}  data"
+    header = (f"{'query':20} {'p50 ms':>8} {'p99 ms':>8} {'target':>7} {'KB':>7} {CPU_HEADER}"
+              "  data")
     lines = [f"query: seeded {query.sizes} in {query.seed_s:.1f} s", header, "-" * len(header)]
     for r in query.results:
         goal = "-" if r.target_ms is None else f"<{r.target_ms:g}"
         mark = "" if r.meets_target is None else (" ok" if r.meets_target else " MISSED")
-        lines.append(f"{r.workload:18} {r.latency_ms.p50 or 0:8.1f} {r.latency_ms.p99 or 0:8.1f}"
-                     f" {goal:>7} {r.response_bytes / 1024:7.0f}  {r.data}{mark}")
+        lines.append(f"{r.workload:20} {r.latency_ms.p50 or 0:8.1f} {r.latency_ms.p99 or 0:8.1f}"
+                     f" {goal:>7} {r.response_bytes / 1024:7.0f}"
+                     f" {cpu_cells(r.cpu_ms_per_request, r.machine_busy)}  {r.data}{mark}")
     return lines
 
 
