@@ -511,7 +511,7 @@ def _sdk_lines(sdk: SdkResult) -> list[str]:
 def _sdk_throughput_lines(results: list[SdkThroughput]) -> list[str]:
     if not results:
         return []
-    header = (f"{'transport':9} {'in fl':>5} {'offered':>8} {'points/s':>9} {'stored':>8}"
+    header = (f"{'transport':16} {'in fl':>5} {'offered':>8} {'points/s':>9} {'stored':>8}"
               f" {'log us p50/p99':>15} {'sdk us/pt':>9} {'(call/bat/snd/rest)':>20}"
               f" {'srv':>5} {'ch':>5} {'cpu% sdk/srv/ch/box':>20} {'spill':>5} {'load':>5}")
     rows = []
@@ -522,7 +522,7 @@ def _sdk_throughput_lines(results: list[SdkThroughput]) -> list[str]:
                                                          "machine_busy"))
         stored = "-" if r.stored_points is None else str(r.stored_points)
         rows.append(
-            f"{r.transport:9} {r.in_flight:>5} {_cell(r.offered_points_per_s):>8}"
+            f"{r.transport:16} {r.in_flight:>5} {_cell(r.offered_points_per_s):>8}"
             f" {r.points_per_s:>9,} {stored:>8}"
             f" {_cell(o.p50, 1) + '/' + _cell(o.p99, 1):>15} {_cell(c.total, 2):>9}"
             f" {split:>20} {_cell(r.server_cpu_us_per_point, 2):>5}"

@@ -22,6 +22,12 @@ Per variant:
   share: on a 2-core box the SDK process, the server and ClickHouse share the cores, so these
   say which one was the limit.
 
+And, per transport, the SDK alone ("http, no server"): the same flat-out loop with the run's
+transport swapped for one that encodes each batch exactly as the real one does (msgspec JSON
+for HTTP, the protobuf message for gRPC) and acknowledges it at once: the SDK's own ceiling and
+CPU per point when the server keeps up, apart from what the server and ClickHouse take from the
+same two cores.
+
 Thread split: the SDK's threads end with `finish()`, so a sampler thread reads their /proc CPU
 every `_SAMPLE_S` (the last reading counts; what a thread spent after it is in "rest"); the
 sampler's own CPU (`time.thread_time` inside it) is taken out of the process's.
@@ -38,15 +44,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import msgspec
+
 import mlrun
+import mlrun.sdk.run
 from bench.errors import BenchError
 from bench.metrics_store import StoreError, count_points
 from bench.processes import UsageProbe, own_cpu_seconds, thread_cpu_seconds
 from bench.report import CpuPerPoint, OverheadUs, SdkThroughput
 from bench.targets import Target
+from mlrun.sdk.ops import BatchOp, Op
+from mlrun.sdk.retry import Delivered, Outcome
+from mlrun.sdk.settings import Settings
+from mlrun.sdk.transport import Transport
 
 _PROJECT = "bench-sdk-throughput"
-_SAMPLE_S = 0.1
+_SAMPLE_S = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +74,34 @@ class ThroughputSettings:
     # the SDK keep up with a training loop that produces this rate (nothing spilled, finish()
     # right after the last call)? None: not run.
     paced_points_per_s: int | None = None
+
+
+class _NoServer:
+    """A transport that encodes every batch as `transport` does and acknowledges it at once."""
+
+    def __init__(self, transport: str) -> None:
+        if transport == "grpc":
+            from mlrun.sdk.transport_grpc import log_batch_request
+
+            self._encode: Callable[[BatchOp], bytes] = (
+                lambda op: log_batch_request(op.request).SerializeToString())
+        else:
+            encoder = msgspec.json.Encoder()  # loopback: no gzip (see transport_http)
+            self._encode = lambda op: encoder.encode(op.request)
+
+    def deliver(self, op: Op) -> Outcome:
+        if isinstance(op, BatchOp):
+            self._encode(op)
+        return Delivered(accepted=op.points if isinstance(op, BatchOp) else 0)
+
+    def heartbeat(self, run_id: str) -> Outcome:
+        return Delivered()
+
+    def probe(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
 
 
 class _ThreadSampler:
@@ -136,11 +177,23 @@ def run_sdk_throughput(
                      f" log(), {transport}, {in_flight} in flight,"
                      f" {'flat out' if rate is None else f'paced at {rate} points/s'}")
             results.append(_one(target, settings, spool_dir, transport, in_flight, rate))
+        progress(f"sdk: {settings.points} points, {transport}, the SDK alone (no server)")
+        real_open = mlrun.sdk.run.open_transport
+
+        def no_server(options: Settings, transport: str = transport) -> Transport:
+            return _NoServer(transport)
+
+        mlrun.sdk.run.open_transport = no_server
+        try:
+            results.append(_one(target, settings, spool_dir, transport, 1, None,
+                                no_server=True))
+        finally:
+            mlrun.sdk.run.open_transport = real_open
     return results
 
 
 def _one(target: Target, settings: ThroughputSettings, spool_dir: str, transport: str,
-         in_flight: int, rate: int | None) -> SdkThroughput:
+         in_flight: int, rate: int | None, *, no_server: bool = False) -> SdkThroughput:
     options = mlrun.Settings.load(
         server_url=target.http_url, api_key=target.api_key, transport=transport,
         grpc_target=target.grpc_target, spool_dir=spool_dir, max_batches_in_flight=in_flight,
@@ -186,7 +239,7 @@ def _one(target: Target, settings: ThroughputSettings, spool_dir: str, transport
     statistics = run.statistics()
     points = made * len(names)
     stored: int | None = None
-    if target.store is not None:
+    if target.store is not None and not no_server:
         connection = target.store.connect()
         try:
             stored = count_points(connection, [run.run_id]).distinct_points
@@ -205,8 +258,10 @@ def _one(target: Target, settings: ThroughputSettings, spool_dir: str, transport
         total=_per_point_us(own_cpu_s, points), caller=_per_point_us(caller_cpu_s, points),
         batcher=_per_point_us(by_kind["batcher"], points),
         sender=_per_point_us(by_kind["sender"], points), rest=_per_point_us(rest_s, points))
+    if no_server:
+        usage = {}
     return SdkThroughput(
-        transport=transport,
+        transport=f"{transport}, no server" if no_server else transport,
         in_flight=in_flight,
         offered_points_per_s=rate,
         pattern=f"{len(names)} metrics per log(dict, step=) call, one call per step",
