@@ -38,8 +38,8 @@ The batch protocol:
    within one group (after the copy the statement decided: the answers of sequential
    arrivals); and every claim of a statement that failed with a driver error.
    Ledger rows are inserted in (run_id, batch_id) order, the order `mark_batches_committed`
-   locks them in. Measured (bench breakdown, 32 writers, 1000-point batches; shared box):
-   see the README, "Where an ingested point's cost goes".
+   locks them in. Measured (`python -m bench.claims`, whole-server ingest runs): see
+   `statement_groups` and the README, "Where an ingested point's cost goes".
 2. The write path makes the points durable, then marks the row (`mark_batches_committed`,
    'pending' -> 'committed', grouped and retried by `pipelines.ledger_marker`). A crash between
    the two leaves 'pending'; the client's resend is written again (the same rows, by the
