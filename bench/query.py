@@ -16,7 +16,9 @@ ones:
     list_deep_page  the same listing, the page after 20 pages (a cursor)
     downsample_*    GET .../metrics of the big series to 1000 points (lttb, minmax, avg)
     full_series     GET .../metrics?method=raw of the full series in one page
+    full_series_columns  the same with layout=columns (arrays, what the web UI reads)
     compare         POST /api/v1/runs/compare of the compare runs, 500 points per series
+    compare_columns the same with layout=columns
     run_detail      GET /api/v1/runs/{run_id} (metric summaries from ClickHouse)
 
 Latency is measured from sending the request to having the whole body (loopback HTTP, the
@@ -46,7 +48,8 @@ import httpx
 import msgspec
 
 from bench.errors import BenchError
-from bench.report import LatencyMs, latency_summary
+from bench.processes import UsageProbe
+from bench.report import CPU_HEADER, LatencyMs, cpu_cells, latency_summary
 from bench.targets import Target, external_server, own_server_embedded, own_server_on_real_backends
 
 _PROJECT = "bench-query"
@@ -57,7 +60,8 @@ _REQUEST_TIMEOUT_S = 60.0
 _T0_MS = 1_700_000_000_000
 # Issue 5's targets, in ms (p50 is what is compared; p99 is reported).
 _TARGETS_MS = {"list_filtered": 20.0, "downsample_lttb": 50.0, "downsample_minmax": 50.0,
-               "downsample_avg": 50.0, "full_series": 150.0, "compare": 100.0}
+               "downsample_avg": 50.0, "full_series": 150.0, "compare": 100.0,
+               "full_series_columns": 150.0, "compare_columns": 100.0}
 
 
 class QueryResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -68,6 +72,12 @@ class QueryResult(msgspec.Struct, frozen=True, kw_only=True):
     data: str
     target_ms: float | None
     meets_target: bool | None
+    # CPU ms per request of each watched process (server, clickhouse, postgres) over the timed
+    # requests, from /proc (10 ms ticks: over 50 requests, 0.2 ms resolution). What a request
+    # costs, which holds on a shared box where latency swings; empty for an external server.
+    cpu_ms_per_request: dict[str, float] = {}
+    # The machine's busy share while the workload ran (other engineers' work included).
+    machine_busy: float | None = None
 
 
 class QueryReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -161,21 +171,30 @@ def seed(target: Target, settings: Settings) -> tuple[list[str], float]:
 # --------------------------------------------------------------------------- timing
 
 
-def _timed(client: httpx.Client, requests: int, send: Callable[[httpx.Client], httpx.Response],
-           verify: Callable[[Any], None]) -> tuple[list[float], int]:
+def _timed(
+    target: Target, client: httpx.Client, requests: int,
+    send: Callable[[httpx.Client], httpx.Response], verify: Callable[[Any], None],
+) -> tuple[list[float], int, dict[str, float], float]:
+    """`requests` timed requests after `_WARMUP_REQUESTS` untimed ones (the first timed answer
+    is verified): latencies in s, the answer's size, each watched process's CPU ms per timed
+    request, and the machine's busy share meanwhile."""
+    for _ in range(_WARMUP_REQUESTS):
+        _check(send(client), "warm-up")
+    probe = UsageProbe(target.watched)
     latencies: list[float] = []
     size = 0
-    for index in range(_WARMUP_REQUESTS + requests):
+    for index in range(requests):
         started = time.perf_counter()
         response = send(client)
-        elapsed = time.perf_counter() - started
+        latencies.append(time.perf_counter() - started)
         body = _check(response, "query")
         if index == 0:
             verify(body)
             size = len(response.content)
-        if index >= _WARMUP_REQUESTS:
-            latencies.append(elapsed)
-    return latencies, size
+    usage, _, busy = probe.finish()
+    cpu_ms = {name: round(used.cpu_s * 1000 / max(1, requests), 2)
+              for name, used in usage.items() if used is not None}
+    return latencies, size, cpu_ms, round(busy, 2)
 
 
 def run_workloads(target: Target, settings: Settings, run_ids: list[str]) -> tuple[
@@ -203,13 +222,14 @@ def run_workloads(target: Target, settings: Settings, run_ids: list[str]) -> tup
             if not condition:
                 problems.append(message)
 
-        def series_check(method: str, budget: int, total: int) -> Callable[[Any], None]:
+        def series_check(method: str, budget: int, total: int,
+                         points: str = "points") -> Callable[[Any], None]:
             def verify(body: Any) -> None:
                 (series,) = body["series"]
                 expect(series["total_points"] == total,
                        f"{method}: total_points {series['total_points']} != {total}")
-                expect(0 < len(series["points"]) <= budget,
-                       f"{method}: {len(series['points'])} points for a budget of {budget}")
+                expect(0 < len(series[points]) <= budget,
+                       f"{method}: {len(series[points])} points for a budget of {budget}")
             return verify
 
         workloads: list[tuple[str, str, Callable[[httpx.Client], httpx.Response],
@@ -234,12 +254,23 @@ def run_workloads(target: Target, settings: Settings, run_ids: list[str]) -> tup
              lambda c: c.get(f"/api/v1/runs/{full}/metrics", params={
                  "names": "loss", "method": "raw", "max_points": settings.full_points}),
              series_check("raw", settings.full_points, settings.full_points)),
+            ("full_series_columns", f"{settings.full_points} points, raw, layout=columns",
+             lambda c: c.get(f"/api/v1/runs/{full}/metrics", params={
+                 "names": "loss", "method": "raw", "max_points": settings.full_points,
+                 "layout": "columns"}),
+             series_check("raw", settings.full_points, settings.full_points, "steps")),
             ("compare", f"{settings.compare_runs} runs x {settings.compare_points} points"
              " -> 500 each",
              lambda c: c.post("/api/v1/runs/compare", json={"run_ids": compare_ids}),
              lambda body: expect(len(body["runs"]) == settings.compare_runs
                                  and all(len(r["series"][0]["points"]) <= 500
                                          for r in body["runs"]), "compare: wrong shape")),
+            ("compare_columns", "the same, layout=columns (what the web UI asks for)",
+             lambda c: c.post("/api/v1/runs/compare", json={"run_ids": compare_ids,
+                                                            "layout": "columns"}),
+             lambda body: expect(len(body["runs"]) == settings.compare_runs
+                                 and all(len(r["series"][0]["steps"]) <= 500
+                                         for r in body["runs"]), "compare_columns: wrong shape")),
             ("run_detail", "one run with one metric summary",
              lambda c: c.get(f"/api/v1/runs/{big}"),
              lambda body: expect(body["metrics_summary"][0]["count"] == settings.series_points,
@@ -247,29 +278,32 @@ def run_workloads(target: Target, settings: Settings, run_ids: list[str]) -> tup
         ]
         for name, data, send, verify in workloads:
             _progress(f"timing {name} ({settings.requests} requests)")
-            latencies, size = _timed(client, settings.requests, send, verify)
+            latencies, size, cpu_ms, busy = _timed(target, client, settings.requests,
+                                                              send, verify)
             summary = latency_summary(latencies)
             goal = _TARGETS_MS.get(name)
             results.append(QueryResult(
                 workload=name, requests=len(latencies), latency_ms=summary, response_bytes=size,
                 data=data, target_ms=goal,
                 meets_target=None if goal is None or summary.p50 is None else summary.p50 < goal,
+                cpu_ms_per_request=cpu_ms, machine_busy=busy,
             ))
     return results, problems
 
 
 # --------------------------------------------------------------------------- report
 
-
 def render(report: QueryReport) -> str:
-    header = f"{'workload':18} {'p50 ms':>8} {'p99 ms':>8} {'target':>7} {'KB':>7}  data"
+    header = (f"{'workload':20} {'p50 ms':>8} {'p99 ms':>8} {'target':>7} {'KB':>7}"
+              f" {CPU_HEADER}  data")
     lines = [f"target: {report.target}", f"seeded in {report.seed_s:.1f} s", header,
              "-" * len(header)]
     for r in report.results:
         target = "-" if r.target_ms is None else f"<{r.target_ms:g}"
         mark = "" if r.meets_target is None else (" ok" if r.meets_target else " MISSED")
-        lines.append(f"{r.workload:18} {r.latency_ms.p50 or 0:8.1f} {r.latency_ms.p99 or 0:8.1f}"
-                     f" {target:>7} {r.response_bytes / 1024:7.0f}  {r.data}{mark}")
+        lines.append(f"{r.workload:20} {r.latency_ms.p50 or 0:8.1f} {r.latency_ms.p99 or 0:8.1f}"
+                     f" {target:>7} {r.response_bytes / 1024:7.0f}"
+                     f" {cpu_cells(r.cpu_ms_per_request, r.machine_busy)}  {r.data}{mark}")
     lines += [f"problem: {p}" for p in report.problems]
     return "\n".join(lines)
 

@@ -17,10 +17,13 @@ from mlrun.server.protocols.clickhouse import (
     METRIC_COLUMNS,
     ClickHouseError,
     ColumnType,
+    RowBinaryType,
     build_insert_request,
     build_query_request,
     deadline_settings,
     decode_json_each_row,
+    decode_row_binary,
+    decode_varint,
     encode_metric_rows,
     encode_rowbinary,
     encode_string,
@@ -344,3 +347,45 @@ def test_decode_json_each_row_keeps_64_bit_integers_exact() -> None:
     assert decode_json_each_row(b"\n") == []
     with pytest.raises(ValueError, match="JSONEachRow"):
         decode_json_each_row(b"1\tfoo\n")
+
+
+# ---------------------------------------------------------------- RowBinary results
+
+
+@pytest.mark.parametrize("value", [0, 1, 127, 128, 300, 2**32, 2**63 - 1])
+def test_decode_varint_reads_what_encode_varint_writes(value: int) -> None:
+    encoded = b"x" + encode_varint(value) + b"y"
+    assert decode_varint(encoded, 1) == (value, len(encoded) - 1)
+
+
+def test_decode_row_binary_reads_strings_arrays_and_scalars() -> None:
+    steps = [0, 1, 2**40, -5]
+    values = [0.5, -1.0, float("inf"), 1e-300]
+    row = (encode_string("run-\u00e9") + encode_varint(len(steps))
+           + struct.pack("<4q", *steps) + encode_varint(len(values))
+           + struct.pack("<4d", *values) + struct.pack("<q", -7) + struct.pack("<d", 2.5))
+    empty = encode_string("") + encode_varint(0) + encode_varint(0) + struct.pack("<qd", 0, 0.0)
+    rows = decode_row_binary(row + empty, ("String", "Array(Int64)", "Array(Float64)", "Int64",
+                                           "Float64"))
+    assert rows == [["run-\u00e9", steps, values, -7, 2.5], ["", [], [], 0, 0.0]]
+    assert all(type(v) is int for v in rows[0][1]) and all(type(v) is float for v in rows[0][2])
+    assert decode_row_binary(b"", ("String",)) == []
+
+
+@pytest.mark.parametrize(("body", "types"), [
+    # an array shorter than its length
+    (encode_varint(3) + struct.pack("<2q", 1, 2), ("Array(Int64)",)),
+    # a string shorter than its length
+    (encode_varint(5) + b"abc", ("String",)),
+    # a length whose varint never ends
+    (b"\x80", ("String",)),
+    # a row cut in its second column
+    (encode_varint(1) + struct.pack("<q", 1) + encode_varint(1) + b"\x00" * 7,
+     ("Array(Int64)", "Array(Float64)")),
+    # a scalar cut short
+    (b"\x00" * 5, ("Int64",)),
+])
+def test_decode_row_binary_refuses_truncated_bodies(body: bytes,
+                                                    types: tuple[RowBinaryType, ...]) -> None:
+    with pytest.raises(ValueError, match="truncated RowBinary"):
+        decode_row_binary(body, types)

@@ -307,8 +307,8 @@ async def test_oversized_values_are_refused_before_any_write(pg: Postgres) -> No
     with anyio.fail_after(TEST_DEADLINE_S):
         run_id = await _new_run(store)
         with pytest.raises(errors.InvalidInput) as param:
-            # 1000 characters on the wire, 3000 bytes in UTF-8: over the 2048-byte column.
-            await _prepare(store, run_id, params=[Param(name="note", value="€" * 1000)])
+            # Past the column's 32000 bytes (in characters it would pass an unchecked caller).
+            await _prepare(store, run_id, params=[Param(name="note", value="€" * 11_000)])
         with pytest.raises(errors.InvalidInput) as name:
             await _prepare(store, run_id, names=["é" * 200])
         ledger = await _rows(pg, "SELECT count(*) FROM ingest_batches")

@@ -83,6 +83,10 @@ class NoMetricWrites:
                        system_metrics: PointColumns) -> WriteReservation:
         raise AssertionError("init_run wrote metrics")
 
+    async def reserve(self, run_id: str, metrics: PointColumns, system_metrics: PointColumns,
+                      *, wait_s: float) -> WriteReservation:
+        raise AssertionError("init_run wrote metrics")
+
     async def holds(self, write: BatchWrite, *, timeout_s: float) -> bool:
         raise AssertionError("init_run read metrics")
 

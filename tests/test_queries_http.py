@@ -448,3 +448,95 @@ def test_the_read_path_on_asyncio(server_env: dict[str, str], tmp_path: Path,
         assert missing["error"]["code"] == "run_not_found"
     assert process.stop() == 0, process.log_text()[-3000:]
     assert "Traceback" not in process.log_text()
+
+
+# --------------------------------------------------------------------------- layouts, children
+
+
+def as_columns(series: dict[str, Any]) -> dict[str, Any]:
+    """A `layout=points` series in the `layout=columns` form, computed here from its points."""
+    points = series["points"]
+    rest = {k: v for k, v in series.items() if k != "points"}
+    return {"name": series["name"], "steps": [p["step"] for p in points],
+            "values": [p["value"] for p in points],
+            "timestamps": [p["timestamp"] for p in points], **rest}
+
+
+def test_the_columns_layout_carries_exactly_the_points_layout(client: httpx.Client) -> None:
+    """`layout=columns` (what the web UI asks for) answers the same series as the default,
+    as three arrays: every method, ranges, raw pages with their cursors, system metrics and
+    comparisons in each alignment."""
+    project = project_name()
+    runs = [new_run(client, project, run_id=f"{project}-{i}") for i in range(2)]
+    for index, run_id in enumerate(runs):
+        send(client, run_id, [("wave", s, float((s * 37 + index) % 101)) for s in range(3000)]
+             + [("small", s, 0.25 * s) for s in range(5)], batch_id="l")
+    ok(client.post("/api/v1/ingest/batch", json={"run_id": runs[0], "batch_id": "sys",
+                                                 "system_metrics": [
+        {"name": "cpu", "step": i, "value": float(i % 5), "timestamp": T0_MS + i * 1000}
+        for i in range(400)]}))
+
+    def both_layouts(path: str, params: dict[str, Any]) -> tuple[Any, Any]:
+        points = ok(client.get(path, params=params))
+        columns = ok(client.get(path, params={**params, "layout": "columns"}))
+        return points, columns
+
+    metrics = f"/api/v1/runs/{runs[0]}/metrics"
+    for params in ({"method": "lttb", "max_points": 100}, {"method": "minmax", "max_points": 60},
+                   {"method": "avg", "max_points": 40}, {"start_step": 100, "end_step": 2000,
+                                                          "max_points": 80},
+                   {"names": "small"}, {"names": "wave,ghost"},
+                   {"method": "raw", "max_points": 1000, "names": "wave"}):
+        points, columns = both_layouts(metrics, params)
+        assert columns == {**points, "series": [as_columns(s) for s in points["series"]]}
+        assert all("points" not in s for s in columns["series"])
+        if params.get("method") == "raw":  # the cursors of both layouts page alike
+            cursor = points["series"][0]["next_cursor"]
+            assert cursor is not None and cursor == columns["series"][0]["next_cursor"]
+            page, page_columns = both_layouts(metrics, {"method": "raw", "max_points": 1000,
+                                                        "cursor": cursor})
+            assert page_columns["series"] == [as_columns(s) for s in page["series"]]
+            assert page_columns["series"][0]["steps"][0] == 1000
+    points, columns = both_layouts(f"/api/v1/runs/{runs[0]}/system_metrics",
+                                   {"method": "minmax", "max_points": 30})
+    assert columns["series"] == [as_columns(s) for s in points["series"]]
+    assert columns["series"][0]["timestamps"][0] == T0_MS
+
+    for alignment in ("step", "relative_time", "absolute_time"):
+        for method in ("lttb", "minmax", "avg"):
+            body = {"run_ids": runs, "alignment": alignment, "method": method, "max_points": 50}
+            compared = ok(client.post("/api/v1/runs/compare", json=body))
+            compared_columns = ok(client.post("/api/v1/runs/compare",
+                                              json={**body, "layout": "columns"}))
+            assert compared_columns == {**compared, "runs": [
+                {**run, "series": [as_columns(s) for s in run["series"]]}
+                for run in compared["runs"]]}
+    refused = ok(client.get(metrics, params={"layout": "rows"}), 400)["error"]
+    assert refused["field"] == "layout"
+
+
+def test_tags_and_params_come_with_every_run_read_in_key_order(client: httpx.Client) -> None:
+    """A listing page reads each row's tags and params in its own statement (per row, by
+    primary key): the listing, a metric-sorted listing, a total and the run detail agree,
+    keys in order, and runs without children answer empty objects."""
+    project = project_name()
+    tags = {"zeta": "1", "alpha": "2", "mid": "x,y"}
+    params = {"lr": "0.001", "batch": "32", "opt": "adam", "a b": "c=d"}
+    rich = new_run(client, project, run_id=f"{project}-rich", tags=tags, config=params)
+    bare = new_run(client, project, run_id=f"{project}-bare")
+    send(client, rich, [("loss", 1, 0.5)], batch_id="r")
+    send(client, bare, [("loss", 1, 0.7)], batch_id="b")
+    expected = {rich: (tags, params), bare: ({}, {})}
+    for query in ({"project": project}, {"project": project, "include_total": "true"},
+                  {"project": project, "sort": "metric:loss"},
+                  {"project": project, "tags": "alpha=2", "params": "lr<1"}):
+        page = ok(client.get("/api/v1/runs", params=query))
+        assert page["runs"], query
+        for run in page["runs"]:
+            want_tags, want_params = expected[run["run_id"]]
+            assert list(run["tags"].items()) == sorted(want_tags.items()), query
+            assert list(run["params"].items()) == sorted(want_params.items()), query
+    detail = ok(client.get(f"/api/v1/runs/{rich}"))
+    assert list(detail["tags"].items()) == sorted(tags.items())
+    assert list(detail["params"].items()) == sorted(params.items())
+    assert ok(client.get(f"/api/v1/runs/{bare}"))["tags"] == {}

@@ -322,9 +322,13 @@ def batch_key_ranges(op: Op) -> dict[tuple[str, str], tuple[int, int]] | None:
         known = ranges.get(key)
         ranges[key] = (low, high) if known is None else (min(known[0], low), max(known[1], high))
 
+    bounds: dict[int, tuple[int, int]] = {}  # the batcher shares one steps list among series
     for series in request.series:
         if series.steps:
-            add(("m", series.name), min(series.steps), max(series.steps))
+            known = bounds.get(id(series.steps))
+            if known is None:
+                known = bounds[id(series.steps)] = (min(series.steps), max(series.steps))
+            add(("m", series.name), *known)
     for point in request.metrics:
         add(("m", point.name), point.step, point.step)
     for point in request.system_metrics:

@@ -33,6 +33,9 @@ MAX_NAMES_PER_QUERY = 100
 MAX_FILTER_CHARS = 2048
 
 DownsampleMethod = Literal["lttb", "minmax", "avg", "raw"]
+# How a series' points travel: `points`, one object per point (the default), or `columns`,
+# three arrays `steps`, `values`, `timestamps` (about 2.4x smaller; what the web UI reads).
+SeriesLayout = Literal["points", "columns"]
 CompareMethod = Literal["lttb", "minmax", "avg"]
 Alignment = Literal["step", "relative_time", "absolute_time"]
 
@@ -140,6 +143,11 @@ _NAMES_DESCRIPTION = "comma list of series names (`\\` escapes `,`); empty: ever
 _MAX_POINTS_DESCRIPTION = (
     "downsampling budget per series (raw: page size; default 1000, raw 10000)"
 )
+_LAYOUT_DESCRIPTION = (
+    "points (default): `points: [{step, value, timestamp}]` per series; columns: the same"
+    " points as `steps`, `values`, `timestamps` arrays of equal length instead"
+)
+Layout = Annotated[SeriesLayout, Meta(description=_LAYOUT_DESCRIPTION)]
 
 
 class MetricsQuery(Query, frozen=True):
@@ -151,6 +159,7 @@ class MetricsQuery(Query, frozen=True):
     end_step: NonNegative | UnsetType = UNSET
     method: DownsampleMethod = "lttb"
     cursor: Cursor | UnsetType = UNSET
+    layout: Layout = "points"
 
 
 class SystemMetricsQuery(Query, frozen=True):
@@ -162,6 +171,7 @@ class SystemMetricsQuery(Query, frozen=True):
     end_ms: Annotated[NonNegative, Meta(description="epoch ms, inclusive")] | UnsetType = UNSET
     method: DownsampleMethod = "lttb"
     cursor: Cursor | UnsetType = UNSET
+    layout: Layout = "points"
 
 
 class SeriesPoint(Struct, frozen=True, gc=False):
@@ -174,14 +184,35 @@ class SeriesPoint(Struct, frozen=True, gc=False):
 
 
 class Series(Struct, frozen=True, kw_only=True):
+    """A series' points in one of two layouts (`SeriesLayout`): `points`, or `steps`, `values`
+    and `timestamps`; the fields of the other layout are left out of the answer."""
+
     name: str
-    points: list[SeriesPoint]
+    points: list[SeriesPoint] | UnsetType = UNSET
+    steps: list[int] | UnsetType = UNSET
+    values: list[float] | UnsetType = UNSET
+    timestamps: list[int] | UnsetType = UNSET
     # Points stored in the requested range, each step (system metrics: timestamp) once.
     total_points: int
     downsampled: bool
     method: DownsampleMethod
     # Raw paging only: pass as `cursor` for the next page; null on the last page.
     next_cursor: str | None = None
+
+    def as_columns(self) -> tuple[list[int], list[float], list[int]]:
+        """(steps, values, timestamps), whichever layout the series holds."""
+        if isinstance(self.points, list):
+            return ([p.step for p in self.points], [p.value for p in self.points],
+                    [p.timestamp for p in self.points])
+        return (self.steps if isinstance(self.steps, list) else [],
+                self.values if isinstance(self.values, list) else [],
+                self.timestamps if isinstance(self.timestamps, list) else [])
+
+    def as_points(self) -> list[SeriesPoint]:
+        """The points, whichever layout the series holds."""
+        if isinstance(self.points, list):
+            return self.points
+        return list(map(SeriesPoint, *self.as_columns()))
 
 
 class MetricsResult(Struct, frozen=True, kw_only=True):
@@ -199,6 +230,7 @@ class CompareRuns(Request, frozen=True):
     alignment: Alignment = "step"
     max_points: Annotated[int, Meta(ge=2, le=MAX_COMPARE_POINTS)] = DEFAULT_COMPARE_POINTS
     method: CompareMethod = "lttb"
+    layout: Layout = "points"
 
 
 class ComparedRun(Struct, frozen=True, kw_only=True):

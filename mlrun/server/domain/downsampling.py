@@ -34,10 +34,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
+import itertools
 import math
-from collections.abc import Sequence
+import operator
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, TypeVar
+from typing import Literal, NamedTuple, TypeVar, cast
 
 import msgspec
 
@@ -237,35 +240,48 @@ def select_lttb_columns(first: Sample, last: Sample | None, columns: LttbColumns
               if 0 <= slot < bucket_count and size > 0]
     if not groups:
         return _strictly_increasing([first] if last is None else [first, last])
-    mean_keys, mean_values = c.mean_keys, c.mean_values
-    low_keys, low_values, low_others = c.low_keys, c.low_values, c.low_others
-    high_keys, high_values, high_others = c.high_keys, c.high_values, c.high_others
+    # Each bucket's columns, in group order: slices when the groups are contiguous (the usual
+    # case: every bucket has points), else picked (C-level either way).
+    if groups[-1] - groups[0] + 1 == len(groups):
+        start, stop = groups[0], groups[-1] + 1
+        picked: list[Sequence[int] | Sequence[float]] = [
+            column[start:stop] for column in (c.mean_keys, c.mean_values, c.low_keys,
+                                              c.low_values, c.low_others, c.high_keys,
+                                              c.high_values, c.high_others)]
+    else:
+        picked = [[column[i] for i in groups]
+                  for column in (c.mean_keys, c.mean_values, c.low_keys, c.low_values,
+                                 c.low_others, c.high_keys, c.high_values, c.high_others)]
+    mean_keys, mean_values = picked[0], picked[1]
     # The point each bucket's triangle reaches towards: the next bucket's mean; after the
     # last bucket the series' last point (or, without one, the bucket's own mean).
-    next_keys = [mean_keys[i] for i in groups[1:]]
-    next_values = [mean_values[i] for i in groups[1:]]
+    next_keys = list(mean_keys[1:])
+    next_values = list(mean_values[1:])
     if last is not None:
         next_keys.append(float(last.key))
         next_values.append(last.value)
     else:
-        next_keys.append(mean_keys[groups[-1]])
-        next_values.append(mean_values[groups[-1]])
-    selected = [first]
+        next_keys.append(mean_keys[-1])
+        next_values.append(mean_values[-1])
+    chosen: list[tuple[int, float, int]] = []
     a_key, a_value = first.key, first.value
-    for i, c_key, c_value in zip(groups, next_keys, next_values, strict=True):
-        low_key, high_key = low_keys[i], high_keys[i]
-        low_value, high_value = low_values[i], high_values[i]
-        # Textbook LTTB's area in its order of operations; the lower key wins a tie.
-        low_area = abs((a_key - c_key) * (low_value - a_value)
-                       - (a_key - low_key) * (c_value - a_value)) * 0.5
-        high_area = abs((a_key - c_key) * (high_value - a_value)
-                        - (a_key - high_key) * (c_value - a_value)) * 0.5
+    for (low_key, low_value, low_other, high_key, high_value, high_other, c_key,
+         c_value) in zip(*picked[2:], next_keys, next_values, strict=True):
+        # Textbook LTTB's area in its order of operations (the shared factors computed once
+        # give the same floats); the lower key wins a tie.
+        base_dx = a_key - c_key
+        base_dy = c_value - a_value
+        low_area = abs(base_dx * (low_value - a_value) - (a_key - low_key) * base_dy) * 0.5
+        high_area = abs(base_dx * (high_value - a_value) - (a_key - high_key) * base_dy) * 0.5
         if low_area >= high_area if low_key <= high_key else low_area > high_area:
             a_key, a_value = low_key, float(low_value)
-            selected.append(Sample(a_key, a_value, low_others[i]))
+            chosen.append((a_key, a_value, low_other))
         else:
             a_key, a_value = high_key, float(high_value)
-            selected.append(Sample(a_key, a_value, high_others[i]))
+            chosen.append((a_key, a_value, high_other))
+    # tuple.__new__ straight: no Python-level constructor call per point (Sample has no
+    # __init__ of its own; its __new__ and _make are Python functions).
+    selected = [first, *cast(Iterable[Sample], map(_new_sample, chosen))]
     if last is not None and last.key != first.key:
         selected.append(last)
     return _strictly_increasing(selected)
@@ -297,9 +313,15 @@ def select_avg(first: Sample, last: Sample | None, buckets: Sequence[Bucket]) ->
     return _strictly_increasing(selected)
 
 
+_new_sample = functools.partial(tuple.__new__, Sample)
+
+
 def _strictly_increasing(samples: list[Sample]) -> list[Sample]:
     """Drop any sample whose key does not exceed its predecessor's (duplicate keys collapse to
     the first; the inputs are already in key order)."""
+    keys = list(map(operator.itemgetter(0), samples))
+    if all(map(operator.lt, keys, itertools.islice(keys, 1, None))):
+        return samples  # the usual case, checked at C level
     kept: list[Sample] = []
     for sample in samples:
         if not kept or sample.key > kept[-1].key:

@@ -2,10 +2,12 @@
 
 Owns: quoting values and identifiers into SQL (18.16 has no `{p:Type}` parameters, so every
 value is escaped here, client-side); the HTTP request for a query or an insert (URL parameters,
-headers, optionally gzipped body); RowBinary encoding, with a fast path for the metric tables;
+headers, optionally gzipped body); RowBinary encoding, with a fast path for the metric tables,
+and Native blocks of the metric tables (what the ingest writers send);
 parsing ClickHouse errors, both a non-200 body and an exception written into a 200 body after
-streaming started; decoding JSONEachRow results. The embedded transport (chdb) reuses the SQL,
-the row encoding and the error parsing.
+streaming started; decoding JSONEachRow results, and RowBinary results of string and numeric
+array columns (a series' points: each array one C-level copy, never a parsed number per
+point). The embedded transport (chdb) reuses the SQL, the row encoding and the error parsing.
 
 Must not import anyio, httpx, chdb or anything else that does I/O; everything here is a plain
 function of its arguments, unit-tested without an event loop.
@@ -20,10 +22,12 @@ Invariants:
 
 from __future__ import annotations
 
+import array
 import gzip
 import math
 import re
 import struct
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -278,6 +282,78 @@ def encode_metric_rows(rows: Iterable[MetricRow]) -> bytes:
     return b"".join(parts)
 
 
+# --------------------------------------------------------------------------- Native blocks
+
+# LowCardinality in the Native format (18.16 and later alike): a per-column state prefix (the
+# keys-serialization version; 1 = shared dictionaries with additional keys), then per block the
+# index type with its flags, the block's own dictionary ("additional keys") and one index per
+# row into it. The smallest unsigned width that holds every index is chosen.
+_LOW_CARDINALITY_KEYS_VERSION: Final = 1
+_LOW_CARDINALITY_HAS_ADDITIONAL_KEYS: Final = 1 << 9
+_LOW_CARDINALITY_INDEX_WIDTHS: Final = ((1 << 8, 0, "B"), (1 << 16, 1, "H"), (1 << 32, 2, "I"))
+_UINT64: Final = struct.Struct("<Q")
+
+
+def _column_bytes(typecode: str, values: Sequence[Any]) -> bytes:
+    packed = array.array(typecode, values)
+    if _SWAP:  # Native, like RowBinary, is little-endian
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def _native_column(name: str, type_name: str, data: bytes) -> bytes:
+    return encode_string(name) + encode_string(type_name) + data
+
+
+def _low_cardinality_strings(values: Sequence[str]) -> bytes:
+    keys: dict[str, int] = {}
+    add = keys.setdefault
+    indexes = [add(value, len(keys)) for value in values]
+    width = next((w for w in _LOW_CARDINALITY_INDEX_WIDTHS if len(keys) <= w[0]), None)
+    if width is None:
+        raise ValueError("too many distinct strings for one LowCardinality block")
+    _, index_type, typecode = width
+    return b"".join((
+        _UINT64.pack(_LOW_CARDINALITY_KEYS_VERSION),
+        _UINT64.pack(index_type | _LOW_CARDINALITY_HAS_ADDITIONAL_KEYS),
+        _UINT64.pack(len(keys)),
+        b"".join(encode_string(key) for key in keys),
+        _UINT64.pack(len(indexes)),
+        _column_bytes(typecode, indexes),
+    ))
+
+
+def encode_metric_block(run_id: str, names: Sequence[str], steps: Sequence[int],
+                        values: Sequence[float], timestamps_ms: Sequence[int],
+                        versions: Sequence[int]) -> bytes:
+    """One Native block of the `metrics` / `system_metrics` columns (`METRIC_COLUMNS`) for one
+    run's points: `INSERT ... FORMAT Native` takes any number of them back to back, and
+    ClickHouse squashes them into one part per table.
+
+    Columnar, so the numbers are packed by `array` in C, not one `struct.pack` per row: about
+    half the CPU of `encode_metric_rows` for a 1000-point batch, and ClickHouse copies the
+    columns instead of parsing rows. Raises ValueError when a value does not fit its column.
+    """
+    rows = len(steps)
+    if not len(names) == len(values) == len(timestamps_ms) == len(versions) == rows:
+        raise ValueError("metric columns of different lengths")
+    if rows == 0:
+        return b""
+    try:
+        return b"".join((
+            encode_varint(len(METRIC_COLUMNS)),
+            encode_varint(rows),
+            _native_column("run_id", "String", encode_string(run_id) * rows),
+            _native_column("name", "LowCardinality(String)", _low_cardinality_strings(names)),
+            _native_column("step", "Int64", _column_bytes("q", steps)),
+            _native_column("value", "Float64", _column_bytes("d", values)),
+            _native_column("timestamp_ms", "Int64", _column_bytes("q", timestamps_ms)),
+            _native_column("version", "UInt64", _column_bytes("Q", versions)),
+        ))
+    except (OverflowError, TypeError, AttributeError) as exc:
+        raise ValueError(f"metric columns cannot be encoded: {exc}") from exc
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -368,3 +444,66 @@ def decode_json_each_row(body: bytes) -> list[dict[str, Any]]:
         return _ROWS_DECODER.decode_lines(body)
     except msgspec.DecodeError as exc:
         raise ValueError(f"not a JSONEachRow result: {exc}") from exc
+
+
+# RowBinary column types `decode_row_binary` reads: what the read path's point and bucket
+# queries return (cast to these exact types in their SQL).
+RowBinaryType = Literal["String", "Int64", "Float64", "Array(Int64)", "Array(Float64)"]
+_ARRAY_CODES: Final[dict[str, str]] = {"Array(Int64)": "q", "Array(Float64)": "d"}
+_SCALARS: Final[dict[str, struct.Struct]] = {"Int64": struct.Struct("<q"),
+                                             "Float64": struct.Struct("<d")}
+_SWAP: Final = sys.byteorder != "little"  # RowBinary is little-endian
+
+
+def decode_varint(body: bytes, at: int) -> tuple[int, int]:
+    """An unsigned LEB128 number at `at`: (value, offset after it)."""
+    value = shift = 0
+    while True:
+        if at >= len(body) or shift > 63:
+            raise ValueError("truncated RowBinary: a length runs past the end")
+        byte = body[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, at
+        shift += 7
+
+
+def decode_row_binary(body: bytes, types: Sequence[RowBinaryType]) -> list[list[Any]]:
+    """Rows of a `FORMAT RowBinary` result whose columns have `types`. Arrays decode to lists
+    of int / float with one C-level copy each (`array.array`), so a 100k-point column costs a
+    few hundred microseconds, not a parsed JSON number per point. Raises ValueError when the
+    body does not hold whole rows of exactly these types."""
+    if not types:
+        raise ValueError("RowBinary rows need at least one column type")
+    rows: list[list[Any]] = []
+    at, end = 0, len(body)
+    while at < end:
+        row: list[Any] = []
+        for kind in types:
+            code = _ARRAY_CODES.get(kind)
+            if code is not None:
+                count, at = decode_varint(body, at)
+                stop = at + 8 * count
+                if stop > end:
+                    raise ValueError(f"truncated RowBinary: an {kind} of {count} runs past the end")
+                column = array.array(code)
+                column.frombytes(body[at:stop])
+                if _SWAP:
+                    column.byteswap()
+                row.append(column.tolist())
+                at = stop
+            elif kind == "String":
+                size, at = decode_varint(body, at)
+                if at + size > end:
+                    raise ValueError("truncated RowBinary: a String runs past the end")
+                row.append(body[at:at + size].decode("utf-8"))
+                at += size
+            else:
+                scalar = _SCALARS[kind]
+                if at + scalar.size > end:
+                    raise ValueError(f"truncated RowBinary: an {kind} runs past the end")
+                row.append(scalar.unpack_from(body, at)[0])
+                at += scalar.size
+        rows.append(row)
+    return rows

@@ -59,6 +59,7 @@ from mlrun.server.errors import BackendUnavailable, ConfigError, MlrunError
 from mlrun.server.pipelines.stream_backlog import StreamBacklog
 from mlrun.server.ports.objects import ArtifactStore
 from mlrun.server.runtime.config import Config
+from mlrun.server.runtime.heap import freeze_startup_heap
 from mlrun.server.runtime.write_paths import (
     build_write_path,
     drained_summary,
@@ -488,6 +489,7 @@ async def _run_listeners(
                     grpc_scope,
                     services.telemetry,
                 )
+                freeze_startup_heap()
                 logger.info("HTTP listening on %s", base_url)
                 logger.info("gRPC listening on %s:%d", config.listen.host, grpc_port)
                 task_status.started(BoundAddresses(config.listen.host, http_port, grpc_port))

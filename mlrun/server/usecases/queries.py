@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -98,6 +99,7 @@ from mlrun.wire.query_schemas import (
     RunPage,
     RunSummary,
     Series,
+    SeriesLayout,
     SeriesPoint,
 )
 from mlrun.wire.schemas import RunStatus
@@ -125,6 +127,7 @@ class SeriesRequest:
     end: int | None
     method: DownsampleMethod
     cursor: str | None
+    layout: SeriesLayout = "points"
 
 
 def parse_names(text: str | None, *, field: str = "names") -> tuple[str, ...]:
@@ -157,33 +160,42 @@ def _summary(record: RunRecord) -> RunSummary:
     )
 
 
-def _points(table: SeriesTable, samples: Sequence[Sample], shift_ms: int = 0) -> list[SeriesPoint]:
-    if table is METRICS:
-        return [SeriesPoint(s.key, s.value, s.other - shift_ms) for s in samples]
-    return [SeriesPoint(s.other, s.value, s.key - shift_ms) for s in samples]
+def _sample_columns(table: SeriesTable, samples: Sequence[Sample],
+                    shift_ms: int = 0) -> _SeriesColumns:
+    """Selected samples as (steps, values, timestamps)."""
+    keys, values, others = (list(map(operator.itemgetter(i), samples)) for i in range(3))
+    return _stored_columns(table, keys, values, others, shift_ms)
 
 
-def _column_points(table: SeriesTable, columns: Columns, count: int,
-                   shift_ms: int = 0) -> list[SeriesPoint]:
-    keys, values, others = columns.keys[:count], columns.values[:count], columns.others[:count]
+def _stored_columns(table: SeriesTable, keys: list[int], values: list[float],
+                    others: list[int], shift_ms: int = 0) -> _SeriesColumns:
+    """A series' (key, value, other) columns as (steps, values, timestamps), timestamps
+    shifted by `shift_ms` (relative-time comparisons). C-level passes only: a raw page holds
+    up to 100k points."""
     if table is METRICS:
         if shift_ms:
             others = [o - shift_ms for o in others]
-        return list(map(SeriesPoint, keys, values, others))
+        return keys, values, others
     if shift_ms:
         keys = [k - shift_ms for k in keys]
-    return list(map(SeriesPoint, others, values, keys))
+    return others, values, keys
 
 
 # --------------------------------------------------------------------------- use-cases
 
+# A series' points as three columns: steps, values, timestamps.
+_SeriesColumns = tuple[list[int], list[float], list[int]]
+
 
 @dataclass(frozen=True, slots=True)
 class _SeriesData:
-    points: list[SeriesPoint]
+    columns: _SeriesColumns
     total_points: int
     downsampled: bool
     next_cursor: str | None = None
+
+
+_EMPTY = _SeriesData(columns=([], [], []), total_points=0, downsampled=False)
 
 
 class Queries:
@@ -353,10 +365,10 @@ class Queries:
             data = await self._downsampled(table, refs, key_range, method,
                                            request.max_points or DEFAULT_MAX_POINTS,
                                            stats=stats)
-        empty = _SeriesData(points=[], total_points=0, downsampled=False)
         return MetricsResult(
             run_id=run_id,
-            series=[_series(ref.name, data.get(ref, empty), method) for ref in refs],
+            series=[_series(ref.name, data.get(ref, _EMPTY), method, request.layout)
+                    for ref in refs],
             available_metrics=available,
         )
 
@@ -393,7 +405,9 @@ class Queries:
             total = st.rows
             if st.has_duplicates and not st.rows_distinct:
                 total = await self._metrics.distinct_keys(table, ref, key_range)
-            result[ref] = _SeriesData(points=_column_points(table, columns, count),
+            result[ref] = _SeriesData(columns=_stored_columns(
+                                          table, columns.keys[:count], columns.values[:count],
+                                          columns.others[:count]),
                                       total_points=total, downsampled=False,
                                       next_cursor=next_cursor)
         return result
@@ -441,14 +455,15 @@ class Queries:
                 else:
                     samples = select_avg(series.first, series.last, buckets)
                 shift = (shifts_ms or {}).get(ref.run_id, 0)
-                result[ref] = _SeriesData(points=_points(table, samples, shift),
+                result[ref] = _SeriesData(columns=_sample_columns(table, samples, shift),
                                           total_points=total, downsampled=True)
         if small:
             pages = await self._pages(table, small, stats, key_range, limit=max_points)
             for ref, columns in pages.items():
                 shift = (shifts_ms or {}).get(ref.run_id, 0)
                 result[ref] = _SeriesData(
-                    points=_column_points(table, columns, len(columns.keys), shift),
+                    columns=_stored_columns(table, columns.keys, columns.values,
+                                            columns.others, shift),
                     total_points=len(columns.keys), downsampled=False)
         return result
 
@@ -480,7 +495,6 @@ class Queries:
         data = await self._downsampled(
             METRICS, refs, KeyRange(), request.method, request.max_points, shifts_ms,
             stats={ref: whole_stats[ref] for ref in refs if ref in whole_stats})
-        empty = _SeriesData(points=[], total_points=0, downsampled=False)
         return CompareResult(
             alignment=request.alignment,
             common_metrics=common,
@@ -489,17 +503,24 @@ class Queries:
                     run_id=run_id, project=records[run_id].project, name=records[run_id].name,
                     status=cast(RunStatus, records[run_id].status),
                     started_at=iso_utc(records[run_id].created_at),
-                    series=[_series(name, data.get(SeriesRef(run_id, name), empty),
-                                    request.method) for name in names],
+                    series=[_series(name, data.get(SeriesRef(run_id, name), _EMPTY),
+                                    request.method, request.layout) for name in names],
                 )
                 for run_id in run_ids
             ],
         )
 
 
-def _series(name: str, data: _SeriesData, method: DownsampleMethod) -> Series:
-    return Series(name=name, points=data.points, total_points=data.total_points,
-                  downsampled=data.downsampled, method=method, next_cursor=data.next_cursor)
+def _series(name: str, data: _SeriesData, method: DownsampleMethod,
+            layout: SeriesLayout) -> Series:
+    steps, values, timestamps = data.columns
+    if layout == "columns":
+        return Series(name=name, steps=steps, values=values, timestamps=timestamps,
+                      total_points=data.total_points, downsampled=data.downsampled,
+                      method=method, next_cursor=data.next_cursor)
+    return Series(name=name, points=list(map(SeriesPoint, steps, values, timestamps)),
+                  total_points=data.total_points, downsampled=data.downsampled, method=method,
+                  next_cursor=data.next_cursor)
 
 
 # --------------------------------------------------------------------------- cursors

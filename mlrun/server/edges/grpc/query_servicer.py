@@ -108,12 +108,14 @@ def _run(run: RunSummary | RunDetail) -> query_pb2.Run:
 
 
 def _series(series: Series) -> query_pb2.MetricSeries:
-    points = series.points
+    # The use-case is asked for the columns layout: the message's arrays, without a Python
+    # object per point.
+    steps, values, timestamps = series.as_columns()
     return query_pb2.MetricSeries(
         name=series.name,
-        steps=[p.step for p in points],
-        values=[p.value for p in points],
-        timestamps_ms=[p.timestamp for p in points],
+        steps=steps,
+        values=values,
+        timestamps_ms=timestamps,
         total_points=series.total_points,
         downsampled=series.downsampled,
         method=_METHOD_TO_PROTO[series.method],
@@ -190,6 +192,7 @@ class QueryServicer(query_grpc.QueryServiceServicer):
             end=message.end_step if message.HasField("end_step") else None,
             method=_enum(_METHOD_FROM_PROTO, message.method, "method"),
             cursor=message.cursor or None,
+            layout="columns",
         )
         result = await self._queries.series(principal, run_id, series_request)
         return query_pb2.GetMetricsResponse(
@@ -206,6 +209,7 @@ class QueryServicer(query_grpc.QueryServiceServicer):
             "metric_names": list(message.metric_names) or None,
             "alignment": _enum(_ALIGNMENT_FROM_PROTO, message.alignment, "alignment"),
             "method": method,
+            "layout": "columns",
         }
         if message.HasField("max_points"):
             data["max_points"] = message.max_points

@@ -55,6 +55,12 @@ _PIPELINE_FAMILIES: tuple[tuple[str, str, str, str], ...] = (
      "Requests that stopped waiting for their commit (answered a retryable 503)."),
     ("mlrun_pipeline_drain_rate_rows_per_second", "gauge", "drain_rate_rows_per_s",
      "Smoothed rows per second of recent flushes (what Retry-After is derived from)."),
+    ("mlrun_pipeline_waiting_requests", "gauge", "waiting_requests",
+     "Requests waiting for room (pipelines that wait instead of answering 429 at once)."),
+    ("mlrun_pipeline_admitted_after_wait_total", "counter", "admitted_after_wait",
+     "Requests admitted after waiting for room."),
+    ("mlrun_pipeline_wait_timeouts_total", "counter", "wait_timeouts",
+     "Requests that waited for room in vain (then answered 429)."),
 )
 
 

@@ -87,6 +87,7 @@ def add_query_routes(router: Router, queries: Queries, authenticator: Authentica
             system=False, names=parse_names(given(query.names)),
             max_points=given(query.max_points), start=given(query.start_step),
             end=given(query.end_step), method=query.method, cursor=given(query.cursor),
+            layout=query.layout,
         )
         return Response.json(await queries.series(principal, run_id, series))
 
@@ -98,6 +99,7 @@ def add_query_routes(router: Router, queries: Queries, authenticator: Authentica
             system=True, names=parse_names(given(query.names)),
             max_points=given(query.max_points), start=given(query.start_ms),
             end=given(query.end_ms), method=query.method, cursor=given(query.cursor),
+            layout=query.layout,
         )
         return Response.json(await queries.series(principal, run_id, series))
 

@@ -24,7 +24,7 @@ from mlrun.server.ports.metric_reads import (
     SeriesRef,
     SeriesTable,
 )
-from mlrun.server.protocols.clickhouse import quote_list, quote_string
+from mlrun.server.protocols.clickhouse import RowBinaryType, quote_list, quote_string
 
 
 def range_condition(key: str, key_range: KeyRange, after_key: int | None) -> str:
@@ -120,6 +120,30 @@ METHOD_COLUMNS: Final[dict[str, tuple[tuple[str, str], ...]]] = {
     "minmax": HEAD + LOW_HIGH + FIRST + LAST,
     "avg": HEAD + MEANS + (("mo", "avg(o)"),) + FIRST,
 }
+
+# Bucket columns holding keys, counts and timestamps (Int64); the rest are values and means
+# (Float64). The per-series arrays are cast to exactly these types, so a bucket statement's
+# result can be read as RowBinary (`bucket_row_types`): no parsed JSON number per bucket.
+_INTEGER_COLUMNS: Final = frozenset({"b", "n", "lk", "lo_", "hk", "ho", "fk", "fo", "zk", "zo"})
+
+
+def typed_arrays(columns: Sequence[str]) -> str:
+    """`groupArray(toInt64(c)) AS c_a, ...`: each bucket column as an array of its type."""
+    return ", ".join(
+        f"groupArray({'toInt64' if c in _INTEGER_COLUMNS else 'toFloat64'}({c})) AS {c}_a"
+        for c in columns)
+
+
+def bucket_row_types(method: Method) -> tuple[RowBinaryType, ...]:
+    """The RowBinary types of a (point or block) bucket statement's row: `s`, then the
+    method's arrays in `METHOD_COLUMNS` order."""
+    return ("Int64", *("Array(Int64)" if name in _INTEGER_COLUMNS else "Array(Float64)"
+                       for name, _ in METHOD_COLUMNS[method]))
+
+
+def bucket_row_names(method: Method) -> tuple[str, ...]:
+    """The column names of a bucket statement's row, as `bucket_row_types` orders them."""
+    return ("s", *(f"{name}_a" for name, _ in METHOD_COLUMNS[method]))
 
 
 def int_array(values: Sequence[int]) -> str:
@@ -289,7 +313,7 @@ def block_bucket_statement(
     per_block = (f"SELECT {identity}, block, {merged} FROM metric_blocks WHERE {where}"
                  f" GROUP BY {', '.join([*keys, 'block'])}")
     statement = (
-        f"SELECT s, {arrays} FROM ("
+        f"SELECT toInt64(s) AS s, {arrays} FROM ("
         f"SELECT s, toInt64(intDiv(block - {first_expr}, {group_expr})) AS b, {aggregates}"
         f" FROM (SELECT {number} AS s, * FROM ({per_block}))"
         f" WHERE {condition} AND block >= {first_expr} AND block <= {last_expr}"
@@ -317,7 +341,7 @@ def block_bucket_parts(columns: Sequence[str],
     needed = dict.fromkeys(m for c in columns for m in BLOCK_BUCKET_COLUMNS[c][0])
     return (", ".join(f"{per_block[m]} AS {m}" for m in needed),
             ", ".join(f"{BLOCK_BUCKET_COLUMNS[c][1]} AS {c}" for c in columns),
-            ", ".join(f"groupArray({c}) AS {c}_a" for c in ["b", *columns]))
+            typed_arrays(["b", *columns]))
 
 
 def dirty_block_bucket_statement(request: BucketRequest) -> str:
@@ -393,9 +417,9 @@ def bucket_sql(method: Method, row_columns: str, source: str, bucket: str,
     aggregates = ", ".join(f"{expr} AS {name}" for name, expr in columns if expr)
     # One row per series: its buckets as parallel arrays (decoding ~1000 rows of a dozen
     # fields per series costs more than the query itself; arrays of numbers are cheap).
-    arrays = ", ".join(f"groupArray({name}) AS {name}_a" for name, _ in columns)
+    arrays = typed_arrays([name for name, _ in columns])
     return (
-        f"SELECT s, {arrays} FROM ("
+        f"SELECT toInt64(s) AS s, {arrays} FROM ("
         f"SELECT s, toInt64({bucket}) AS b, {aggregates}"
         f" FROM (SELECT {row_columns} FROM ({source}))"
         f" WHERE {condition} GROUP BY s, b ORDER BY s, b) GROUP BY s"

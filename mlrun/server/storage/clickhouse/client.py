@@ -28,6 +28,7 @@ from mlrun.server.protocols.clickhouse import (
     TIMEOUT_ERROR_CODES,
     TRANSIENT_ERROR_CODES,
     ClickHouseError,
+    RowBinaryType,
 )
 
 BACKEND: Final = "clickhouse"
@@ -54,10 +55,22 @@ class ClickHouse(Protocol):
     async def query_rows(self, sql: str, *, timeout_s: float) -> list[dict[str, Any]]:
         """Run a SELECT (FORMAT JSONEachRow is appended); Int64/UInt64 come back as int."""
 
+    async def query_row_binary(
+        self, sql: str, types: Sequence[RowBinaryType], *, timeout_s: float
+    ) -> list[list[Any]]:
+        """Run a SELECT whose columns have exactly `types` (FORMAT RowBinary is appended);
+        rows as lists (`protocols.clickhouse.decode_row_binary`). For large numeric arrays:
+        they decode without a parsed number per element."""
+
     async def insert_rowbinary(
         self, table: str, columns: Sequence[str], body: bytes, *, timeout_s: float
     ) -> None:
         """Insert RowBinary-encoded rows (see protocols.clickhouse.encode_*) into `table`."""
+
+    async def insert_native(
+        self, table: str, columns: Sequence[str], body: bytes, *, timeout_s: float
+    ) -> None:
+        """Insert Native blocks (protocols.clickhouse.encode_metric_block) into `table`."""
 
     async def ping(self, *, timeout_s: float) -> None:
         """Raise BackendUnavailable/BackendTimeout unless ClickHouse answers."""

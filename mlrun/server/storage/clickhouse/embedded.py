@@ -30,7 +30,9 @@ import anyio.to_thread
 
 from mlrun.server.errors import BackendError, BackendTimeout, BackendUnavailable, ConfigError
 from mlrun.server.protocols.clickhouse import (
+    RowBinaryType,
     decode_json_each_row,
+    decode_row_binary,
     insert_prefix,
     parse_error,
     quote_identifier,
@@ -138,13 +140,41 @@ class EmbeddedClickHouse:
                 detail=str(exc),
             ) from exc
 
+    async def query_row_binary(
+        self, sql: str, types: Sequence[RowBinaryType], *, timeout_s: float
+    ) -> list[list[Any]]:
+        statement = with_format(sql, "RowBinary")
+
+        def run(slot: _Slot) -> bytes:
+            result: bytes = slot.session.query(statement, "RowBinary").bytes()
+            return result
+
+        body = await self._call(run, timeout_s=timeout_s)
+        try:
+            return decode_row_binary(body, types)
+        except ValueError as exc:
+            raise BackendError(
+                "embedded ClickHouse returned an unreadable result",
+                backend=BACKEND,
+                detail=str(exc),
+            ) from exc
+
     async def insert_rowbinary(
         self, table: str, columns: Sequence[str], body: bytes, *, timeout_s: float
     ) -> None:
+        await self._insert(table, columns, body, "RowBinary", timeout_s=timeout_s)
+
+    async def insert_native(
+        self, table: str, columns: Sequence[str], body: bytes, *, timeout_s: float
+    ) -> None:
+        await self._insert(table, columns, body, "Native", timeout_s=timeout_s)
+
+    async def _insert(self, table: str, columns: Sequence[str], body: bytes, input_format: str,
+                      *, timeout_s: float) -> None:
         statement = insert_prefix(table, columns)
 
         def run(slot: _Slot) -> None:
-            inserter = slot.session.send_insert(statement, "RowBinary")
+            inserter = slot.session.send_insert(statement, input_format)
             try:
                 inserter.append(body)
                 inserter.finish()

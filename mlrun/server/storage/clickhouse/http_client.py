@@ -26,11 +26,13 @@ import httpx
 from mlrun.server.errors import BackendError, BackendTimeout, BackendUnavailable
 from mlrun.server.protocols.clickhouse import (
     HttpRequest,
+    RowBinaryType,
     auth_headers,
     build_insert_request,
     build_query_request,
     deadline_settings,
     decode_json_each_row,
+    decode_row_binary,
     find_error_in_body,
     parse_error,
     quote_identifier,
@@ -84,9 +86,34 @@ class HttpClickHouse:
                 "ClickHouse returned an unreadable result", backend=BACKEND, detail=str(exc)
             ) from exc
 
+    async def query_row_binary(
+        self, sql: str, types: Sequence[RowBinaryType], *, timeout_s: float
+    ) -> list[list[Any]]:
+        request = build_query_request(
+            with_format(sql, "RowBinary"),
+            database=self._database,
+            settings=deadline_settings(timeout_s),
+        )
+        body = await self._post(request, timeout_s=timeout_s)
+        try:
+            return decode_row_binary(body, types)
+        except ValueError as exc:
+            raise BackendError(
+                "ClickHouse returned an unreadable result", backend=BACKEND, detail=str(exc)
+            ) from exc
+
     async def insert_rowbinary(
         self, table: str, columns: Sequence[str], body: bytes, *, timeout_s: float
     ) -> None:
+        await self._insert(table, columns, body, "RowBinary", timeout_s=timeout_s)
+
+    async def insert_native(
+        self, table: str, columns: Sequence[str], body: bytes, *, timeout_s: float
+    ) -> None:
+        await self._insert(table, columns, body, "Native", timeout_s=timeout_s)
+
+    async def _insert(self, table: str, columns: Sequence[str], body: bytes, input_format: str,
+                      *, timeout_s: float) -> None:
         build = functools.partial(
             build_insert_request,
             table,
@@ -94,6 +121,7 @@ class HttpClickHouse:
             body,
             database=self._database,
             settings=deadline_settings(timeout_s),
+            input_format=input_format,
         )
         if self._gzip_min_bytes is not None and len(body) >= self._gzip_min_bytes:
             # gzip level 1 shrinks metric rows ~3x but runs at ~80 MB/s: off the event loop.

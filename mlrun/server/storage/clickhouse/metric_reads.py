@@ -67,9 +67,11 @@ from mlrun.server.ports.metric_reads import (
     SummaryRow,
     whole_series_stats,
 )
-from mlrun.server.protocols.clickhouse import quote_list, quote_string
+from mlrun.server.protocols.clickhouse import RowBinaryType, quote_list, quote_string
 from mlrun.server.storage.clickhouse.bucket_sql import (
     block_bucket_statement,
+    bucket_row_names,
+    bucket_row_types,
     bucket_statement,
     dirty_block_bucket_statement,
     edge_statement,
@@ -107,6 +109,15 @@ class MetricQueries:
 
     async def _rows(self, sql: str) -> list[dict[str, Any]]:
         return await self._ch.query_rows(sql, timeout_s=self._timeout_s)
+
+    async def _bucket_rows(self, sql: str, method: Method) -> list[dict[str, Any]]:
+        """Rows of a (point or block) bucket statement, one per series, read as RowBinary
+        (its arrays are typed: `bucket_sql.typed_arrays`): a comparison's 20 x 500 buckets of
+        ten columns decode without a parsed JSON number each."""
+        names = bucket_row_names(method)
+        rows = await self._ch.query_row_binary(sql, bucket_row_types(method),
+                                               timeout_s=self._timeout_s)
+        return [dict(zip(names, row, strict=True)) for row in rows]
 
     # --- summaries ---------------------------------------------------------------------------
 
@@ -311,24 +322,24 @@ class MetricQueries:
             # cost ~2x the plain ordered read (measured: 100k points 50 ms vs 27 ms on 18.16).
             (ref,) = wanted
             source = multi_source(table, [ref], key_range, after_key, dedup)
-            rows = await self._rows(
-                "SELECT groupArray(k) AS ks, groupArray(v) AS vs, groupArray(o) AS os FROM"
-                f" (SELECT k, v, o FROM ({source}) ORDER BY k LIMIT {int(limit)})")
-            if rows and rows[0]["ks"]:
-                result[ref] = _columns(rows[0])
+            rows = await self._ch.query_row_binary(
+                f"SELECT {_POINT_ARRAYS} FROM"
+                f" (SELECT k, v, o FROM ({source}) ORDER BY k LIMIT {int(limit)})",
+                _POINT_TYPES, timeout_s=self._timeout_s)
+            if rows and rows[0][0]:
+                result[ref] = _columns(*rows[0])
             return result
         for chunk in _chunks(sorted(wanted), _MAX_SERIES_PER_STATEMENT):
             source = multi_source(table, chunk, key_range, after_key, dedup)
-            rows = await self._rows(
-                "SELECT sr, sn, groupArray(k) AS ks, groupArray(v) AS vs,"
-                " groupArray(o) AS os FROM (SELECT sr, sn, k, v, o"
+            rows = await self._ch.query_row_binary(
+                f"SELECT toString(sr), toString(sn), {_POINT_ARRAYS} FROM (SELECT sr, sn, k, v, o"
                 f" FROM ({source}) ORDER BY sr, sn, k LIMIT {int(limit)} BY sr, sn)"
-                " GROUP BY sr, sn"
-            )
-            for row in rows:
-                ref = SeriesRef(str(row["sr"]), str(row["sn"]))
+                " GROUP BY sr, sn",
+                ("String", "String", *_POINT_TYPES), timeout_s=self._timeout_s)
+            for run_id, name, keys, values, others in rows:
+                ref = SeriesRef(run_id, name)
                 if ref in wanted:
-                    result[ref] = _columns(row)
+                    result[ref] = _columns(keys, values, others)
         return result
 
     async def buckets(
@@ -352,7 +363,7 @@ class MetricQueries:
                     result.update(await self._block_buckets(chunk, method))
                     continue
                 statement, series = bucket_statement(table, chunk, dedup, method)
-                for row in await self._rows(statement):
+                for row in await self._bucket_rows(statement, method):
                     index = int(row["s"])
                     if index in series:
                         result[series[index].ref] = _bucketed(method, row)
@@ -381,7 +392,7 @@ class MetricQueries:
         point from its edge blocks (a separate small statement: merging the first/last states
         of every block only for those two would cost ~40% more, measured)."""
         statement, series = block_bucket_statement(requests, method)
-        rows, edge_rows = await both(lambda: self._rows(statement),
+        rows, edge_rows = await both(lambda: self._bucket_rows(statement, method),
                                      lambda: self._rows(edge_statement(requests)))
         edges = {(str(r["sr"]), str(r["sn"]), int(r["block"])): r for r in edge_rows}
         result: dict[SeriesRef, BucketedSeries] = {}
@@ -409,19 +420,25 @@ class MetricQueries:
 # --------------------------------------------------------------------------- SQL building
 
 
-def _columns(row: dict[str, Any]) -> Columns:
-    """Hot (a raw page is up to 100k points): C-level passes only. Int64 columns decode to
-    int already; Float64 needs float() because ClickHouse writes an integral value as `1`."""
-    keys: list[int] = row["ks"]
-    values = list(map(float, row["vs"]))
-    others: list[int] = row["os"]
+# A page of points as three arrays, read as RowBinary (`query_row_binary`): each array is one
+# C-level copy. As JSONEachRow the same 100k points cost ~15 ms of parsing and float() calls.
+_POINT_ARRAYS: Final = ("groupArray(toInt64(k)), groupArray(toFloat64(v)),"
+                        " groupArray(toInt64(o))")
+_POINT_TYPES: Final[tuple[RowBinaryType, ...]] = ("Array(Int64)", "Array(Float64)",
+                                                  "Array(Int64)")
+
+
+def _columns(keys: list[int], values: list[float], others: list[int]) -> Columns:
+    """Hot (a raw page is up to 100k points): C-level passes only."""
     if not (len(keys) == len(values) == len(others)):
         raise BackendError("ClickHouse returned columns of different lengths",
                            backend="clickhouse", detail=f"{len(keys)}/{len(values)}/{len(others)}")
-    if not all(map(operator.lt, keys, itertools.islice(keys, 1, None))):
-        # groupArray keeps the subquery's order in practice; never trust it blindly.
+    ordered = sorted(keys)
+    if ordered != keys:
+        # groupArray keeps the subquery's order in practice; never trust it blindly. (A sort
+        # of sorted keys plus a list compare is ~4x cheaper than a pairwise check in Python.)
         order = sorted(range(len(keys)), key=keys.__getitem__)
-        keys = [keys[i] for i in order]
+        keys = ordered
         values = [values[i] for i in order]
         others = [others[i] for i in order]
     return Columns(keys=keys, values=values, others=others)
@@ -465,9 +482,16 @@ def _lttb_records(row: dict[str, Any]) -> tuple[dict[int, Sample], list[Bucket],
     if len(lengths) != 1:
         raise BackendError("ClickHouse returned bucket columns of different lengths",
                            backend="clickhouse")
-    edges = {slot: Sample(int(columns.low_keys[i]), float(columns.low_values[i]),
-                          int(columns.low_others[i]))
-             for i, slot in enumerate(columns.slots) if slot < 0}
+    # The edge slots lead (ORDER BY b puts -2, -1 first): found without a Python pass over
+    # every bucket, unless some negative slot is elsewhere.
+    leading = 0
+    while leading < len(columns.slots) and columns.slots[leading] < 0:
+        leading += 1
+    negative = (range(leading) if min(columns.slots[leading:], default=0) >= 0 else
+                [i for i, slot in enumerate(columns.slots) if slot < 0])
+    edges = {columns.slots[i]: Sample(int(columns.low_keys[i]), float(columns.low_values[i]),
+                                      int(columns.low_others[i]))
+             for i in negative}
     # Keep the interior buckets only, in slot order: the inner ORDER BY puts the edge slots
     # -2, -1 first and the rest in order in practice (a slice); never trust it blindly.
     slots = columns.slots

@@ -5,7 +5,9 @@ Owns `RunQueries`, every SELECT the read path sends to PostgreSQL, and the typed
 it takes (`RunFilter`, `TagFilter`, `ParamFilter`, `RunSort`, `Keyset`). The filter grammar of
 the API (strings such as `lr>=1e-3`) is parsed by `mlrun.server.usecases.queries`; this module only
 turns typed records into SQL. Every method is ONE `Postgres.run` call (one transaction, one
-snapshot), bounded by `timeout_s`.
+snapshot) or, when its statements need no common snapshot (a project's id, then one statement
+that reads the rows), one `Postgres.run_statement` call (autocommit: no BEGIN/COMMIT round
+trips), bounded by `timeout_s`.
 
 Must not import the HTTP/gRPC edges, ClickHouse, or psycopg's async classes. SQL text is built
 only from constants of this module; every value travels as a bound parameter.
@@ -56,11 +58,6 @@ _SORT_EXPRESSIONS: Final[dict[str, str]] = {
 }
 _NULLABLE_SORTS: Final = frozenset({"duration"})
 
-_RUN_COLUMNS: Final = (
-    "r.run_id, p.name, r.name, r.status, r.created_at, r.updated_at, r.finished_at,"
-    " r.last_heartbeat_at"
-)
-
 
 def _project_id(conn: psycopg.Connection[Any], run_filter: RunFilter) -> int | None:
     """The filter's project id; -1 (matches nothing) for an unknown project; None without a
@@ -76,13 +73,17 @@ def _project_id(conn: psycopg.Connection[Any], run_filter: RunFilter) -> int | N
 _FEW_TERMS = 4
 
 
+def _many_terms(run_filter: RunFilter) -> bool:
+    return len(run_filter.tags) + len(run_filter.params) > _FEW_TERMS
+
+
 def _plan_many_terms_cheaply(conn: psycopg.Connection[Any], run_filter: RunFilter) -> None:
     """Every filter term is a semi-join, and the planner searches join orders among them: with
     the 32 terms a listing may carry, planning took 314 ms for 27 ms of execution (EXPLAIN
     ANALYZE, 300 runs). Keeping them in written order (`join_collapse_limit = 1`, for this
     transaction only) planned in 21 ms and ran in 36 ms. Listings with few terms keep the full
     search, whose index-walk plans were tuned for them."""
-    if len(run_filter.tags) + len(run_filter.params) > _FEW_TERMS:
+    if _many_terms(run_filter):
         conn.execute("SET LOCAL join_collapse_limit = 1")
         conn.execute("SET LOCAL from_collapse_limit = 1")
 
@@ -107,19 +108,21 @@ def _where(run_filter: RunFilter, project_id: int | None) -> tuple[list[str], li
                 "EXISTS (SELECT 1 FROM run_tags t WHERE t.run_id = r.run_id AND t.key = %s)")
             args.append(tag.key)
         else:
-            clauses.append("EXISTS (SELECT 1 FROM run_tags t"
-                           " WHERE t.run_id = r.run_id AND t.key = %s AND t.value = %s)")
-            args.extend((tag.key, tag.value))
+            # md5 first: the (key, md5(value)) index (0019) finds candidates for any length.
+            clauses.append("EXISTS (SELECT 1 FROM run_tags t WHERE t.run_id = r.run_id"
+                           " AND t.key = %s AND md5(t.value) = md5(%s) AND t.value = %s)")
+            args.extend((tag.key, tag.value, tag.value))
     for param in run_filter.params:
-        if param.op in ("=", "!="):
-            comparison = "q.value = %s" if param.op == "=" else "q.value <> %s"
-            value: Any = param.text
+        values: tuple[Any, ...]
+        if param.op == "=":
+            comparison, values = "md5(q.value) = md5(%s) AND q.value = %s", (param.text,) * 2
+        elif param.op == "!=":
+            comparison, values = "q.value <> %s", (param.text,)
         else:
-            comparison = f"{NUMERIC_VALUE} {param.op} %s"
-            value = param.number
+            comparison, values = f"{NUMERIC_VALUE} {param.op} %s", (param.number,)
         clauses.append("EXISTS (SELECT 1 FROM run_params q"
                        f" WHERE q.run_id = r.run_id AND q.key = %s AND {comparison})")
-        args.extend((param.key, value))
+        args.extend((param.key, *values))
     if run_filter.text is not None:
         clauses.append("(strpos(lower(r.name), lower(%s)) > 0"
                        " OR strpos(lower(r.run_id), lower(%s)) > 0)")
@@ -160,20 +163,41 @@ def _record(row: Sequence[Any]) -> RunRecord:
     )
 
 
-def _attach_children(conn: psycopg.Connection[Any], records: Sequence[RunRecord]) -> None:
-    """Tags and params of `records` in one statement: one PostgreSQL round trip, not two (each
-    costs a thread hop and a loopback exchange on every listing and run read)."""
-    if not records:
-        return
-    by_id = {record.run_id: record for record in records}
-    ids = list(by_id)
-    for is_tag, run_id, key, value in conn.execute(
-        "SELECT true, run_id, key, value FROM run_tags WHERE run_id = ANY(%s)"
-        " UNION ALL SELECT false, run_id, key, value FROM run_params WHERE run_id = ANY(%s)"
-        " ORDER BY 1 DESC, 2, 3",
-        (ids, ids),
-    ):
-        (by_id[run_id].tags if is_tag else by_id[run_id].params)[key] = value
+# A page's runs with their tags and params as JSON objects in key order, in one statement: the
+# inner SELECT finds the page (filters, keyset, LIMIT), the outer one adds each row's children
+# through their primary keys (run_id, key) and restores the page's order (`_order` names only
+# columns the inner SELECT returns, under the alias `r`). Measured on 10k runs: 100 rows' children
+# by `run_id = ANY(...)` took 2.8 ms (a sequential scan of run_tags) and a round trip of its own;
+# per row through the index, ~1 ms inside the page's statement.
+_PAGE_COLUMNS: Final = (
+    "r.run_id, p.name AS project, r.name, r.status, r.created_at, r.updated_at, r.finished_at,"
+    " r.last_heartbeat_at"
+)
+_CHILDREN: Final = (
+    "(SELECT json_object_agg(t.key, t.value ORDER BY t.key) FROM run_tags t"
+    " WHERE t.run_id = r.run_id),"
+    " (SELECT json_object_agg(q.key, q.value ORDER BY q.key) FROM run_params q"
+    " WHERE q.run_id = r.run_id)"
+)
+
+
+def _page_rows(conn: psycopg.Connection[Any], clauses: Sequence[str], args: Sequence[Any],
+               sort: RunSort) -> list[RunRecord]:
+    """The page's rows (`args` end with the LIMIT) with their tags and params."""
+    statement = (
+        f"SELECT r.*, {_CHILDREN} FROM (SELECT {_PAGE_COLUMNS} FROM runs r"
+        f" JOIN projects p ON p.id = r.project_id{_where_sql(clauses)}"
+        f" ORDER BY {_order(sort)} LIMIT %s) r ORDER BY {_order(sort)}"
+    )
+    records = []
+    # Never a server-side prepared statement: its generic plan would forget the project's and
+    # the filters' values again (see `_where`).
+    for row in conn.execute(statement, args, prepare=False):
+        record = _record(row)
+        record.tags = row[8] or {}
+        record.params = row[9] or {}
+        records.append(record)
+    return records
 
 
 _T = TypeVar("_T")
@@ -194,6 +218,12 @@ class RunQueries:
         async with self._slots:
             return await self._pg.run(select, timeout_s=self._timeout_s)
 
+    async def _read_statement(self, select: Callable[[psycopg.Connection[Any]], _T]) -> _T:
+        """`_read` for reads that need no snapshot across statements: in autocommit, without
+        the BEGIN and COMMIT round trips (`Postgres.run_statement`)."""
+        async with self._slots:
+            return await self._pg.run_statement(select, timeout_s=self._timeout_s)
+
     async def page(
         self,
         run_filter: RunFilter,
@@ -204,7 +234,12 @@ class RunQueries:
         include_total: bool,
     ) -> RunPageRows:
         """Up to `limit` runs in `sort` order after `after`; `has_more` when another page
-        follows; `total` (every match, ignoring `after`) when asked."""
+        follows; `total` (every match, ignoring `after`) when asked.
+
+        The common listing (few terms, no total) is two autocommit statements: the project's
+        id, then the page with each row's tags and params (one snapshot, one round trip; no
+        BEGIN/COMMIT). With a total, or with many terms (`SET LOCAL`), the page and the count
+        share one transaction."""
         def select(conn: psycopg.Connection[Any]) -> RunPageRows:
             _plan_many_terms_cheaply(conn, run_filter)
             clauses, args = _where(run_filter, _project_id(conn, run_filter))
@@ -213,17 +248,9 @@ class RunQueries:
                 keyset_sql, keyset_args = _keyset(sort, after)
                 page_clauses.append(keyset_sql)
                 page_args.extend(keyset_args)
-            statement = (
-                f"SELECT {_RUN_COLUMNS} FROM runs r JOIN projects p ON p.id = r.project_id"
-                f"{_where_sql(page_clauses)} ORDER BY {_order(sort)} LIMIT %s"
-            )
-            # Never a server-side prepared statement: its generic plan would forget the
-            # project's and the filters' values again (see `_where`).
-            rows = [_record(row) for row in
-                    conn.execute(statement, (*page_args, limit + 1), prepare=False)]
+            rows = _page_rows(conn, page_clauses, (*page_args, limit + 1), sort)
             has_more = len(rows) > limit
             rows = rows[:limit]
-            _attach_children(conn, rows)
             total = None
             if include_total:
                 counted = conn.execute(
@@ -232,7 +259,9 @@ class RunQueries:
                 total = int(counted[0]) if counted else 0
             return RunPageRows(rows=rows, has_more=has_more, total=total)
 
-        return await self._read(select)
+        if include_total or _many_terms(run_filter):
+            return await self._read(select)
+        return await self._read_statement(select)
 
     async def matching_ids(self, run_filter: RunFilter, *, max_runs: int) -> list[str]:
         """Ids of matching runs, at most `max_runs + 1` (so a caller can tell "too many")."""
@@ -243,7 +272,9 @@ class RunQueries:
             return [row[0] for row in
                     conn.execute(statement, (*args, max_runs + 1), prepare=False)]
 
-        return await self._read(select)
+        if _many_terms(run_filter):
+            return await self._read(select)
+        return await self._read_statement(select)
 
     async def by_ids(
         self, run_ids: Sequence[str], *, with_children: bool = True
@@ -251,23 +282,27 @@ class RunQueries:
         """The runs among `run_ids` that exist (with tags and params when asked)."""
         if not run_ids:
             return {}
+        children = f", {_CHILDREN}" if with_children else ""
         statement = (
-            f"SELECT {_RUN_COLUMNS} FROM runs r JOIN projects p ON p.id = r.project_id"
+            f"SELECT {_PAGE_COLUMNS}{children} FROM runs r JOIN projects p ON p.id = r.project_id"
             " WHERE r.run_id = ANY(%s)"
         )
 
         def select(conn: psycopg.Connection[Any]) -> dict[str, RunRecord]:
-            records = [_record(row) for row in conn.execute(statement, (list(run_ids),))]
-            if with_children:
-                _attach_children(conn, records)
-            return {record.run_id: record for record in records}
+            records = {}
+            for row in conn.execute(statement, (list(run_ids),)):
+                record = _record(row)
+                if with_children:
+                    record.tags, record.params = row[8] or {}, row[9] or {}
+                records[record.run_id] = record
+            return records
 
-        return await self._read(select)
+        return await self._read_statement(select)
 
     async def detail(self, run_id: str) -> RunRecord | None:
         """One run with tags, params and its count of finalized artifacts."""
         statement = (
-            f"SELECT {_RUN_COLUMNS},"
+            f"SELECT {_PAGE_COLUMNS}, {_CHILDREN},"
             " (SELECT count(*) FROM artifacts a WHERE a.run_id = r.run_id"
             "  AND a.status = 'finalized')"
             " FROM runs r JOIN projects p ON p.id = r.project_id WHERE r.run_id = %s"
@@ -278,11 +313,11 @@ class RunQueries:
             if row is None:
                 return None
             record = _record(row)
-            record.artifacts_count = int(row[8])
-            _attach_children(conn, [record])
+            record.tags, record.params = row[8] or {}, row[9] or {}
+            record.artifacts_count = int(row[10])
             return record
 
-        return await self._read(select)
+        return await self._read_statement(select)
 
 
 def _where_sql(clauses: Sequence[str]) -> str:

