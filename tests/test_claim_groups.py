@@ -154,10 +154,11 @@ def _new(first_version: int, names: Sequence[str] = ("loss",)) -> BatchPreparati
 async def test_every_outcome_through_one_grouped_statement(pg: Postgres, pg_dsn: str
                                                           ) -> None:
     """Claims queued behind a statement in flight go as ONE statement and each gets the
-    answer the transaction gives it alone: new, duplicate, 409 conflict, retry of a pending
-    claim (with its first attempt's versions), 404 unknown run, 409 finished run; new metric
-    names and a key repeated within the group are left to the transaction, which answers them
-    as sequential arrivals (the second copy a retry, a different payload a conflict)."""
+    answer the transaction gives it alone: new, duplicate, 409 conflict, 404 unknown run, 409
+    finished run from the statement; new metric names, a pending claim (retry, with its first
+    attempt's versions) and a key repeated within the group are left to the transaction,
+    which answers the repeats as sequential arrivals (the second copy a retry, a different
+    payload a conflict)."""
     store = MetadataStore(pg)
     answers: dict[str, Outcome] = {}
     with anyio.fail_after(TEST_DEADLINE_S):
@@ -194,8 +195,8 @@ async def test_every_outcome_through_one_grouped_statement(pg: Postgres, pg_dsn:
                 pass
         ledger = await _ledger(pg, run_id)
     # The leader's statement, then one for the ten queued claims; the transaction only for
-    # the new names and the two later copies of b-twice.
-    assert calls == {"run_statement": 2, "run": 3}
+    # the new names, the pending claim and the two later copies of b-twice.
+    assert calls == {"run_statement": 2, "run": 4}
     assert store.claim_statistics().largest == 10
     assert answers.pop("lead") == _new(10)
     assert answers.pop("new") == _new(11)

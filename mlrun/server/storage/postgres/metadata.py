@@ -28,15 +28,18 @@ The batch protocol:
    instead of per batch). Per claim, in the transaction's order, it checks the run (404, 409
    `run_finished`), inserts the ledger row only when the run knows every metric name (then the
    transaction would have written nothing else), and otherwise reads the ledger row that was
-   there: a different hash -> 409 `batch_conflict`, 'committed' -> "duplicate", 'pending' with
-   every name known -> "retry" (the first attempt's versions). The same effect and answer as
-   the transaction, which still decides what the statement cannot: new names to admit under
-   the limits, a ledger row committed by another session after the statement's snapshot, a
-   key repeated within one group (after the copy the statement decided: the answers of
-   sequential arrivals), and every claim of a statement that failed with a driver error.
+   there: a different hash -> 409 `batch_conflict`, 'committed' -> "duplicate". The same
+   effect and answer as the transaction, which still decides what the statement leaves: new
+   names to admit under the limits; a 'pending' row (a retry, or a copy racing its first
+   attempt's ledger mark: the transaction's later snapshot sees a mark that landed meanwhile,
+   as it did before grouping; deciding "retry" from the statement's snapshot made concurrent
+   identical submissions write twice, `test_fifty_concurrent_identical_submissions_...`); a
+   ledger row committed by another session after the statement's snapshot; a key repeated
+   within one group (after the copy the statement decided: the answers of sequential
+   arrivals); and every claim of a statement that failed with a driver error.
    Ledger rows are inserted in (run_id, batch_id) order, the order `mark_batches_committed`
-   locks them in. Measured (bench breakdown, 32 writers, 1000-point batches; shared box):
-   see the README, "Where an ingested point's cost goes".
+   locks them in. Measured (`python -m bench.claims`, whole-server ingest runs): see
+   `statement_groups` and the README, "Where an ingested point's cost goes".
 2. The write path makes the points durable, then marks the row (`mark_batches_committed`,
    'pending' -> 'committed', grouped and retried by `pipelines.ledger_marker`). A crash between
    the two leaves 'pending'; the client's resend is written again (the same rows, by the
@@ -476,9 +479,9 @@ FROM run
 
 
 # The common batch's claims of concurrent requests, grouped (`StatementGroups`): for each item
-# (sorted by run and batch id, the ledger's lock order) the run's status, whether the run knows
-# every one of its metric names, the claim (only for a running run that knows them all), and
-# the ledger row that was there before (this statement's snapshot) when it did not claim.
+# (sorted by run and batch id, the ledger's lock order) the run's status, the claim (only for a
+# running run that knows every one of the batch's metric names), and the ledger row that was
+# there before (this statement's snapshot) when it did not claim.
 _CLAIM_KNOWN_GROUP_SQL = """
 WITH item AS (
     SELECT * FROM unnest(%(run_ids)s::text[], %(batch_ids)s::text[], %(hashes)s::bytea[],
@@ -503,7 +506,7 @@ WITH item AS (
     ON CONFLICT (run_id, batch_id) DO NOTHING
     RETURNING run_id, batch_id
 )
-SELECT f.status, f.all_known, c.run_id IS NOT NULL, b.payload_hash, b.state, b.first_version
+SELECT f.status, c.run_id IS NOT NULL, b.payload_hash, b.state
 FROM fit f
 LEFT JOIN claim c ON c.run_id = f.run_id AND c.batch_id = f.batch_id
 LEFT JOIN ingest_batches b ON b.run_id = f.run_id AND b.batch_id = f.batch_id
@@ -554,9 +557,10 @@ def _execute_claim_group(
 
 def _decide_claim(claim: KnownClaim, row: tuple[Any, ...]) -> ClaimDecision:
     """The answer the full transaction would give (same checks, same order), where one
-    statement can tell; None where it cannot (new metric names to admit under the limits, or
-    a ledger row committed by someone else after this statement's snapshot was taken)."""
-    status, all_known, claimed, stored_hash, state, stored_first_version = row
+    statement can tell; None where it leaves the batch to the transaction (new metric names to
+    admit under the limits, a ledger row still 'pending', or one committed by someone else
+    after this statement's snapshot was taken)."""
+    status, claimed, stored_hash, state = row
     if status is None:
         return run_not_found(claim.run_id)
     if status != "running":
@@ -572,14 +576,11 @@ def _decide_claim(claim: KnownClaim, row: tuple[Any, ...]) -> ClaimDecision:
     if state == "committed":
         return BatchPreparation(outcome="duplicate", admitted_metric_names=frozenset(),
                                 warnings=[], first_version=claim.first_version)
-    if not all_known:
-        return None
-    # A retry of a claim still 'pending' whose names the run knows: the transaction would
-    # admit them all and write nothing (`write_run_data`), with the first attempt's versions.
-    return BatchPreparation(
-        outcome="retry", admitted_metric_names=names, warnings=[],
-        first_version=(claim.first_version if stored_first_version is None
-                       else stored_first_version))
+    # 'pending': a retry, or a copy racing its first attempt's ledger mark (the write path
+    # marks from its writer, a moment after the points are durable). The transaction decides,
+    # as before: its later snapshot sees a mark that landed meanwhile, so such a copy is
+    # answered "duplicate" instead of being written again.
+    return None
 
 
 @dataclass(frozen=True, slots=True)
