@@ -90,6 +90,9 @@ class NoMetricWrites:
     async def holds(self, write: BatchWrite, *, timeout_s: float) -> bool:
         raise AssertionError("init_run read metrics")
 
+    def committed_unmarked(self, run_id: str, batch_id: str) -> bool:
+        raise AssertionError("init_run asked about a batch")
+
 
 async def test_the_write_path_reports_only_runs_it_created(pg: Postgres) -> None:
     created: list[int] = []

@@ -171,6 +171,9 @@ class ClickHouseWritePath:
     async def holds(self, write: BatchWrite, *, timeout_s: float) -> bool:
         return await clickhouse_holds(self._clickhouse, write, timeout_s=timeout_s)
 
+    def committed_unmarked(self, run_id: str, batch_id: str) -> bool:
+        return self.marker.is_pending(run_id, batch_id)
+
     # --- lifetime ------------------------------------------------------------------------------
 
     async def serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED

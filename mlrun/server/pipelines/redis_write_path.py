@@ -155,6 +155,9 @@ class RedisWritePath:
     async def holds(self, write: BatchWrite, *, timeout_s: float) -> bool:
         return await clickhouse_holds(self._clickhouse, write, timeout_s=timeout_s)
 
+    def committed_unmarked(self, run_id: str, batch_id: str) -> bool:
+        return False  # processors mark the ledger; this server cannot know
+
     def _admit(self, payload_bytes: int, *, own_reserved_bytes: int = 0) -> None:
         snapshot = self.monitor.snapshot
         if not snapshot.reachable:

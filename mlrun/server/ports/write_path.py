@@ -119,6 +119,13 @@ class WritePath(Protocol):
         """True when storage holds every row of `write` already."""
         ...
 
+    def committed_unmarked(self, run_id: str, batch_id: str) -> bool:
+        """True when this process saw the batch commit whole (views included) and its ledger
+        mark is still on its way: a resend is then a duplicate, nothing to write or repair.
+        False when this process does not know (another process committed it, or the mark
+        landed already and the ledger answers instead)."""
+        ...
+
 
 class BatchLedger(Protocol):
     """The side of the idempotency ledger a write path needs (PostgreSQL's `ingest_batches`)."""

@@ -339,7 +339,11 @@ class Ingest:
                     tags_after_finish=tags_after_finish,
                 )
             warnings.extend(preparation.warnings)
-            if preparation.outcome == "duplicate":
+            if preparation.outcome == "duplicate" or (
+                    preparation.outcome == "retry" and batch.batch_id is not None
+                    and self._write_path.committed_unmarked(batch.run_id, batch.batch_id)):
+                # The second case: a resend that overtook its own ledger mark (written after
+                # the answer, by this process); rewriting would only waste a write.
                 return IngestResult(accepted=0, duplicate=True, warnings=warnings)
             first_version = preparation.first_version
             write = BatchWrite(
