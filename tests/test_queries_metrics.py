@@ -427,3 +427,38 @@ async def test_compare_of_runs_of_different_lengths_equals_the_reference_per_run
         assert series.total_points == len(expected)
         assert as_samples(series.points) == reference(
             expected, method, 150), run.run_id
+
+
+async def test_a_clean_long_series_read_again_is_not_bucketed_again_until_it_grows(
+    queries: Queries, ch: ClickHouse, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Block bucketings of whole, clean series are kept while the series' row count stays
+    what it was: a repeated read sends ClickHouse no bucket statement and answers the same;
+    new points (the count moves) are bucketed afresh and show up."""
+    rng = random.Random(11)
+    samples = random_series(rng, 60_000, sparse=False)
+    add_runs(pg_dsn, ["r"])
+    writer = Writer(ch)
+    await writer.insert("r", "loss", samples[:40_000])
+    bucket_statements: list[str] = []
+    row_binary = ch.query_row_binary
+
+    async def counted(sql: str, types: Any, *, timeout_s: float) -> list[list[Any]]:
+        bucket_statements.append(sql)
+        return await row_binary(sql, types, timeout_s=timeout_s)
+
+    monkeypatch.setattr(ch, "query_row_binary", counted)
+    for method in ("lttb", "minmax", "avg"):
+        first = await read(queries, "r", "loss", method, 100)
+        asked = len(bucket_statements)
+        assert asked > 0 and first.total_points == 40_000
+        assert_same_selection(as_samples(first.points), reference(samples[:40_000], method, 100))
+        again = await read(queries, "r", "loss", method, 100)
+        assert again == first and len(bucket_statements) == asked, method
+    await writer.insert("r", "loss", samples[40_000:])
+    for method in ("lttb", "minmax", "avg"):
+        asked = len(bucket_statements)
+        grown = await read(queries, "r", "loss", method, 100)
+        assert len(bucket_statements) > asked and grown.total_points == 60_000
+        assert_same_selection(as_samples(grown.points), reference(samples, method, 100))
+        assert grown.points[-1].step == 59_999
