@@ -26,9 +26,14 @@ import httpx
 
 import mlrun
 from bench.errors import BenchError
-from bench.metrics_store import METRICS_TABLE, StoreError, count_points
+from bench.metrics_store import METRICS_TABLE, StoreError
 from bench.report import OverheadUs, SdkResult, latency_summary
-from bench.sdk_throughput import ThroughputSettings, run_sdk_throughput
+from bench.sdk_throughput import (
+    ThroughputSettings,
+    percentile_us,
+    run_sdk_throughput,
+    stored_points,
+)
 from bench.targets import Target
 from mlrun.server.protocols.clickhouse import quote_identifier, quote_list
 
@@ -45,13 +50,6 @@ class SdkSettings:
     visible_timeout_s: float
     finish_timeout_s: float
     throughput: ThroughputSettings | None = None
-
-
-def _percentile_us(sorted_ns: list[int], fraction: float) -> float | None:
-    if not sorted_ns:
-        return None
-    rank = max(1, int(-(-fraction * len(sorted_ns) // 1)))
-    return round(sorted_ns[rank - 1] / 1000, 2)
 
 
 def _visibility_probe(target: Target, run_id: str) -> Callable[[int], bool]:
@@ -109,15 +107,7 @@ def run_sdk_workload(
         finish_s = time.perf_counter() - finish_started
         statistics = {k: v for k, v in asdict(run.statistics()).items()
                       if isinstance(v, int | float | str) or v is None}
-        stored: int | None = None
-        if target.store is not None:
-            connection = target.store.connect()
-            try:
-                stored = count_points(connection, [run.run_id]).distinct_points
-            except StoreError as exc:
-                raise BenchError(f"sdk: counting back failed: {exc}") from exc
-            finally:
-                connection.close()
+        stored = stored_points(target, run.run_id)
 
         progress(f"sdk: log-to-visible, {settings.visible_samples} samples")
         probe_run = mlrun.init(_PROJECT, settings=options)
@@ -144,8 +134,8 @@ def run_sdk_workload(
         run_id=run.run_id,
         log_calls=len(durations_ns),
         log_wall_s=round(wall_s, 3),
-        log_overhead_us=OverheadUs(p50=_percentile_us(ordered, 0.50),
-                                   p99=_percentile_us(ordered, 0.99),
+        log_overhead_us=OverheadUs(p50=percentile_us(ordered, 0.50),
+                                   p99=percentile_us(ordered, 0.99),
                                    max=round(ordered[-1] / 1000, 1) if ordered else None),
         finish_s=round(finish_s, 3),
         stored_points=stored,

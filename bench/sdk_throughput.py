@@ -146,11 +146,25 @@ class _ThreadSampler:
         return kinds
 
 
-def _percentile_us(sorted_ns: list[int], fraction: float) -> float | None:
+def percentile_us(sorted_ns: list[int], fraction: float) -> float | None:
+    """The `fraction` quantile (nearest rank) of sorted nanoseconds, in microseconds."""
     if not sorted_ns:
         return None
     rank = max(1, int(-(-fraction * len(sorted_ns) // 1)))
     return round(sorted_ns[rank - 1] / 1000, 2)
+
+
+def stored_points(target: Target, run_id: str) -> int | None:
+    """A run's distinct points counted back from ClickHouse (None without a store)."""
+    if target.store is None:
+        return None
+    connection = target.store.connect()
+    try:
+        return count_points(connection, [run_id]).distinct_points
+    except StoreError as exc:
+        raise BenchError(f"sdk: counting back failed: {exc}") from exc
+    finally:
+        connection.close()
 
 
 def _per_point_us(cpu_s: float | None, points: int) -> float | None:
@@ -238,15 +252,7 @@ def _one(target: Target, settings: ThroughputSettings, spool_dir: str, transport
     usage, _, busy_share = probe.finish()
     statistics = run.statistics()
     points = made * len(names)
-    stored: int | None = None
-    if target.store is not None and not no_server:
-        connection = target.store.connect()
-        try:
-            stored = count_points(connection, [run.run_id]).distinct_points
-        except StoreError as exc:
-            raise BenchError(f"sdk: counting back failed: {exc}") from exc
-        finally:
-            connection.close()
+    stored = None if no_server else stored_points(target, run.run_id)
     ordered = sorted(durations_ns)
 
     def cpu_of(name: str) -> float | None:
@@ -272,8 +278,8 @@ def _one(target: Target, settings: ThroughputSettings, spool_dir: str, transport
         points_per_s=round(points / wall_s) if wall_s > 0 else 0,
         acknowledged_points=statistics.points_delivered,
         stored_points=stored,
-        log_call_us=OverheadUs(p50=_percentile_us(ordered, 0.50),
-                               p99=_percentile_us(ordered, 0.99),
+        log_call_us=OverheadUs(p50=percentile_us(ordered, 0.50),
+                               p99=percentile_us(ordered, 0.99),
                                max=round(ordered[-1] / 1000, 1) if ordered else None),
         log_call_cpu_us=round(caller_cpu_s / made * 1e6, 2) if made else None,
         sdk_cpu_us_per_point=sdk,

@@ -11,14 +11,15 @@ driver error on cue, for the per-batch fallback.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import anyio.abc
 import psycopg
 import pytest
+from pg_calls import counting_calls
 
 from bench.claims import measure, render
 from mlrun.server import errors
@@ -34,27 +35,6 @@ LIMITS = CardinalityLimits()
 HASH_A = b"\x01" * 32
 HASH_B = b"\x02" * 32
 Outcome = BatchPreparation | errors.MlrunError
-
-
-@contextmanager
-def _counting(pg: Postgres) -> Iterator[dict[str, int]]:
-    """Counts `run` (transactions) and `run_statement` (autocommit statements) calls."""
-    calls = {"run": 0, "run_statement": 0}
-    real_run, real_statement = pg.run, pg.run_statement
-
-    async def run(fn: Any, *, timeout_s: float = 10.0) -> Any:
-        calls["run"] += 1
-        return await real_run(fn, timeout_s=timeout_s)
-
-    async def run_statement(fn: Any, *, timeout_s: float = 10.0) -> Any:
-        calls["run_statement"] += 1
-        return await real_statement(fn, timeout_s=timeout_s)
-
-    pg.run, pg.run_statement = run, run_statement  # type: ignore[method-assign]
-    try:
-        yield calls
-    finally:
-        pg.run, pg.run_statement = real_run, real_statement  # type: ignore[method-assign]
 
 
 @asynccontextmanager
@@ -188,7 +168,7 @@ async def test_every_outcome_through_one_grouped_statement(pg: Postgres, pg_dsn:
             send("twice 2", run_id, "b-twice", first_version=16),
             send("twice other", run_id, "b-twice", payload_hash=HASH_B, first_version=17),
         ]
-        with _counting(pg) as calls:
+        with counting_calls(pg) as calls:
             async with _statement_in_flight(
                     pg_dsn, run_id, send("lead", run_id, "b-lead", first_version=10), "b-lead",
                     group):
@@ -231,7 +211,7 @@ async def test_concurrent_claims_share_few_statements(pg: Postgres) -> None:
                                                      names=("acc", "loss"), first_version=i)
 
         before = store.claim_statistics()
-        with _counting(pg) as calls:
+        with counting_calls(pg) as calls:
             async with anyio.create_task_group() as tg:
                 for i in range(64):
                     tg.start_soon(send, runs[i % 4], i)
@@ -327,7 +307,7 @@ async def test_a_driver_error_leaves_each_claim_to_the_transaction(pg: Postgres)
 
         pg.run_statement = failing  # type: ignore[method-assign]
         try:
-            with _counting(pg) as calls:
+            with counting_calls(pg) as calls:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(send, "b1", 1)
                     tg.start_soon(send, "dup", 2)

@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 import psycopg
 import pytest
+from pg_calls import counting_calls
 
 from mlrun.server import errors
 from mlrun.server.ports.run_metadata import BatchPreparation, CardinalityLimits
@@ -495,39 +496,27 @@ async def test_known_names_batch_is_one_round_trip_with_its_own_answer(pg: Postg
     together: `statement_groups`) and each gets its own answer, and every other case still
     gets the transaction's answer."""
     store = MetadataStore(pg)
-    calls = {"run": 0, "run_statement": 0}
-    real_run, real_statement = pg.run, pg.run_statement
-
-    async def run(fn: Any, *, timeout_s: float = 10.0) -> Any:
-        calls["run"] += 1
-        return await real_run(fn, timeout_s=timeout_s)
-
-    async def run_statement(fn: Any, *, timeout_s: float = 10.0) -> Any:
-        calls["run_statement"] += 1
-        return await real_statement(fn, timeout_s=timeout_s)
-
     with anyio.fail_after(TEST_DEADLINE_S):
         run_id = await _new_run(store)
         first = await _prepare(store, run_id, "b0")  # "loss" is new: the full transaction
         await store.mark_batch_committed(run_id, "b0")
-        pg.run, pg.run_statement = run, run_statement  # type: ignore[method-assign]
-        answers: dict[str, BatchPreparation] = {}
+        with counting_calls(pg) as calls:
+            answers: dict[str, BatchPreparation] = {}
 
-        async def send(batch_id: str) -> None:
-            answers[batch_id] = await _prepare(store, run_id, batch_id, first_version=7)
+            async def send(batch_id: str) -> None:
+                answers[batch_id] = await _prepare(store, run_id, batch_id, first_version=7)
 
-        async with anyio.create_task_group() as tg:
-            for i in range(1, 6):
-                tg.start_soon(send, f"b{i}")
-        fast_calls = dict(calls)
-        duplicate = await _prepare(store, run_id, "b0")
-        with pytest.raises(errors.Conflict) as conflict:
-            await _prepare(store, run_id, "b1", payload_hash=HASH_B)
-        retry = await _prepare(store, run_id, "b2", first_version=99)
-        new_name = await _prepare(store, run_id, "b6", names=("loss", "acc"))
-        with pytest.raises(errors.NotFound) as unknown:
-            await _prepare(store, "nope", "b1")
-        pg.run, pg.run_statement = real_run, real_statement  # type: ignore[method-assign]
+            async with anyio.create_task_group() as tg:
+                for i in range(1, 6):
+                    tg.start_soon(send, f"b{i}")
+            fast_calls = dict(calls)
+            duplicate = await _prepare(store, run_id, "b0")
+            with pytest.raises(errors.Conflict) as conflict:
+                await _prepare(store, run_id, "b1", payload_hash=HASH_B)
+            retry = await _prepare(store, run_id, "b2", first_version=99)
+            new_name = await _prepare(store, run_id, "b6", names=("loss", "acc"))
+            with pytest.raises(errors.NotFound) as unknown:
+                await _prepare(store, "nope", "b1")
         await store.finish_run(run_id, "finished")
         with pytest.raises(errors.Conflict) as finished:
             await _prepare(store, run_id, "b7")

@@ -20,8 +20,8 @@ Invariants (every implementation holds to them):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Final, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Final, Protocol, TypeVar
 
 from mlrun.server.errors import BackendError, BackendTimeout, BackendUnavailable, MlrunError
 from mlrun.server.protocols.clickhouse import (
@@ -29,7 +29,12 @@ from mlrun.server.protocols.clickhouse import (
     TRANSIENT_ERROR_CODES,
     ClickHouseError,
     RowBinaryType,
+    decode_json_each_row,
+    decode_row_binary,
+    with_format,
 )
+
+_T = TypeVar("_T")
 
 BACKEND: Final = "clickhouse"
 
@@ -93,3 +98,46 @@ def translate_error(error: ClickHouseError) -> MlrunError:
         detail=error.message,
         backend_code=error.code,
     )
+
+
+class TransportBase:
+    """What both transports share above their own two primitives: `_fetch` (run a statement,
+    return its output in a given format) and `_insert` (stream a body in a given input format)."""
+
+    # How the transport names itself in an unreadable-result error.
+    _label: str = "ClickHouse"
+
+    async def _fetch(self, sql: str, output_format: str, *, timeout_s: float) -> bytes:
+        raise NotImplementedError
+
+    async def _insert(self, table: str, columns: Sequence[str], body: bytes, input_format: str,
+                      *, timeout_s: float) -> None:
+        raise NotImplementedError
+
+    async def query_rows(self, sql: str, *, timeout_s: float) -> list[dict[str, Any]]:
+        body = await self._fetch(with_format(sql, "JSONEachRow"), "JSONEachRow",
+                                 timeout_s=timeout_s)
+        return self._decoded(decode_json_each_row, body)
+
+    async def query_row_binary(
+        self, sql: str, types: Sequence[RowBinaryType], *, timeout_s: float
+    ) -> list[list[Any]]:
+        body = await self._fetch(with_format(sql, "RowBinary"), "RowBinary", timeout_s=timeout_s)
+        return self._decoded(lambda raw: decode_row_binary(raw, types), body)
+
+    async def insert_rowbinary(
+        self, table: str, columns: Sequence[str], body: bytes, *, timeout_s: float
+    ) -> None:
+        await self._insert(table, columns, body, "RowBinary", timeout_s=timeout_s)
+
+    async def insert_native(
+        self, table: str, columns: Sequence[str], body: bytes, *, timeout_s: float
+    ) -> None:
+        await self._insert(table, columns, body, "Native", timeout_s=timeout_s)
+
+    def _decoded(self, decode: Callable[[bytes], _T], body: bytes) -> _T:
+        try:
+            return decode(body)
+        except ValueError as exc:
+            raise BackendError(f"{self._label} returned an unreadable result",
+                               backend=BACKEND, detail=str(exc)) from exc

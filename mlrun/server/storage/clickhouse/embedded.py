@@ -28,17 +28,18 @@ from typing import Any, Final, TypeVar
 import anyio
 import anyio.to_thread
 
-from mlrun.server.errors import BackendError, BackendTimeout, BackendUnavailable, ConfigError
+from mlrun.server.errors import BackendTimeout, BackendUnavailable, ConfigError
 from mlrun.server.protocols.clickhouse import (
-    RowBinaryType,
-    decode_json_each_row,
-    decode_row_binary,
     insert_prefix,
     parse_error,
     quote_identifier,
-    with_format,
 )
-from mlrun.server.storage.clickhouse.client import BACKEND, CLOSE_TIMEOUT_S, translate_error
+from mlrun.server.storage.clickhouse.client import (
+    BACKEND,
+    CLOSE_TIMEOUT_S,
+    TransportBase,
+    translate_error,
+)
 
 _T = TypeVar("_T")
 
@@ -90,11 +91,12 @@ class _Abandoned(Exception):
     """Raised in a worker thread whose caller has gone; nobody ever receives it."""
 
 
-class EmbeddedClickHouse:
+class EmbeddedClickHouse(TransportBase):
     """chdb sessions on one data directory, used from worker threads. Build it with
     `open_embedded_clickhouse`."""
 
     backend_name: Final = BACKEND
+    _label = "embedded ClickHouse"
 
     def __init__(self, sessions: Sequence[Any], *, database: str) -> None:
         self._database = database
@@ -123,51 +125,12 @@ class EmbeddedClickHouse:
 
         await self._call(run, timeout_s=timeout_s)
 
-    async def query_rows(self, sql: str, *, timeout_s: float) -> list[dict[str, Any]]:
-        statement = with_format(sql, "JSONEachRow")
-
+    async def _fetch(self, sql: str, output_format: str, *, timeout_s: float) -> bytes:
         def run(slot: _Slot) -> bytes:
-            result: bytes = slot.session.query(statement, "JSONEachRow").bytes()
+            result: bytes = slot.session.query(sql, output_format).bytes()
             return result
 
-        body = await self._call(run, timeout_s=timeout_s)
-        try:
-            return decode_json_each_row(body)
-        except ValueError as exc:
-            raise BackendError(
-                "embedded ClickHouse returned an unreadable result",
-                backend=BACKEND,
-                detail=str(exc),
-            ) from exc
-
-    async def query_row_binary(
-        self, sql: str, types: Sequence[RowBinaryType], *, timeout_s: float
-    ) -> list[list[Any]]:
-        statement = with_format(sql, "RowBinary")
-
-        def run(slot: _Slot) -> bytes:
-            result: bytes = slot.session.query(statement, "RowBinary").bytes()
-            return result
-
-        body = await self._call(run, timeout_s=timeout_s)
-        try:
-            return decode_row_binary(body, types)
-        except ValueError as exc:
-            raise BackendError(
-                "embedded ClickHouse returned an unreadable result",
-                backend=BACKEND,
-                detail=str(exc),
-            ) from exc
-
-    async def insert_rowbinary(
-        self, table: str, columns: Sequence[str], body: bytes, *, timeout_s: float
-    ) -> None:
-        await self._insert(table, columns, body, "RowBinary", timeout_s=timeout_s)
-
-    async def insert_native(
-        self, table: str, columns: Sequence[str], body: bytes, *, timeout_s: float
-    ) -> None:
-        await self._insert(table, columns, body, "Native", timeout_s=timeout_s)
+        return await self._call(run, timeout_s=timeout_s)
 
     async def _insert(self, table: str, columns: Sequence[str], body: bytes, input_format: str,
                       *, timeout_s: float) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, Final
+from typing import Final
 
 import anyio
 import anyio.to_thread
@@ -26,25 +26,26 @@ import httpx
 from mlrun.server.errors import BackendError, BackendTimeout, BackendUnavailable
 from mlrun.server.protocols.clickhouse import (
     HttpRequest,
-    RowBinaryType,
     auth_headers,
     build_insert_request,
     build_query_request,
     deadline_settings,
-    decode_json_each_row,
-    decode_row_binary,
     find_error_in_body,
     parse_error,
     quote_identifier,
-    with_format,
 )
-from mlrun.server.storage.clickhouse.client import BACKEND, CLOSE_TIMEOUT_S, translate_error
+from mlrun.server.storage.clickhouse.client import (
+    BACKEND,
+    CLOSE_TIMEOUT_S,
+    TransportBase,
+    translate_error,
+)
 
 # A result is read into memory whole; queries are expected to LIMIT themselves well below this.
 _MAX_RESPONSE_BYTES: Final = 256 * 1024 * 1024
 
 
-class HttpClickHouse:
+class HttpClickHouse(TransportBase):
     """A ClickHouse server over HTTP. Build it with `open_http_clickhouse`."""
 
     backend_name: Final = BACKEND
@@ -72,45 +73,10 @@ class HttpClickHouse:
         )
         await self._post(request, timeout_s=timeout_s)
 
-    async def query_rows(self, sql: str, *, timeout_s: float) -> list[dict[str, Any]]:
-        request = build_query_request(
-            with_format(sql, "JSONEachRow"),
-            database=self._database,
-            settings=deadline_settings(timeout_s),
-        )
-        body = await self._post(request, timeout_s=timeout_s)
-        try:
-            return decode_json_each_row(body)
-        except ValueError as exc:
-            raise BackendError(
-                "ClickHouse returned an unreadable result", backend=BACKEND, detail=str(exc)
-            ) from exc
-
-    async def query_row_binary(
-        self, sql: str, types: Sequence[RowBinaryType], *, timeout_s: float
-    ) -> list[list[Any]]:
-        request = build_query_request(
-            with_format(sql, "RowBinary"),
-            database=self._database,
-            settings=deadline_settings(timeout_s),
-        )
-        body = await self._post(request, timeout_s=timeout_s)
-        try:
-            return decode_row_binary(body, types)
-        except ValueError as exc:
-            raise BackendError(
-                "ClickHouse returned an unreadable result", backend=BACKEND, detail=str(exc)
-            ) from exc
-
-    async def insert_rowbinary(
-        self, table: str, columns: Sequence[str], body: bytes, *, timeout_s: float
-    ) -> None:
-        await self._insert(table, columns, body, "RowBinary", timeout_s=timeout_s)
-
-    async def insert_native(
-        self, table: str, columns: Sequence[str], body: bytes, *, timeout_s: float
-    ) -> None:
-        await self._insert(table, columns, body, "Native", timeout_s=timeout_s)
+    async def _fetch(self, sql: str, output_format: str, *, timeout_s: float) -> bytes:
+        request = build_query_request(sql, database=self._database,
+                                      settings=deadline_settings(timeout_s))
+        return await self._post(request, timeout_s=timeout_s)
 
     async def _insert(self, table: str, columns: Sequence[str], body: bytes, input_format: str,
                       *, timeout_s: float) -> None:
