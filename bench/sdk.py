@@ -8,6 +8,9 @@
    readable (ClickHouse when the target has a store, else the server's metrics API), each poll
    bounded by `visible_timeout_s`.
 
+3. throughput (`bench.sdk_throughput`, when `throughput` is set): one process pushing points
+   through the SDK as fast as its loop goes, end to end, with every process's CPU per point.
+
 Loops are bounded in count and in time (`max_wall_s` stops the timed calls early, noted in the
 count). Must not import anyio (the SDK runs its own threads).
 """
@@ -25,6 +28,7 @@ import mlrun
 from bench.errors import BenchError
 from bench.metrics_store import METRICS_TABLE, StoreError, count_points
 from bench.report import OverheadUs, SdkResult, latency_summary
+from bench.sdk_throughput import ThroughputSettings, run_sdk_throughput
 from bench.targets import Target
 from mlrun.server.protocols.clickhouse import quote_identifier, quote_list
 
@@ -40,6 +44,7 @@ class SdkSettings:
     visible_samples: int
     visible_timeout_s: float
     finish_timeout_s: float
+    throughput: ThroughputSettings | None = None
 
 
 def _percentile_us(sorted_ns: list[int], fraction: float) -> float | None:
@@ -132,6 +137,8 @@ def run_sdk_workload(
                     break
                 time.sleep(_POLL_INTERVAL_S)  # bounded poll: ClickHouse has no change feed
         probe_run.finish(timeout_s=settings.finish_timeout_s)
+        throughput = [] if settings.throughput is None else run_sdk_throughput(
+            target, settings.throughput, spool_dir, progress)
     ordered = sorted(durations_ns)
     return SdkResult(
         run_id=run.run_id,
@@ -147,4 +154,5 @@ def run_sdk_workload(
         visible_timeout_s=settings.visible_timeout_s,
         visible_ms=latency_summary(visible_s),
         sdk_statistics=statistics,
+        throughput=throughput,
     )

@@ -45,7 +45,7 @@ from bench import reference
 from bench.baseline import DirectInsertSender
 from bench.batches import Batch, BatchShape, make_batch
 from bench.errors import BenchError
-from bench.ingest import GrpcIngestSender, HttpIngestSender, RunsClient
+from bench.ingest import GrpcIngestSender, HttpIngestSender, RunsClient, SharedGrpcChannel
 from bench.metrics_store import METRICS_TABLE, MetricsStore, StoreError, count_points
 from bench.mlflow import MlflowBatchSender, official_client_rates
 from bench.peers import run_peers
@@ -105,6 +105,7 @@ class SuiteSettings:
     sample_rate_hz: int = DEFAULT_RATE_HZ
     log_dir: Path | None = None  # where the breakdown's py-spy samples are kept
     peers: tuple[tuple[str, str], ...] = ()  # (name, URL) of MLflow-API servers (bench.peers)
+    in_flight: int = 1  # batches each ingest writer keeps in flight (bench.ingest.in_flight)
 
     @property
     def references(self) -> bool:
@@ -279,28 +280,36 @@ class Suite:
         self._progress(f"{workload}: {writers} writer(s) over {transport} to {where}")
         runs = RunsClient(target.http_url, target.api_key, timeout_s=timeout_s)
         runs.create(run_ids, project=_PROJECT)
+        # The overload workload measures refusals, one batch per writer at a time.
+        in_flight = 1 if workload == "overload" else self.settings.in_flight
         senders: list[Sender[bytes]] = []
         try:
             for _ in range(writers):
+                channel = None
                 if transport == "grpc":
                     if target.grpc_target is None:
                         raise BenchError("the gRPC transport needs --grpc-target")
-                    senders.append(
-                        GrpcIngestSender(target.grpc_target, target.api_key, timeout_s=timeout_s))
-                elif transport == "mlflow":
-                    senders.append(MlflowBatchSender(target.http_url, target.api_key,
-                                                     timeout_s=timeout_s))
-                else:
-                    senders.append(HttpIngestSender(
-                        target.http_url, target.api_key, timeout_s=timeout_s,
-                        form="rows" if transport == "http-rows" else "series"))
+                    channel = SharedGrpcChannel(target.grpc_target, in_flight)
+                for _ in range(in_flight):
+                    if transport == "grpc":
+                        assert target.grpc_target is not None and channel is not None
+                        senders.append(GrpcIngestSender(target.grpc_target, target.api_key,
+                                                        timeout_s=timeout_s, channel=channel))
+                    elif transport == "mlflow":
+                        senders.append(MlflowBatchSender(target.http_url, target.api_key,
+                                                         timeout_s=timeout_s))
+                    else:
+                        senders.append(HttpIngestSender(
+                            target.http_url, target.api_key, timeout_s=timeout_s,
+                            form="rows" if transport == "http-rows" else "series"))
         except BaseException:
             for sender in senders:
                 sender.close()
             raise
         result = self._measure("overload" if workload == "overload" else "ingest", transport,
                                senders, run_ids, flush_url=target.http_url,
-                               profiler=profiler() if profiler is not None else None)
+                               profiler=profiler() if profiler is not None else None,
+                               in_flight=in_flight)
         runs.finish(run_ids)
         count = _count_back(store, result) if store is not None else None
         return msgspec.structs.replace(result, count_back=count)
@@ -437,11 +446,15 @@ class Suite:
         limits: Limits | None = None,
         flush_url: str | None = None,
         profiler: StageProfiler | None = None,
+        in_flight: int = 1,
     ) -> WorkloadResult:
+        """`senders`: `in_flight` consecutive ones per writer, sharing the writer's run and
+        numbering its batches between them."""
         shape = shape or self.shape
 
-        def batch_of(writer: int, seq: int) -> Batch:
-            return make_batch(shape, run_ids[writer], seq)
+        def batch_of(slot: int, seq: int) -> Batch:
+            return make_batch(shape, run_ids[slot // in_flight],
+                              seq * in_flight + slot % in_flight)
 
         counters_before = read_flush_counters(flush_url) if flush_url else None
         probe = UsageProbe(self.target.watched)
@@ -492,7 +505,8 @@ class Suite:
         return WorkloadResult(
             workload=workload,
             transport=transport,
-            writers=len(senders),
+            writers=len(senders) // in_flight,
+            in_flight=in_flight,
             batch_points=shape.points_per_batch,
             duration_s=(limits or self.limits).duration_s,
             elapsed_s=round(elapsed_s, 3),
@@ -573,6 +587,11 @@ class Suite:
                 and self.sdk.stored_points != self.sdk.log_calls:
             problems.append(f"sdk: {self.sdk.stored_points} points stored for"
                             f" {self.sdk.log_calls} log() calls")
+        for variant in self.sdk.throughput if self.sdk is not None else ():
+            if variant.stored_points not in (None, variant.points):
+                problems.append(f"sdk throughput ({variant.transport}, {variant.in_flight} in"
+                                f" flight): {variant.stored_points} points stored of"
+                                f" {variant.points}")
         store = self.target.store
         return Report(
             started_at=started_at,

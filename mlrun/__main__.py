@@ -2,10 +2,11 @@
 `mlrun sync [DIR]`, `mlrun keys ...` and `mlrun export` / `mlrun import` (also as
 `python -m mlrun ...`).
 
-This is the only module that imports trio or hypercorn's backend modules: it picks the event
-loop (`--backend trio`, the default, or `asyncio`), hands the matching hypercorn `serve` to the
-supervisor, and owns process concerns: configuration errors (exit 2, one line), signals, and
-the shutdown deadline.
+This is the only module that imports trio or hypercorn's backend modules (with
+`mlrun.http_trio`, hypercorn's trio TCP server with a cheaper keep-alive timer, which it
+installs for the trio backend): it picks the event loop (`--backend trio`, the default, or
+`asyncio`), hands the matching hypercorn `serve` to the supervisor, and owns process
+concerns: configuration errors (exit 2, one line), signals, and the shutdown deadline.
 
 Signals: the first SIGINT/SIGTERM asks for a graceful stop (listeners stop accepting, accepted
 work drains) bounded by `MLRUN_SHUTDOWN_TIMEOUT_S`; a second one, or the deadline, cancels
@@ -120,6 +121,10 @@ def _serve_command(backend: Backend, *, processor: bool = False) -> int:
 def _hypercorn_serve(backend: Backend) -> Callable[..., Coroutine[Any, Any, None]]:
     if backend == "trio":
         from hypercorn.trio import serve as trio_serve
+
+        from mlrun import http_trio
+
+        http_trio.install()
 
         async def serve_http_trio(
             app: Any, config: Any, trigger: Callable[[], Awaitable[None]]

@@ -20,6 +20,7 @@ from mlrun.server.ports.metric_reads import BLOCK_STEPS, SeriesRef
 from mlrun.server.protocols.clickhouse import (
     METRIC_COLUMNS,
     MetricRow,
+    encode_metric_block,
     encode_metric_rows,
     quote_string,
 )
@@ -201,6 +202,48 @@ async def test_rowbinary_rows_read_back_exactly(migrated: ClickHouse) -> None:
     assert all(type(row["step"]) is int and type(row["version"]) is int for row in back)
     # Monthly UTC partitions, the unit of retention.
     assert {row["partition_id"] for row in parts} == {"202009", "202311"}
+
+
+@pytest.mark.parametrize("distinct_names", [3, 300, 70_000])
+async def test_native_blocks_back_to_back_read_back_exactly(
+    migrated: ClickHouse, distinct_names: int
+) -> None:
+    """What the ingest writers send: one Native block per batch, several per INSERT. The name
+    dictionary's index width grows with the distinct names (UInt8, UInt16, UInt32)."""
+    first = [("run-ü😀", f"loss/{i % distinct_names}", i, i / 7, 1_700_000_000_000 + i, 10 + i)
+             for i in range(max(distinct_names, 5))]
+    second: list[MetricRow] = [
+        ("r" * 300, "acc'\\\0x", -(2**62), 1e308, 1_600_000_000_000, 2**64 - 1),
+        ("r" * 300, "", 2**63 - 1, -1e-300, 1_600_000_000_001, 2**63),
+    ]
+    body = b"".join(
+        encode_metric_block(rows[0][0], *(list(c) for c in list(zip(*rows, strict=True))[1:]))
+        for rows in (first, second))
+    with anyio.fail_after(TIMEOUT_S):
+        await migrated.insert_native("metrics", METRIC_COLUMNS, body, timeout_s=TIMEOUT_S)
+        back = await migrated.query_rows(
+            "SELECT run_id, name, step, value, timestamp_ms, version FROM metrics"
+            " ORDER BY run_id, name, step",
+            timeout_s=TIMEOUT_S,
+        )
+        parts = await migrated.query_rows(
+            "SELECT count() AS n FROM system.parts"
+            " WHERE database = currentDatabase() AND table = 'metrics' AND active",
+            timeout_s=TIMEOUT_S,
+        )
+    assert [tuple(row.values()) for row in back] == sorted(first + second)
+    # One INSERT of two blocks: squashed into one part per partition (two months here).
+    assert parts[0]["n"] == 2
+
+
+def test_a_native_block_refuses_values_that_do_not_fit() -> None:
+    with pytest.raises(ValueError, match="different lengths"):
+        encode_metric_block("r", ["a"], [1, 2], [0.5], [1], [1])
+    with pytest.raises(ValueError, match="cannot be encoded"):
+        encode_metric_block("r", ["a"], [2**63], [0.5], [1], [1])
+    with pytest.raises(ValueError, match="cannot be encoded"):
+        encode_metric_block("r", ["a"], [1], [0.5], [1], [-1])
+    assert encode_metric_block("r", [], [], [], [], []) == b""
 
 
 async def test_last_write_wins_per_run_metric_step(migrated: ClickHouse) -> None:

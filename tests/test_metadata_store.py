@@ -307,8 +307,8 @@ async def test_oversized_values_are_refused_before_any_write(pg: Postgres) -> No
     with anyio.fail_after(TEST_DEADLINE_S):
         run_id = await _new_run(store)
         with pytest.raises(errors.InvalidInput) as param:
-            # 1000 characters on the wire, 3000 bytes in UTF-8: over the 2048-byte column.
-            await _prepare(store, run_id, params=[Param(name="note", value="€" * 1000)])
+            # Past the column's 32000 bytes (in characters it would pass an unchecked caller).
+            await _prepare(store, run_id, params=[Param(name="note", value="€" * 11_000)])
         with pytest.raises(errors.InvalidInput) as name:
             await _prepare(store, run_id, names=["é" * 200])
         ledger = await _rows(pg, "SELECT count(*) FROM ingest_batches")
@@ -491,8 +491,9 @@ async def test_cardinality_limits_hold_across_two_server_processes(postgres_dsn:
 async def test_known_names_batch_is_one_round_trip_with_its_own_answer(pg: Postgres) -> None:
     """A batch with an id, no params or tags and only metric names the run has is claimed by
     one autocommit statement (Postgres.run_statement), not a BEGIN/claim/COMMIT transaction;
-    concurrent ones each get their own answer, and every other case still gets the
-    transaction's answer."""
+    concurrent ones share one (the first goes alone, the four that queued behind it go
+    together: `statement_groups`) and each gets its own answer, and every other case still
+    gets the transaction's answer."""
     store = MetadataStore(pg)
     calls = {"run": 0, "run_statement": 0}
     real_run, real_statement = pg.run, pg.run_statement
@@ -532,7 +533,7 @@ async def test_known_names_batch_is_one_round_trip_with_its_own_answer(pg: Postg
             await _prepare(store, run_id, "b7")
         ledger = await _rows(pg, "SELECT batch_id, state FROM ingest_batches ORDER BY batch_id")
     assert first == BatchPreparation("new", frozenset({"loss"}), [], 1000)
-    assert fast_calls == {"run": 0, "run_statement": 5}
+    assert fast_calls == {"run": 0, "run_statement": 2}
     assert answers == {f"b{i}": BatchPreparation("new", frozenset({"loss"}), [], 7)
                        for i in range(1, 6)}
     assert duplicate == BatchPreparation("duplicate", frozenset(), [], 1000)

@@ -83,8 +83,15 @@ class NoMetricWrites:
                        system_metrics: PointColumns) -> WriteReservation:
         raise AssertionError("init_run wrote metrics")
 
+    async def reserve(self, run_id: str, metrics: PointColumns, system_metrics: PointColumns,
+                      *, wait_s: float) -> WriteReservation:
+        raise AssertionError("init_run wrote metrics")
+
     async def holds(self, write: BatchWrite, *, timeout_s: float) -> bool:
         raise AssertionError("init_run read metrics")
+
+    def committed_unmarked(self, run_id: str, batch_id: str) -> bool:
+        raise AssertionError("init_run asked about a batch")
 
 
 async def test_the_write_path_reports_only_runs_it_created(pg: Postgres) -> None:

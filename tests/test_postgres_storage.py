@@ -199,7 +199,7 @@ async def test_schema_enforces_its_invariants(pg_dsn: str) -> None:
                 "UPDATE runs SET status = 'bogus', finished_at = now() WHERE run_id = 'r0'",
                 "UPDATE runs SET status = 'finished' WHERE run_id = 'r0'",  # no finished_at
                 "UPDATE artifacts SET status = 'finalized' WHERE artifact_id = 'a1'",
-                "INSERT INTO run_params VALUES ('r1', 'k', repeat('x', 3000))",
+                "INSERT INTO run_params VALUES ('r1', 'k', repeat('x', 32001))",
             ]
             for statement in bad_statements:
                 with pytest.raises(errors.BackendError) as caught:

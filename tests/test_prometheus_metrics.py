@@ -74,6 +74,11 @@ def test_counters_move_with_ingest_and_overload(server: ServerProcess) -> None:
     unmatched = (("method", "GET"), ("route", "unmatched"), ("status", "404"))
     assert after[("mlrun_http_requests_total", unmatched)] == 1
     assert after[("mlrun_http_request_duration_seconds_count", batch_route)] == 4
+    # One grouped ledger-claim statement per batch here (sent one at a time); the refused
+    # batch never reached PostgreSQL.
+    assert after[("mlrun_ledger_claim_statements_total", ())] == 3
+    assert after[("mlrun_ledger_claims_total", ())] == 3
+    assert after[("mlrun_ledger_claim_overflows_total", ())] == 0
     # gRPC calls are counted by method and status code.
     with grpc.insecure_channel(server.grpc_target) as channel:
         heartbeat = channel.unary_unary("/mlrun.v1.IngestService/Heartbeat",

@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 
-from mlrun.server.pipelines.clickhouse_write_path import encode_columns
 from mlrun.server.pipelines.stream_entries import (
     ENTRY_FORMAT,
     ROWBINARY_ENTRY_FORMAT,
@@ -21,10 +20,17 @@ from mlrun.server.pipelines.stream_entries import (
     entry_bytes,
 )
 from mlrun.server.ports.write_path import EMPTY_COLUMNS, BatchIdentity, BatchWrite, PointColumns
+from mlrun.server.protocols.clickhouse import encode_metric_rows
 from mlrun.server.protocols.redis_streams import StreamEntry
 from mlrun.server.protocols.resp import NEED_MORE, ReplyParser
 
 KEYS = StreamKeys("t:ingest", 4)
+
+
+def rowbinary(run_id: str, columns: PointColumns) -> bytes:
+    return encode_metric_rows(zip([run_id] * len(columns), columns.names, columns.steps,
+                                  columns.values, columns.timestamps_ms, columns.versions,
+                                  strict=True))
 
 
 def columns(names: list[str], first_version: int) -> PointColumns:
@@ -81,8 +87,8 @@ def test_an_entry_carries_the_batch_rows_identity_and_versions() -> None:
         for step, name in enumerate(["loss", "acc", "loss"])]
     assert decode_rows(batch.system_metrics) == [
         ("run-1", "cpu", 0, 0.0, 1_700_000_000_000, 1003)]
-    # The processor inserts the very RowBinary the direct path would have.
-    assert batch.metrics == encode_columns("run-1", write.metrics)
+    # The processor inserts the RowBinary of exactly the batch's rows.
+    assert batch.metrics == rowbinary("run-1", write.metrics)
 
 
 def test_versions_that_are_not_contiguous_are_carried_one_by_one() -> None:
@@ -96,7 +102,7 @@ def test_versions_that_are_not_contiguous_are_carried_one_by_one() -> None:
 
 
 def test_an_entry_of_an_older_server_in_rowbinary_is_still_read() -> None:
-    metrics = encode_columns("run-1", columns(["loss", "acc"], 50))
+    metrics = rowbinary("run-1", columns(["loss", "acc"], 50))
     crc = zlib.crc32(b"", zlib.crc32(metrics))
     fields = {b"format": ROWBINARY_ENTRY_FORMAT, b"run": b"run-1", b"batch": b"b",
               b"first_version": b"50", b"metrics_rows": b"2", b"system_rows": b"0",

@@ -14,6 +14,9 @@ params or tags (write-once params, last-value tags) and a batch re-logging steps
 flight wait until everything before them is acknowledged, as do all operations while offline.
 So the server's versions (assigned at admission) order every pair of writes that share a key
 exactly as they were logged, whatever order the concurrent batches are admitted in.
+How many may be in flight at once is also bounded by the sender's window (`set_window`),
+which it opens one batch at a time while the server acknowledges and closes to one on any
+overload or outage answer.
 
 Where an operation lives:
 - memory (a deque, at most `max_memory_ops` entries) while the server keeps up;
@@ -73,6 +76,7 @@ class Outbox:
         self._ranges: dict[int, dict[tuple[str, str], tuple[int, int]] | None] = {}
         self._offline = False
         self._closed = False
+        self._window: int | None = None  # None: only `take`'s max_in_flight bounds
         self._next_pos = self._spooled[-1].pos + 1 if self._spooled else 0
         # While the spool refuses writes: dropped_batches when the refusals began (for the log
         # line that says how many were dropped once it accepts again).
@@ -147,6 +151,12 @@ class Outbox:
                 self._spill_memory(keep=0)
             self._changed.notify_all()
 
+    def set_window(self, window: int) -> None:
+        """At most `window` operations in flight from now on (those already are not stopped)."""
+        with self._changed:
+            self._window = max(1, window)
+            self._changed.notify_all()
+
     @property
     def offline(self) -> bool:
         return self._offline
@@ -211,6 +221,8 @@ class Outbox:
     # --- internals (lock held) -------------------------------------------------------------
 
     def _take_head(self, max_in_flight: int) -> Op | None:
+        if self._window is not None:
+            max_in_flight = min(max_in_flight, self._window)
         if self._in_flight and (len(self._in_flight) >= max_in_flight or self._offline):
             return None
         while True:
@@ -322,9 +334,13 @@ def batch_key_ranges(op: Op) -> dict[tuple[str, str], tuple[int, int]] | None:
         known = ranges.get(key)
         ranges[key] = (low, high) if known is None else (min(known[0], low), max(known[1], high))
 
+    bounds: dict[int, tuple[int, int]] = {}  # the batcher shares one steps list among series
     for series in request.series:
         if series.steps:
-            add(("m", series.name), min(series.steps), max(series.steps))
+            known = bounds.get(id(series.steps))
+            if known is None:
+                known = bounds[id(series.steps)] = (min(series.steps), max(series.steps))
+            add(("m", series.name), *known)
     for point in request.metrics:
         add(("m", point.name), point.step, point.step)
     for point in request.system_metrics:

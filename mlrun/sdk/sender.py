@@ -6,6 +6,10 @@ connection pool / channel): while the server keeps up, a lane starts the next me
 before the previous ones are acknowledged, when the outbox says their order cannot matter
 (disjoint steps, no params or tags: see `mlrun.sdk.outbox`), so one process is not limited to
 one batch per round trip. Run creation, finish, and everything while offline go one at a time.
+How many lanes may hold a batch is a window, as in TCP's slow start: it starts at one, opens by
+one with each batch the server acknowledges (up to the lanes), and closes to one on any
+overloaded or unavailable answer, so several batches are in flight only while the server shows
+it takes them.
 
 - Delivered: settle (delete the spool file if it was spooled); log the server's warnings once
   per code.
@@ -73,7 +77,10 @@ class Sender:
         # coming soon): `Run` waits on it at init.
         self.init_resolved = threading.Event()
         self._lanes = max(1, settings.max_batches_in_flight)
-        # Counters, reports and the offline switch are shared by the lanes.
+        self._window = 1
+        if self._lanes > 1:
+            outbox.set_window(self._window)
+        # Counters, reports, the window and the offline switch are shared by the lanes.
         self._lock = threading.Lock()
         self._threads = [
             threading.Thread(target=self._run, args=(lane,), daemon=True,
@@ -146,6 +153,7 @@ class Sender:
                 return True
             with self._lock:
                 self._counters.retries += 1
+                self._set_window(1)
                 if isinstance(outcome, Overloaded):
                     self._counters.overloaded_responses += 1
                 else:
@@ -173,6 +181,7 @@ class Sender:
                 self._outbox.set_offline(False)
                 logger.warning("mlrun: the server answers again; replaying the spool in order")
             if isinstance(op, BatchOp):
+                self._set_window(self._window + 1)
                 self._counters.batches_delivered += 1
                 self._counters.points_delivered += op.points
                 self._counters.duplicate_batches += int(outcome.duplicate)
@@ -220,6 +229,13 @@ class Sender:
             outcome = self._transport.heartbeat(self._run_id)
             if not isinstance(outcome, Delivered):
                 logger.debug("mlrun: heartbeat not acknowledged: %s", outcome)
+
+    def _set_window(self, window: int) -> None:
+        """(Caller holds `_lock`.) Batches the lanes may have in flight, 1 to the lanes."""
+        window = max(1, min(self._lanes, window))
+        if window != self._window:
+            self._window = window
+            self._outbox.set_window(window)
 
     def _report_once(self, key: tuple[str, str], message: str, *args: object) -> None:
         """Log `message` once per `key` (callers hold `_lock` or run in one thread)."""

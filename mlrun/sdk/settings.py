@@ -13,7 +13,7 @@ parsed once into a frozen `Settings` record and passed down.
     MLRUN_BATCH_MAX_BYTES             max_batch_bytes            4 MiB     (estimated JSON bytes)
     MLRUN_BATCH_MAX_AGE_S             max_batch_age_s            0.05
     MLRUN_QUEUE_MAX_BATCHES           max_queued_batches         16        (batches kept in memory)
-    MLRUN_MAX_BATCHES_IN_FLIGHT       max_batches_in_flight      1         (batches sent at once)
+    MLRUN_MAX_BATCHES_IN_FLIGHT       max_batches_in_flight      1         (at most; see sender)
     MLRUN_REQUEST_TIMEOUT_S           request_timeout_s          10
     MLRUN_INIT_TIMEOUT_S              init_timeout_s             10
     MLRUN_FINISH_TIMEOUT_S            finish_timeout_s           30

@@ -1,5 +1,11 @@
 """The HTTP transport: httpx.Client with keep-alive, gzip request bodies, deadlines.
 
+Bodies are gzip-compressed (level 1, ~4x smaller) unless the server is on this machine (a
+loopback host: 127.0.0.0/8, ::1, localhost), where bandwidth is free and compressing is the
+largest CPU cost of a batch on both sides (~0.2 µs per point here, ~3x the JSON encoding).
+The connection pool holds one connection per batch in flight (`max_batches_in_flight`) plus
+one, so the sender's lanes never queue for a connection.
+
 Routes (issue 3): POST /api/v1/runs (InitRun), POST /api/v1/ingest/batch (IngestBatch, columnar
 `series`), POST /api/v1/runs/{run_id}/finish, POST /api/v1/runs/{run_id}/heartbeat, and
 GET /health as the offline probe. Auth: `Authorization: Bearer <key>`.
@@ -13,8 +19,10 @@ Must not import `mlrun.server`.
 
 from __future__ import annotations
 
+import ipaddress
 import zlib
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import msgspec
@@ -56,11 +64,13 @@ class HttpTransport:
                 settings.request_timeout_s, connect=min(5.0, settings.request_timeout_s)
             ),
             limits=httpx.Limits(
-                max_connections=2, max_keepalive_connections=1,
+                max_connections=settings.max_batches_in_flight + 1,
+                max_keepalive_connections=settings.max_batches_in_flight,
                 keepalive_expiry=_KEEPALIVE_EXPIRY_S,
             ),
         )
         self._max_retry_after_s = settings.max_retry_after_s
+        self._gzip = not is_loopback(settings.server_url)
 
     def deliver(self, op: Op) -> Outcome:
         if isinstance(op, BatchOp):
@@ -87,8 +97,10 @@ class HttpTransport:
         headers = {"content-type": "application/json"}
         body = b""
         if payload is not None:
-            body = zlib.compress(_encoder.encode(payload), 1, _GZIP_WBITS)
-            headers["content-encoding"] = "gzip"
+            body = _encoder.encode(payload)
+            if self._gzip:
+                body = zlib.compress(body, 1, _GZIP_WBITS)
+                headers["content-encoding"] = "gzip"
         try:
             response = self._client.post(path, content=body, headers=headers)
         except httpx.TimeoutException as exc:
@@ -105,6 +117,17 @@ class HttpTransport:
             message=message,
             max_retry_after_s=self._max_retry_after_s,
         )
+
+
+def is_loopback(url: str) -> bool:
+    """Whether `url`'s host is this machine's loopback interface."""
+    host = (urlsplit(url).hostname or "").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _delivered(body: bytes) -> Delivered:

@@ -56,5 +56,13 @@ class CreatedKey(msgspec.Struct, frozen=True, kw_only=True):
     expires_at: str | None
 
 
+class WhoAmI(msgspec.Struct, frozen=True, kw_only=True):
+    """`GET /api/v1/whoami`: the presented key as the server sees it (no secret)."""
+
+    key_id: str
+    scopes: list[str]
+    project: str | None
+
+
 class KeyList(msgspec.Struct, frozen=True, kw_only=True):
     keys: list[KeyInfo]

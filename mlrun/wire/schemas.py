@@ -24,15 +24,16 @@ from mlrun.wire.error_codes import ErrorCode
 T = TypeVar("T")
 
 # Limits (documented in the README's "Limits" table). Names and values are stored in PostgreSQL
-# columns whose CHECKs count UTF-8 bytes (sql/postgres/0001_initial.sql: they stay below
-# btree's index entry limit); the character caps here are the cheap first filter and the
-# server checks bytes before anything is stored (mlrun.server.storage.postgres.metadata),
-# answering 400 `value_too_long` naming the field.
+# columns whose CHECKs count UTF-8 bytes (sql/postgres/0001_initial.sql, 0017_long_values.sql);
+# the character caps here are the cheap first filter and the server checks bytes before
+# anything is stored (mlrun.server.storage.postgres.metadata), answering 400 `value_too_long`
+# naming the field. Param and tag values take MLflow's own caps (6000 / 8000 characters), so
+# whatever an MLflow client may log fits; MAX_VALUE_BYTES holds 8000 characters of any UTF-8.
 MAX_NAME_CHARS = 250
 MAX_NAME_BYTES = 256
-MAX_TAG_VALUE_CHARS = 2048
-MAX_PARAM_VALUE_CHARS = 2048
-MAX_VALUE_BYTES = 2048
+MAX_TAG_VALUE_CHARS = 8000
+MAX_PARAM_VALUE_CHARS = 6000
+MAX_VALUE_BYTES = 32_000
 MAX_POINTS_PER_BATCH = 100_000
 MAX_STEP = 2**63 - 1
 

@@ -4,12 +4,14 @@ Implements `mlrun.server.ports.write_path.WritePath` with one bounded `Pipeline`
 table (`metrics`, `system_metrics`) and one writer task each, plus a `LedgerMarker`:
 
     reserve_nowait   capacity in both pipelines or in neither (429 when full)
-    submit_nowait    RowBinary-encode each table's rows, queue them under the reservation
+    reserve          the same, never waiting: a full pipeline here means ClickHouse is behind,
+                     which only a 429 tells the client
+    submit_nowait    encode each table's rows as one Native block, queue it under the reservation
     writer           one INSERT per group of queued payloads; once a batch's every part is
                      committed, its (run_id, batch_id) goes to the ledger marker
     holds            SELECT count() of the batch's versions per table, for a pending resend
 
-Owns the RowBinary encoding of metric rows (the use-case never sees bytes) and the byte
+Owns the Native encoding of metric rows (the use-case never sees bytes) and the byte
 estimate that admission reserves. `serve` runs the writers and the marker until `close()`:
 listeners stop first, then the pipelines drain what was accepted, then the marker writes its
 last marks.
@@ -20,7 +22,6 @@ Must not import the edges or the use-cases.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from itertools import repeat
 
 import anyio
 import anyio.abc
@@ -42,7 +43,7 @@ from mlrun.server.ports.write_path import (
 )
 from mlrun.server.protocols.clickhouse import (
     METRIC_COLUMNS,
-    encode_metric_rows,
+    encode_metric_block,
     quote_identifier,
     quote_string,
 )
@@ -50,21 +51,28 @@ from mlrun.server.storage.clickhouse.client import ClickHouse
 
 TABLES: tuple[MetricTable, MetricTable] = ("metrics", "system_metrics")
 
-# RowBinary size of one metric row beyond its two strings: 4 x 8-byte numbers + 2 length bytes.
-_ROW_OVERHEAD_BYTES = 34
+# Native block size beyond the strings: per row the run id's length (a varint, at most 2 bytes
+# for the ids we accept), the name's index (at most 4 bytes) and 4 x 8-byte numbers; per block
+# the column names and types, the LowCardinality headers and the row counts.
+_ROW_OVERHEAD_BYTES = 38
+_BLOCK_OVERHEAD_BYTES = 256
 _INSERT_TIMEOUT_S = 5.0
 
 
-def estimate_rowbinary_bytes(run_id: str, columns: PointColumns) -> int:
-    """An upper bound of the RowBinary size of `columns` (names counted generously)."""
+def estimate_block_bytes(run_id: str, columns: PointColumns) -> int:
+    """An upper bound of the Native block size of `columns` (names counted generously: every
+    point's name, 4 bytes per character, where the block holds each distinct name once)."""
+    if not len(columns):
+        return 0
     run_id_bytes = len(run_id.encode())
-    return (sum(len(name) for name in columns.names) * 4
+    return (_BLOCK_OVERHEAD_BYTES + sum(len(name) for name in columns.names) * 4
             + len(columns) * (run_id_bytes + _ROW_OVERHEAD_BYTES))
 
 
 def encode_columns(run_id: str, columns: PointColumns) -> bytes:
-    return encode_metric_rows(zip(repeat(run_id), columns.names, columns.steps, columns.values,
-                                  columns.timestamps_ms, columns.versions, strict=False))
+    """One Native block: the writer sends a group's blocks back to back in one INSERT."""
+    return encode_metric_block(run_id, columns.names, columns.steps, columns.values,
+                               columns.timestamps_ms, columns.versions)
 
 
 async def clickhouse_holds(clickhouse: ClickHouse, write: BatchWrite, *, timeout_s: float
@@ -151,13 +159,20 @@ class ClickHouseWritePath:
 
     def reserve_nowait(self, run_id: str, metrics: PointColumns, system_metrics: PointColumns
                        ) -> _Reservation:
-        requests = [(pipeline, len(columns), estimate_rowbinary_bytes(run_id, columns))
+        requests = [(pipeline, len(columns), estimate_block_bytes(run_id, columns))
                     for pipeline, columns in zip(self.pipelines, (metrics, system_metrics),
                                                  strict=True)]
         return _Reservation(self, reserve_all(requests))
 
+    async def reserve(self, run_id: str, metrics: PointColumns, system_metrics: PointColumns,
+                      *, wait_s: float) -> _Reservation:
+        return self.reserve_nowait(run_id, metrics, system_metrics)
+
     async def holds(self, write: BatchWrite, *, timeout_s: float) -> bool:
         return await clickhouse_holds(self._clickhouse, write, timeout_s=timeout_s)
+
+    def committed_unmarked(self, run_id: str, batch_id: str) -> bool:
+        return self.marker.is_pending(run_id, batch_id)
 
     # --- lifetime ------------------------------------------------------------------------------
 
@@ -180,8 +195,8 @@ class ClickHouseWritePath:
         table = pipeline.name
 
         async def flush(payload: bytes, rows: int) -> None:
-            await self._clickhouse.insert_rowbinary(table, METRIC_COLUMNS, payload,
-                                                    timeout_s=_INSERT_TIMEOUT_S)
+            await self._clickhouse.insert_native(table, METRIC_COLUMNS, payload,
+                                                 timeout_s=_INSERT_TIMEOUT_S)
 
         await pipeline.serve_writer(flush, on_committed=self._note_committed,
                                     task_status=task_status)

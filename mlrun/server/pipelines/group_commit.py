@@ -1,11 +1,13 @@
 """Bounded ingest pipelines and their group-commit writers: the engine of the in-process write
 path (`mlrun.server.pipelines.clickhouse_write_path`), independent of what it flushes into.
 
-Owns: admission (capacity reserved in rows and bytes, never waited for), the bounded queue
-between request handlers and one writer task per sink, group commit, and the answer each
-request gets about its own data.
+Owns: admission (capacity reserved in rows and bytes: at once, or waited for in FIFO order
+for a bounded time), the bounded queue between request handlers and one writer task per sink,
+group commit, and the answer each request gets about its own data.
 
     handler: reserve_all(...)  --full-->  Overloaded (HTTP 429 + Retry-After / RESOURCE_EXHAUSTED)
+             await reserve(rows, nbytes, wait_s=...)   (full: wait up to wait_s for room, then
+                                                        Overloaded)
              submit_nowait(...) -> Ticket     (cannot block or fail: capacity was reserved)
              await ticket.wait(timeout_s)     -> committed | BackendTimeout 503 | the flush error
     writer:  take every queued item (up to max_flush_bytes), one flush, answer each ticket
@@ -21,6 +23,13 @@ Invariants:
 - A flush that fails with an outage (BackendUnavailable) is retried with back-off for as long
   as some request still waits for it; a rejected payload (BackendError) fails its tickets.
 - A request that touches several pipelines reserves in all of them or in none (`reserve_all`).
+- Waiting for room (`reserve`) is bounded twice: in time (`wait_s`, the caller's deadline) and
+  in size (what waits may not exceed the pipeline's own `max_rows` / `max_bytes` / item count;
+  past that, Overloaded at once). Room freed by a release goes to the waiters in arrival order,
+  and nobody takes room past a waiter (`reserve_nowait` answers Overloaded while one waits).
+  Which pipelines may wait is the write path's choice: one whose fullness means its backend is
+  behind answers 429 instead (the direct path); one that only buffers for a fast broker waits
+  (the queued path's XADD buffer).
 
 Retry-After is derived from the observed drain rate: queued rows / rows-per-second of recent
 flushes, in whole seconds, at least 1; with no successful flush lately it is a fixed 5 s.
@@ -37,6 +46,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -72,6 +82,9 @@ class PipelineStatistics(msgspec.Struct, frozen=True):
     abandoned_requests: int
     drain_rate_rows_per_s: float
     last_flush_duration_s: float
+    waiting_requests: int = 0
+    admitted_after_wait: int = 0
+    wait_timeouts: int = 0
 
 
 @dataclass(eq=False, slots=True)
@@ -91,21 +104,34 @@ class _Item:
 
 
 class Reservation:
-    """Capacity held in one pipeline for one request; release() is idempotent."""
+    """Capacity held in one pipeline for one request; release() is idempotent. `waited`: it
+    was granted after a wait for room (`Pipeline.reserve`)."""
 
-    __slots__ = ("_pipeline", "_released", "nbytes", "rows")
+    __slots__ = ("_pipeline", "_released", "nbytes", "rows", "waited")
 
     def __init__(self, pipeline: Pipeline, rows: int, nbytes: int) -> None:
         self._pipeline = pipeline
         self.rows = rows
         self.nbytes = nbytes
         self._released = False
+        self.waited = False
 
     def release(self) -> None:
         if not self._released:
             self._released = True
             self._pipeline._queued_rows -= self.rows
             self._pipeline._queued_bytes -= self.nbytes
+            self._pipeline._grant_waiters()
+
+
+@dataclass(eq=False, slots=True)
+class _Waiter:
+    """A request waiting for room; `granted` is set (and `ready` fired) when room went to it."""
+
+    rows: int
+    nbytes: int
+    ready: anyio.Event = field(default_factory=anyio.Event)
+    granted: Reservation | None = None
 
 
 class Ticket:
@@ -164,6 +190,12 @@ class Pipeline:
         # submit_nowait after a successful reservation can never find the stream full.
         self._max_items = max_items
         self._items_in_queue = 0
+        # Requests waiting for room (`reserve`), in arrival order, and what they wait for.
+        self._waiters: deque[_Waiter] = deque()
+        self._waiting_rows = 0
+        self._waiting_bytes = 0
+        self._admitted_after_wait = 0
+        self._wait_timeouts = 0
         self._send: MemoryObjectSendStream[_Item]
         self._receive: MemoryObjectReceiveStream[_Item]
         self._send, self._receive = anyio.create_memory_object_stream[_Item](max_items)
@@ -171,26 +203,87 @@ class Pipeline:
     # --- handler side -----------------------------------------------------------------------
 
     def reserve_nowait(self, rows: int, nbytes: int) -> Reservation:
+        self._check_open()
+        if self._waiters or not self._fits(rows, nbytes):
+            self._rejected += 1
+            raise self._full()
+        return self._take(rows, nbytes)
+
+    async def reserve(self, rows: int, nbytes: int, *, wait_s: float) -> Reservation:
+        """Like `reserve_nowait`, but when the pipeline is full, wait up to `wait_s` for room
+        (in arrival order) instead of refusing; Overloaded once that passes, or at once when
+        what already waits is as large as the pipeline itself."""
+        self._check_open()
+        if not self._waiters and self._fits(rows, nbytes):
+            return self._take(rows, nbytes)
+        if (wait_s <= 0 or len(self._waiters) >= self._max_items
+                or self._waiting_rows + rows > self.max_rows
+                or self._waiting_bytes + nbytes > self.max_bytes):
+            self._rejected += 1
+            raise self._full()
+        waiter = _Waiter(rows, nbytes)
+        self._waiters.append(waiter)
+        self._waiting_rows += rows
+        self._waiting_bytes += nbytes
+        try:
+            with anyio.move_on_after(wait_s):
+                await waiter.ready.wait()
+        except BaseException:  # cancelled: give back what may have been granted meanwhile
+            if waiter.granted is not None:
+                waiter.granted.release()
+            self._forget(waiter)
+            raise
+        if waiter.granted is None:
+            self._forget(waiter)
+            self._check_open()
+            self._wait_timeouts += 1
+            self._rejected += 1
+            raise self._full()
+        self._admitted_after_wait += 1
+        return waiter.granted
+
+    def _check_open(self) -> None:
         if self._closed:
             raise BackendUnavailable(
                 "the server is shutting down; retry against another server or later",
                 backend=self.backend,
                 code=ErrorCode.SHUTTING_DOWN,
             )
-        if (
-            self._queued_rows + rows > self.max_rows
-            or self._queued_bytes + nbytes > self.max_bytes
-            or self._items_in_queue >= self._max_items
-        ):
-            self._rejected += 1
-            raise Overloaded(
-                f"the {self.name} pipeline is full ({self._queued_rows} rows queued); "
-                "retry the same batch after Retry-After",
-                retry_after_s=self.retry_after_s(),
-            )
+
+    def _fits(self, rows: int, nbytes: int) -> bool:
+        return (self._queued_rows + rows <= self.max_rows
+                and self._queued_bytes + nbytes <= self.max_bytes
+                and self._items_in_queue < self._max_items)
+
+    def _full(self) -> Overloaded:
+        return Overloaded(
+            f"the {self.name} pipeline is full ({self._queued_rows} rows queued); "
+            "retry the same batch after Retry-After",
+            retry_after_s=self.retry_after_s(),
+        )
+
+    def _take(self, rows: int, nbytes: int) -> Reservation:
         self._queued_rows += rows
         self._queued_bytes += nbytes
         return Reservation(self, rows, nbytes)
+
+    def _forget(self, waiter: _Waiter) -> None:
+        """Take a waiter out of the line (no-op once it was granted or forgotten)."""
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+            self._waiting_rows -= waiter.rows
+            self._waiting_bytes -= waiter.nbytes
+
+    def _grant_waiters(self) -> None:
+        """Hand freed room to the waiters, first come first served, while it fits."""
+        while self._waiters and not self._closed:
+            waiter = self._waiters[0]
+            if not self._fits(waiter.rows, waiter.nbytes):
+                return
+            self._forget(waiter)
+            waiter.granted = self._take(waiter.rows, waiter.nbytes)
+            waiter.granted.waited = True
+            waiter.ready.set()
 
     def submit_nowait(self, reservation: Reservation, payload: bytes, rows: int,
                       tag: object = None) -> Ticket:
@@ -205,6 +298,7 @@ class Pipeline:
             self._queued_bytes -= reservation.nbytes - min(len(payload), reservation.nbytes)
             reservation.rows = min(rows, reservation.rows)
             reservation.nbytes = min(len(payload), reservation.nbytes)
+            self._grant_waiters()
         item = _Item(payload=payload, rows=rows, reservation=reservation, tag=tag)
         self._items_in_queue += 1
         self._send.send_nowait(item)
@@ -233,13 +327,19 @@ class Pipeline:
             abandoned_requests=self._abandoned,
             drain_rate_rows_per_s=round(self._drain_rate, 1),
             last_flush_duration_s=round(self._last_flush_duration_s, 6),
+            waiting_requests=len(self._waiters),
+            admitted_after_wait=self._admitted_after_wait,
+            wait_timeouts=self._wait_timeouts,
         )
 
     def close(self) -> None:
-        """No new reservations; the writer drains what is queued and then returns."""
+        """No new reservations (waiters are refused too); the writer drains what is queued
+        and then returns."""
         if not self._closed:
             self._closed = True
             self._send.close()
+            for waiter in self._waiters:
+                waiter.ready.set()
 
     # --- writer side --------------------------------------------------------------------------
 

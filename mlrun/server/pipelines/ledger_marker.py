@@ -74,6 +74,10 @@ class LedgerMarker:
         self._pending[key] = None
         self._wakeup.set()
 
+    def is_pending(self, run_id: str, batch_id: str) -> bool:
+        """Committed, mark not written yet (a key leaves only once its mark is written)."""
+        return (run_id, batch_id) in self._pending
+
     def close(self) -> None:
         """No more marks will come; `serve` makes its last attempt and returns."""
         self._closed.set()

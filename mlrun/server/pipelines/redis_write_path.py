@@ -6,6 +6,13 @@ Implements `mlrun.server.ports.write_path.WritePath` for `INGEST_MODE=queued`; `
     reserve_nowait   503 when the queue is unreachable, 429 past its bound (entries, bytes,
                      Redis maxmemory) with Retry-After from the processors' drain rate; then
                      capacity in this server's own XADD pipeline (429 when that is full)
+    reserve          the same, but when only the XADD pipeline is full — a transient buffer in
+                     front of a Redis that answers in milliseconds, full because this server
+                     is short of CPU, not because the queue is — the request waits for room
+                     (in arrival order, at most `wait_s`, at most a pipeline's worth of
+                     waiters) instead of getting a 429: backpressure by latency, which
+                     closed-loop clients absorb. The queue bound is checked again after the
+                     wait and still answers 429 at once.
     submit_nowait    encode the batch's entry (RowBinary rows + identity + versions, see
                      `stream_entries`) as XADD + INCRBY, queue it under the reservation
     writer           one MULTI/EXEC of every queued entry per round trip (the group commit of
@@ -39,7 +46,7 @@ import anyio.abc
 import msgspec
 
 from mlrun.server.errors import BackendUnavailable, Overloaded
-from mlrun.server.pipelines.clickhouse_write_path import clickhouse_holds, estimate_rowbinary_bytes
+from mlrun.server.pipelines.clickhouse_write_path import clickhouse_holds, estimate_block_bytes
 from mlrun.server.pipelines.group_commit import Pipeline, PipelineStatistics, Reservation, Ticket
 from mlrun.server.pipelines.queue_monitor import QueueMonitor, QueueSnapshot
 from mlrun.server.pipelines.stream_entries import StreamKeys, encode_xadd
@@ -62,6 +69,11 @@ class QueueAdmissionStatistics(msgspec.Struct, frozen=True):
     max_bytes: int
     drain_rate_entries_per_s: float
     queue: QueueSnapshot
+
+
+def _payload_bytes(run_id: str, metrics: PointColumns, system_metrics: PointColumns) -> int:
+    """What admission counts for a batch's rows (the queue bound's unit)."""
+    return estimate_block_bytes(run_id, metrics) + estimate_block_bytes(run_id, system_metrics)
 
 
 class _Done:
@@ -115,18 +127,38 @@ class RedisWritePath:
 
     def reserve_nowait(self, run_id: str, metrics: PointColumns, system_metrics: PointColumns
                        ) -> _Reservation:
-        payload_bytes = (estimate_rowbinary_bytes(run_id, metrics)
-                         + estimate_rowbinary_bytes(run_id, system_metrics))
+        payload_bytes = _payload_bytes(run_id, metrics, system_metrics)
         self._admit(payload_bytes)
         reservation = self.pipeline.reserve_nowait(len(metrics) + len(system_metrics),
                                                    payload_bytes + _ENTRY_OVERHEAD_BYTES)
         self._admitted += 1
         return _Reservation(self, reservation)
 
+    async def reserve(self, run_id: str, metrics: PointColumns, system_metrics: PointColumns,
+                      *, wait_s: float) -> _Reservation:
+        payload_bytes = _payload_bytes(run_id, metrics, system_metrics)
+        self._admit(payload_bytes)
+        rows = len(metrics) + len(system_metrics)
+        nbytes = payload_bytes + _ENTRY_OVERHEAD_BYTES
+        reservation = await self.pipeline.reserve(rows, nbytes, wait_s=wait_s)
+        if reservation.waited:
+            try:
+                # The queue may have reached its bound while we waited (our own reservation
+                # is counted by the pipeline now: leave it out).
+                self._admit(payload_bytes, own_reserved_bytes=nbytes)
+            except BaseException:
+                reservation.release()
+                raise
+        self._admitted += 1
+        return _Reservation(self, reservation)
+
     async def holds(self, write: BatchWrite, *, timeout_s: float) -> bool:
         return await clickhouse_holds(self._clickhouse, write, timeout_s=timeout_s)
 
-    def _admit(self, payload_bytes: int) -> None:
+    def committed_unmarked(self, run_id: str, batch_id: str) -> bool:
+        return False  # processors mark the ledger; this server cannot know
+
+    def _admit(self, payload_bytes: int, *, own_reserved_bytes: int = 0) -> None:
         snapshot = self.monitor.snapshot
         if not snapshot.reachable:
             self._rejected_unreachable += 1
@@ -134,7 +166,7 @@ class RedisWritePath:
                                      "retry the same batch", backend=BACKEND)
         not_yet_seen_entries = self._added[0] - self._added_at_refresh[0]
         not_yet_seen_bytes = self._added[1] - self._added_at_refresh[1]
-        in_flight_bytes = self.pipeline.statistics().queued_bytes
+        in_flight_bytes = self.pipeline.statistics().queued_bytes - own_reserved_bytes
         entries = snapshot.entries + not_yet_seen_entries
         # An empty queue holds no bytes, whatever the counter says (it would drift only if
         # someone deleted entries by hand; this keeps such a drift from refusing forever).

@@ -32,7 +32,9 @@ The queue's byte counter (`StreamKeys.bytes_counter`) counts `entry_bytes`: the 
 lengths. The server adds them in the same MULTI/EXEC as the XADD; a processor subtracts them
 when it acknowledges the entry, computed from the fields it read, so the two always agree.
 
-The RowBinary is the in-process write path's (`protocols.clickhouse.encode_metric_rows`).
+The processor inserts RowBinary (`protocols.clickhouse.encode_metric_rows`), which entries of
+format 1 already carry; the in-process write path sends Native blocks instead, a choice that
+only matters for the server's CPU, not for what the tables hold.
 
 Must not import storage drivers or the edges, nor do I/O: plain functions, unit-tested without
 a loop.

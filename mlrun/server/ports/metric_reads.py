@@ -146,10 +146,12 @@ class MetricReads(Protocol):
     """Metric series reads (ClickHouse): summaries, block statistics, pages and buckets."""
 
     async def summaries(
-        self, run_ids: Sequence[str], names: Sequence[str] | None = None
+        self, run_ids: Sequence[str], names: Sequence[str] | None = None, *,
+        with_counts: bool = True,
     ) -> list[SummaryRow]:
         """min/max/last per (run, metric) from the AggregatingMergeTree, merged now; the count
-        (distinct steps) from the block rollups."""
+        (distinct steps) from the block rollups. `with_counts=False` (callers that show no
+        count, like the MLflow edge) skips the block rollups' statement: `count` is then 0."""
         ...
 
     async def block_stats(

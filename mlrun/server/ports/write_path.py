@@ -4,7 +4,9 @@ The use-case (`mlrun.server.usecases.ingest`) only ever sees these names; the in
 group-commit pipeline into ClickHouse (`mlrun.server.pipelines.clickhouse_write_path`) is the
 first implementation, and a queue-backed one (Redis Streams) plugs in beside it.
 
-    reservation = write_path.reserve_nowait(run_id, metrics, system)   # all or none; 429 if full
+    reservation = await write_path.reserve(run_id, metrics, system, wait_s=...)
+                                                     # all or none; 429 if full (after a wait,
+                                                     # if the implementation waits)
     ... PostgreSQL: ledger claim, run state, cardinality ...
     durability = reservation.submit_nowait(write)                      # cannot fail
     await durability.wait(timeout_s)                                   # committed, or raises
@@ -13,6 +15,11 @@ The contract an implementation keeps:
 - `reserve_nowait` never waits: it holds capacity for both tables or for neither, and raises
   `Overloaded` (429 / RESOURCE_EXHAUSTED with a retry delay) when full, `BackendUnavailable`
   (`shutting_down`) once closed. An unused reservation is given back with `release()`.
+- `reserve` is the same with a bounded wait: an implementation whose fullness is only a
+  transient buffer in front of a bound it checks elsewhere (the queued path's XADD buffer)
+  may wait up to `wait_s` for room — backpressure by latency — before answering `Overloaded`;
+  one whose fullness means storage is behind (the direct path) answers at once. The real
+  bound (storage, the broker's queue) always answers 429 at once.
 - `submit_nowait` cannot fail or block: capacity was reserved. The implementation owns the
   encoding (RowBinary, a stream entry, ...), not the use-case.
 - `Durability.wait` returns only once every row of the write is durable in storage (or in a
@@ -103,8 +110,20 @@ class WritePath(Protocol):
         """Capacity for at most these points of `run_id` (the write may end up smaller)."""
         ...
 
+    async def reserve(self, run_id: str, metrics: PointColumns, system_metrics: PointColumns,
+                      *, wait_s: float) -> WriteReservation:
+        """`reserve_nowait`, or a wait of at most `wait_s` for room (see the contract)."""
+        ...
+
     async def holds(self, write: BatchWrite, *, timeout_s: float) -> bool:
         """True when storage holds every row of `write` already."""
+        ...
+
+    def committed_unmarked(self, run_id: str, batch_id: str) -> bool:
+        """True when this process saw the batch commit whole (views included) and its ledger
+        mark is still on its way: a resend is then a duplicate, nothing to write or repair.
+        False when this process does not know (another process committed it, or the mark
+        landed already and the ledger answers instead)."""
         ...
 
 

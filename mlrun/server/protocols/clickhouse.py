@@ -2,7 +2,8 @@
 
 Owns: quoting values and identifiers into SQL (18.16 has no `{p:Type}` parameters, so every
 value is escaped here, client-side); the HTTP request for a query or an insert (URL parameters,
-headers, optionally gzipped body); RowBinary encoding, with a fast path for the metric tables;
+headers, optionally gzipped body); RowBinary encoding, with a fast path for the metric tables,
+and Native blocks of the metric tables (what the ingest writers send);
 parsing ClickHouse errors, both a non-200 body and an exception written into a 200 body after
 streaming started; decoding JSONEachRow results, and RowBinary results of string and numeric
 array columns (a series' points: each array one C-level copy, never a parsed number per
@@ -279,6 +280,78 @@ def encode_metric_rows(rows: Iterable[MetricRow]) -> bytes:
     except (struct.error, AttributeError, TypeError) as exc:
         raise ValueError(f"metric row {len(parts) // 2} cannot be encoded: {exc}") from exc
     return b"".join(parts)
+
+
+# --------------------------------------------------------------------------- Native blocks
+
+# LowCardinality in the Native format (18.16 and later alike): a per-column state prefix (the
+# keys-serialization version; 1 = shared dictionaries with additional keys), then per block the
+# index type with its flags, the block's own dictionary ("additional keys") and one index per
+# row into it. The smallest unsigned width that holds every index is chosen.
+_LOW_CARDINALITY_KEYS_VERSION: Final = 1
+_LOW_CARDINALITY_HAS_ADDITIONAL_KEYS: Final = 1 << 9
+_LOW_CARDINALITY_INDEX_WIDTHS: Final = ((1 << 8, 0, "B"), (1 << 16, 1, "H"), (1 << 32, 2, "I"))
+_UINT64: Final = struct.Struct("<Q")
+
+
+def _column_bytes(typecode: str, values: Sequence[Any]) -> bytes:
+    packed = array.array(typecode, values)
+    if _SWAP:  # Native, like RowBinary, is little-endian
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def _native_column(name: str, type_name: str, data: bytes) -> bytes:
+    return encode_string(name) + encode_string(type_name) + data
+
+
+def _low_cardinality_strings(values: Sequence[str]) -> bytes:
+    keys: dict[str, int] = {}
+    add = keys.setdefault
+    indexes = [add(value, len(keys)) for value in values]
+    width = next((w for w in _LOW_CARDINALITY_INDEX_WIDTHS if len(keys) <= w[0]), None)
+    if width is None:
+        raise ValueError("too many distinct strings for one LowCardinality block")
+    _, index_type, typecode = width
+    return b"".join((
+        _UINT64.pack(_LOW_CARDINALITY_KEYS_VERSION),
+        _UINT64.pack(index_type | _LOW_CARDINALITY_HAS_ADDITIONAL_KEYS),
+        _UINT64.pack(len(keys)),
+        b"".join(encode_string(key) for key in keys),
+        _UINT64.pack(len(indexes)),
+        _column_bytes(typecode, indexes),
+    ))
+
+
+def encode_metric_block(run_id: str, names: Sequence[str], steps: Sequence[int],
+                        values: Sequence[float], timestamps_ms: Sequence[int],
+                        versions: Sequence[int]) -> bytes:
+    """One Native block of the `metrics` / `system_metrics` columns (`METRIC_COLUMNS`) for one
+    run's points: `INSERT ... FORMAT Native` takes any number of them back to back, and
+    ClickHouse squashes them into one part per table.
+
+    Columnar, so the numbers are packed by `array` in C, not one `struct.pack` per row: about
+    half the CPU of `encode_metric_rows` for a 1000-point batch, and ClickHouse copies the
+    columns instead of parsing rows. Raises ValueError when a value does not fit its column.
+    """
+    rows = len(steps)
+    if not len(names) == len(values) == len(timestamps_ms) == len(versions) == rows:
+        raise ValueError("metric columns of different lengths")
+    if rows == 0:
+        return b""
+    try:
+        return b"".join((
+            encode_varint(len(METRIC_COLUMNS)),
+            encode_varint(rows),
+            _native_column("run_id", "String", encode_string(run_id) * rows),
+            _native_column("name", "LowCardinality(String)", _low_cardinality_strings(names)),
+            _native_column("step", "Int64", _column_bytes("q", steps)),
+            _native_column("value", "Float64", _column_bytes("d", values)),
+            _native_column("timestamp_ms", "Int64", _column_bytes("q", timestamps_ms)),
+            _native_column("version", "UInt64", _column_bytes("Q", versions)),
+        ))
+    except (OverflowError, TypeError, AttributeError) as exc:
+        raise ValueError(f"metric columns cannot be encoded: {exc}") from exc
 
 
 # --------------------------------------------------------------------------- errors

@@ -37,6 +37,7 @@ from mlrun.server.pipelines.ledger_marker import LedgerMarker
 from mlrun.server.pipelines.queue_monitor import QueueMonitor
 from mlrun.server.pipelines.stream_processor import StreamProcessor
 from mlrun.server.runtime.config import Config
+from mlrun.server.runtime.heap import freeze_startup_heap
 from mlrun.server.runtime.supervisor import (
     ServeHttp,
     bind_http_socket,
@@ -114,6 +115,7 @@ async def serve_processor(
                     logger.info("processor %s consuming %s:0..%d (group %s)",
                                 processor.consumer, keys.prefix, keys.partitions - 1,
                                 config.queue.group)
+                    freeze_startup_heap()
                     logger.info("processor HTTP listening on %s", base_url)
                     task_status.started(http_port)
                     await shutdown_requested.wait()

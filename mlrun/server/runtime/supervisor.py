@@ -47,13 +47,19 @@ from mlrun.server.edges.http.lifecycle_api import add_lifecycle_routes
 from mlrun.server.edges.http.lifecycle_metrics import lifecycle_families
 from mlrun.server.edges.http.mlflow import add_mlflow_routes
 from mlrun.server.edges.http.openapi import add_openapi_route
-from mlrun.server.edges.http.prometheus import ExtraFamilies, PipelineGauges, add_metrics_route
+from mlrun.server.edges.http.prometheus import (
+    ExtraFamilies,
+    PipelineGauges,
+    add_metrics_route,
+    claim_group_families,
+)
 from mlrun.server.edges.http.query_api import add_query_routes
 from mlrun.server.edges.http.ui import add_ui_routes
 from mlrun.server.errors import BackendUnavailable, ConfigError, MlrunError
 from mlrun.server.pipelines.stream_backlog import StreamBacklog
 from mlrun.server.ports.objects import ArtifactStore
 from mlrun.server.runtime.config import Config
+from mlrun.server.runtime.heap import freeze_startup_heap
 from mlrun.server.runtime.write_paths import (
     build_write_path,
     drained_summary,
@@ -434,7 +440,8 @@ async def _run_listeners(
             ingest=ingest, queries=queries, runs=run_reads, metrics=metric_reads,
             state=MlflowStateStore(storage.postgres, timeout_s=IngestTimeouts().metadata_s),
             run_access=RunAccess(metadata.run_project)),
-        metric_families=(*metric_families(write_path), lifecycle_families(lifecycle)),
+        metric_families=(*metric_families(write_path), lifecycle_families(lifecycle),
+                         claim_group_families(metadata)),
         lifecycle=lifecycle,
     )
     app = build_http_app(services, max_body_bytes=config.ingest.max_body_bytes)
@@ -482,6 +489,7 @@ async def _run_listeners(
                     grpc_scope,
                     services.telemetry,
                 )
+                freeze_startup_heap()
                 logger.info("HTTP listening on %s", base_url)
                 logger.info("gRPC listening on %s:%d", config.listen.host, grpc_port)
                 task_status.started(BoundAddresses(config.listen.host, http_port, grpc_port))

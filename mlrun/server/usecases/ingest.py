@@ -5,7 +5,8 @@ true:
 
     validate + flatten points into columns (400/413 before anything is touched)
     assign row versions                    (first_version + i, kept in the ledger row)
-    reserve write-path capacity            (all or none; 429 when full; nothing touched yet)
+    reserve write-path capacity            (all or none; 429 when full, or after a bounded
+                                           wait for room; nothing touched yet)
     PostgreSQL, one transaction:           run is running · ledger claim (new | retry |
                                            duplicate | 409 conflict) · cardinality · params · tags
     a 'pending' resend: does storage hold its rows already?  (yes -> the answer is duplicate)
@@ -97,6 +98,10 @@ class IngestTimeouts:
     metadata_s: float = 3.0
     commit_s: float = 5.0
     holds_s: float = 1.5
+    # The longest a request waits for room in a write path that waits (queued mode's XADD
+    # buffer, full only while the server is short of CPU); never past what leaves the
+    # PostgreSQL step and the commit their own deadlines.
+    room_s: float = 1.5
 
 
 class VersionClock:
@@ -311,9 +316,12 @@ class Ingest:
                 code=ErrorCode.TOO_MANY_POINTS, field="metrics")
 
         first_version = self._versions.reserve(total)
-        reservation = self._write_path.reserve_nowait(
+        # A write path may make us wait for room (bounded: see IngestTimeouts.room_s).
+        reservation = await self._write_path.reserve(
             batch.run_id, metric_columns.with_versions(first_version),
-            system_columns.with_versions(first_version + len(metric_columns)))
+            system_columns.with_versions(first_version + len(metric_columns)),
+            wait_s=min(self._timeouts.room_s,
+                       _left(deadline) - self._timeouts.metadata_s - self._timeouts.commit_s))
         submitted = False
         try:
             with _answer_deadline(deadline, "postgres"):
@@ -331,7 +339,11 @@ class Ingest:
                     tags_after_finish=tags_after_finish,
                 )
             warnings.extend(preparation.warnings)
-            if preparation.outcome == "duplicate":
+            if preparation.outcome == "duplicate" or (
+                    preparation.outcome == "retry" and batch.batch_id is not None
+                    and self._write_path.committed_unmarked(batch.run_id, batch.batch_id)):
+                # The second case: a resend that overtook its own ledger mark (written after
+                # the answer, by this process); rewriting would only waste a write.
                 return IngestResult(accepted=0, duplicate=True, warnings=warnings)
             first_version = preparation.first_version
             write = BatchWrite(

@@ -132,8 +132,9 @@ Handler = Callable[[Request], Awaitable[Response]]
 class RouteSpec:
     """What a route promises, for /openapi.json: rendered, never re-declared by hand.
 
-    `scope` None means public (no API key). `errors` lists every non-2xx status the route can
-    answer besides the ones every route may give (413 body too large, 500, 503)."""
+    `scope` None means public (no API key), "any" any valid key. `errors` lists every non-2xx
+    status the route can answer besides the ones every route may give (413 body too large, 500,
+    503)."""
 
     summary: str
     scope: str | None
@@ -173,8 +174,17 @@ def _compile(template: str, *, path_tail: bool = False) -> re.Pattern[str]:
 
 
 class Router:
+    """Routes in the order added; the first whose template matches the path and whose method
+    is the request's wins.
+
+    A request for a path that IS a parameterless template (`/health`, `/api/v1/projects`, every
+    MLflow route) is answered from a table built from that same rule on the first request
+    after the last `add`: one dict probe instead of a regex per route (the MLflow routes come
+    last, behind ~100 others)."""
+
     def __init__(self) -> None:
         self._routes: list[Route] = []
+        self._literal: dict[tuple[str, str], Route] | None = None
 
     def add(
         self, method: str, template: str, handler: Handler, spec: RouteSpec,
@@ -182,12 +192,36 @@ class Router:
     ) -> None:
         self._routes.append(
             Route(method, template, handler, _compile(template, path_tail=path_tail), spec))
+        self._literal = None
 
     @property
     def routes(self) -> tuple[Route, ...]:
         return tuple(self._routes)
 
     def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
+        literal = self._literal
+        if literal is None:
+            literal = self._literal = self._literal_table()
+        route = literal.get((method, path))
+        if route is not None:
+            return route, {}
+        return self._scan(method, path)
+
+    def _literal_table(self) -> dict[tuple[str, str], Route]:
+        """(method, path) -> what `_scan` answers for it, for every parameterless template."""
+        table: dict[tuple[str, str], Route] = {}
+        for route in self._routes:
+            if "{" in route.template or (route.method, route.template) in table:
+                continue
+            try:
+                found, params = self._scan(route.method, route.template)
+            except MlrunError:
+                continue
+            if not params:
+                table[(route.method, route.template)] = found
+        return table
+
+    def _scan(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
         path_matched = False
         for route in self._routes:
             found = route.pattern.match(path)

@@ -1,5 +1,7 @@
 """HTTP routes of key management: `POST /api/v1/keys`, `GET /api/v1/keys`,
-`DELETE /api/v1/keys/{key_id}` (all need the `admin` scope).
+`DELETE /api/v1/keys/{key_id}` (all need the `admin` scope), and `GET /api/v1/whoami` (any valid
+key: its id, scopes and project, answered from the in-memory key view without a backend, so a
+client can check a key cheaply).
 
 Only translation lives here: decoding, the API key from the headers, status codes. The rules
 (who may mint which key, what is stored, how revocation spreads) live in
@@ -15,7 +17,7 @@ from mlrun.server.edges.http.api import decode_body
 from mlrun.server.edges.http.app import Request, Response, Router, RouteSpec
 from mlrun.server.usecases.auth import Authenticator
 from mlrun.server.usecases.keys import KeyManagement, validate_key_id
-from mlrun.wire.keys import CreatedKey, CreateKey, KeyInfo, KeyList
+from mlrun.wire.keys import CreatedKey, CreateKey, KeyInfo, KeyList, WhoAmI
 
 
 def add_key_routes(router: Router, keys: KeyManagement, authenticator: Authenticator) -> None:
@@ -36,6 +38,11 @@ def add_key_routes(router: Router, keys: KeyManagement, authenticator: Authentic
         key_id = validate_key_id(request.path_params["key_id"])
         return Response.json(await keys.revoke(principal, key_id))
 
+    async def whoami(request: Request) -> Response:
+        principal = authenticator.authenticate(request.headers)
+        return Response.json(WhoAmI(key_id=principal.key_id, scopes=sorted(principal.scopes),
+                                    project=principal.project))
+
     tags = ("keys",)
     router.add("POST", "/api/v1/keys", create_key, RouteSpec(
         summary="Create an API key; the answer is the only time the key is shown",
@@ -47,3 +54,6 @@ def add_key_routes(router: Router, keys: KeyManagement, authenticator: Authentic
     router.add("DELETE", "/api/v1/keys/{key_id}", revoke_key, RouteSpec(
         summary="Revoke an API key (every server process refuses it within a few seconds)",
         scope="admin", response=KeyInfo, errors=(400, 401, 403, 404), tags=tags))
+    router.add("GET", "/api/v1/whoami", whoami, RouteSpec(
+        summary="The presented API key: its id, scopes and project (no backend is asked)",
+        scope="any", response=WhoAmI, errors=(401,), tags=tags))

@@ -31,6 +31,9 @@ class PipelineGauges(Protocol):
     def statistics(self) -> object: ...
 
 
+# Adds more families to a scrape (e.g. the queue's, `edges.http.queue_metrics`).
+ExtraFamilies = Callable[[Exposition], None]
+
 _PIPELINE_FAMILIES: tuple[tuple[str, str, str, str], ...] = (
     # (metric name, type, PipelineStatistics field, help)
     ("mlrun_pipeline_queued_rows", "gauge", "queued_rows",
@@ -52,15 +55,50 @@ _PIPELINE_FAMILIES: tuple[tuple[str, str, str, str], ...] = (
      "Requests that stopped waiting for their commit (answered a retryable 503)."),
     ("mlrun_pipeline_drain_rate_rows_per_second", "gauge", "drain_rate_rows_per_s",
      "Smoothed rows per second of recent flushes (what Retry-After is derived from)."),
+    ("mlrun_pipeline_waiting_requests", "gauge", "waiting_requests",
+     "Requests waiting for room (pipelines that wait instead of answering 429 at once)."),
+    ("mlrun_pipeline_admitted_after_wait_total", "counter", "admitted_after_wait",
+     "Requests admitted after waiting for room."),
+    ("mlrun_pipeline_wait_timeouts_total", "counter", "wait_timeouts",
+     "Requests that waited for room in vain (then answered 429)."),
 )
+
+
+class ClaimGroupView(Protocol):
+    """The metadata store as /metrics sees it: `claim_statistics()` returns a record with the
+    fields of `_CLAIM_GROUP_FAMILIES` (`storage.postgres.statement_groups`)."""
+
+    def claim_statistics(self) -> object: ...
+
+
+_CLAIM_GROUP_FAMILIES: tuple[tuple[str, str, str, str], ...] = (
+    # (metric name, type, StatementGroupStatistics field, help)
+    ("mlrun_ledger_claim_statements_total", "counter", "statements",
+     "Statements that claimed common batches in the ledger (the claims that arrive while one"
+     " is in flight go together in the next)."),
+    ("mlrun_ledger_claims_total", "counter", "items", "Ledger claims those statements carried."),
+    ("mlrun_ledger_claim_group_largest", "gauge", "largest",
+     "The most claims one statement carried since start."),
+    ("mlrun_ledger_claim_overflows_total", "counter", "overflows",
+     "Claims sent alone because the queue behind the statement in flight was full."),
+    ("mlrun_ledger_claim_abandoned_total", "counter", "abandoned",
+     "Queued claims whose request stopped waiting (cancelled or out of time)."),
+)
+
+
+def claim_group_families(view: ClaimGroupView) -> ExtraFamilies:
+    def add(exposition: Exposition) -> None:
+        stats = view.claim_statistics()
+        for name, kind, attribute, help_text in _CLAIM_GROUP_FAMILIES:
+            exposition.family(name, kind, help_text, [((), getattr(stats, attribute))])
+
+    return add
 
 
 class PrometheusBody(msgspec.Struct, frozen=True):
     """Placeholder type for the OpenAPI document: the body is text/plain, not JSON."""
 
 
-# Adds more families to a scrape (e.g. the queue's, `edges.http.queue_metrics`).
-ExtraFamilies = Callable[[Exposition], None]
 
 
 def render_metrics(telemetry: Telemetry, pipelines: Sequence[PipelineGauges],

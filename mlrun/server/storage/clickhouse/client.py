@@ -67,6 +67,11 @@ class ClickHouse(Protocol):
     ) -> None:
         """Insert RowBinary-encoded rows (see protocols.clickhouse.encode_*) into `table`."""
 
+    async def insert_native(
+        self, table: str, columns: Sequence[str], body: bytes, *, timeout_s: float
+    ) -> None:
+        """Insert Native blocks (protocols.clickhouse.encode_metric_block) into `table`."""
+
     async def ping(self, *, timeout_s: float) -> None:
         """Raise BackendUnavailable/BackendTimeout unless ClickHouse answers."""
 

@@ -162,10 +162,19 @@ class EmbeddedClickHouse:
     async def insert_rowbinary(
         self, table: str, columns: Sequence[str], body: bytes, *, timeout_s: float
     ) -> None:
+        await self._insert(table, columns, body, "RowBinary", timeout_s=timeout_s)
+
+    async def insert_native(
+        self, table: str, columns: Sequence[str], body: bytes, *, timeout_s: float
+    ) -> None:
+        await self._insert(table, columns, body, "Native", timeout_s=timeout_s)
+
+    async def _insert(self, table: str, columns: Sequence[str], body: bytes, input_format: str,
+                      *, timeout_s: float) -> None:
         statement = insert_prefix(table, columns)
 
         def run(slot: _Slot) -> None:
-            inserter = slot.session.send_insert(statement, "RowBinary")
+            inserter = slot.session.send_insert(statement, input_format)
             try:
                 inserter.append(body)
                 inserter.finish()

@@ -105,6 +105,15 @@ class HttpClickHouse:
     async def insert_rowbinary(
         self, table: str, columns: Sequence[str], body: bytes, *, timeout_s: float
     ) -> None:
+        await self._insert(table, columns, body, "RowBinary", timeout_s=timeout_s)
+
+    async def insert_native(
+        self, table: str, columns: Sequence[str], body: bytes, *, timeout_s: float
+    ) -> None:
+        await self._insert(table, columns, body, "Native", timeout_s=timeout_s)
+
+    async def _insert(self, table: str, columns: Sequence[str], body: bytes, input_format: str,
+                      *, timeout_s: float) -> None:
         build = functools.partial(
             build_insert_request,
             table,
@@ -112,6 +121,7 @@ class HttpClickHouse:
             body,
             database=self._database,
             settings=deadline_settings(timeout_s),
+            input_format=input_format,
         )
         if self._gzip_min_bytes is not None and len(body) >= self._gzip_min_bytes:
             # gzip level 1 shrinks metric rows ~3x but runs at ~80 MB/s: off the event loop.

@@ -126,10 +126,16 @@ class MetricQueries:
     # --- summaries ---------------------------------------------------------------------------
 
     async def summaries(
-        self, run_ids: Sequence[str], names: Sequence[str] | None = None
+        self, run_ids: Sequence[str], names: Sequence[str] | None = None, *,
+        with_counts: bool = True,
     ) -> list[SummaryRow]:
         """min/max/last per (run, metric) from the AggregatingMergeTree, merged now; the count
-        (distinct steps) from the block rollups."""
+        (distinct steps) from the block rollups, unless `with_counts` is False (then `count`
+        is 0 and the block rollups are not read: one statement instead of two).
+
+        The two statements are not merged into one: on 18.16 a JOIN of the two costs ~3x one
+        of them and a UNION ALL their sum (measured, 1 run x 5 metrics, kept-alive HTTP),
+        while apart they run in parallel."""
         if not run_ids or (names is not None and not names):
             return []
         where = f"run_id IN {quote_list(run_ids)}"
@@ -139,8 +145,11 @@ class MetricQueries:
                    " argMaxMerge(last_value) AS lv, maxMerge(last_step) AS ls FROM"
                    f" metrics_summary WHERE {where} GROUP BY run_id, name ORDER BY run_id, name")
         # Independent statements: one round trip of latency, not two.
-        rows, blocks = await both(lambda: self._rows(summary),
-                                  lambda: self.block_stats(run_ids, names))
+        if with_counts:
+            rows, blocks = await both(lambda: self._rows(summary),
+                                      lambda: self.block_stats(run_ids, names))
+        else:
+            rows, blocks = await self._rows(summary), {}
         return [
             SummaryRow(
                 run_id=str(r["run_id"]), name=str(r["name"]), min_value=float(r["mn"]),

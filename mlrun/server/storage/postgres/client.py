@@ -111,7 +111,26 @@ class _Borrow:
         self._lock = threading.Lock()
         self._conn: psycopg.Connection[Any] | None = None
         self.abandoned = False
-        self.done = anyio.Event()  # set by the awaiting task once the worker thread returned
+        self._started = False
+        self.finished = threading.Event()  # set by the worker thread as its very last step
+
+    def begin(self) -> bool:
+        """Worker thread, first step: False when the caller gave up before the thread started
+        (then it must do nothing: nobody waits for it)."""
+        with self._lock:
+            if self.abandoned:
+                return False
+            self._started = True
+            return True
+
+    def give_up_unless_started(self) -> bool:
+        """The cancelled caller: True when the thread has not started (a cancelled thread hop
+        may never run it), which then never will do anything; False when it is running."""
+        with self._lock:
+            if self._started:
+                return False
+            self.abandoned = True
+            return True
 
     def attach(self, conn: psycopg.Connection[Any]) -> bool:
         with self._lock:
@@ -183,6 +202,9 @@ class Postgres:
     ) -> None:
         self._pool = pool
         self._limiter = limiter
+        # For thread hops whose bound is already held (`_limiter`, taken by `_call` itself):
+        # anyio's default limiter (40 threads) must not add a second queue.
+        self._unlimited = anyio.CapacityLimiter(math.inf)
         # The session statement_timeout each connection was last given by `run_statement`
         # (a connection the pool replaced drops out on its own).
         self._session_timeouts: weakref.WeakKeyDictionary[psycopg.Connection[Any], int] = (
@@ -258,21 +280,26 @@ class Postgres:
         )
 
     async def _call(self, work: Callable[[_Borrow], T], timeout_s: float) -> T:
-        """Run `work` in a worker thread; cancel its statement if we are cancelled meanwhile."""
+        """Run `work` in a worker thread; cancel its statement if we are cancelled meanwhile.
+
+        The worker thread reports into `outcomes` and `borrow.finished` itself, so the awaiting
+        task needs no helper task to notice a cancellation (a task group and a watcher task per
+        call cost ~0.1 ms of CPU on every PostgreSQL call): it awaits the thread abandonably,
+        and when cancelled it cancels the statement and then waits, shielded, until the thread
+        has really finished before the cancellation goes on. So the thread is never left
+        running with a connection, and the limiter's token (held here, not by the thread hop)
+        is given back only then."""
         borrow = _Borrow()
         outcomes: list[_Outcome[T]] = []
         with anyio.move_on_after(timeout_s):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(_cancel_statement_when_cancelled, borrow)
+            async with self._limiter:
                 try:
-                    # abandon_on_cancel=False: the thread is waited for, never left running.
-                    outcome = await anyio.to_thread.run_sync(
-                        _capture, work, borrow, limiter=self._limiter
-                    )
-                    outcomes.append(outcome)
-                finally:
-                    borrow.done.set()
-                tg.cancel_scope.cancel()
+                    await anyio.to_thread.run_sync(
+                        _capture_into, work, borrow, outcomes, limiter=self._unlimited,
+                        abandon_on_cancel=True)
+                except anyio.get_cancelled_exc_class():
+                    await _cancel_and_wait(borrow, self._unlimited)
+                    raise
         if not outcomes:
             raise errors.BackendTimeout(
                 f"no PostgreSQL worker free within {timeout_s:g} s", backend=BACKEND
@@ -485,24 +512,36 @@ async def apply_postgres_migrations(pg: Postgres, *, timeout_s: float = 60.0) ->
     return await pg.run(apply, timeout_s=timeout_s)
 
 
-async def _cancel_statement_when_cancelled(borrow: _Borrow) -> None:
-    try:
-        await anyio.sleep_forever()
-    except anyio.get_cancelled_exc_class():
-        # Also reached when the call finished normally (`done` is set then: nothing to do).
-        with anyio.move_on_after(_CANCEL_BUDGET_S, shield=True):
-            while not borrow.done.is_set():
+async def _cancel_and_wait(borrow: _Borrow, unlimited: anyio.CapacityLimiter) -> None:
+    """The caller was cancelled while its worker thread may still run: cancel the statement
+    (re-sent every `_CANCEL_RESEND_S` for at most `_CANCEL_BUDGET_S`), then wait, shielded, for
+    the thread to finish (statement_timeout is the backstop after the budget)."""
+    if borrow.give_up_unless_started():
+        return
+    with anyio.CancelScope(shield=True):
+        with anyio.move_on_after(_CANCEL_BUDGET_S):
+            while not borrow.finished.is_set():
                 await anyio.to_thread.run_sync(borrow.cancel_statement, abandon_on_cancel=True)
-                with anyio.move_on_after(_CANCEL_RESEND_S):
-                    await borrow.done.wait()
-        raise
+                await anyio.to_thread.run_sync(borrow.finished.wait, _CANCEL_RESEND_S,
+                                               abandon_on_cancel=True)
+        if not borrow.finished.is_set():
+            await anyio.to_thread.run_sync(borrow.finished.wait, limiter=unlimited)
 
 
-def _capture(work: Callable[[_Borrow], T], borrow: _Borrow) -> _Outcome[T]:
+def _capture_into(work: Callable[[_Borrow], T], borrow: _Borrow,
+                  outcomes: list[_Outcome[T]]) -> None:
+    """Worker thread: run `work`, append its outcome (a value or the exception), then mark the
+    borrow finished. The outcome is there even when the awaiting task stopped waiting."""
+    if not borrow.begin():
+        return
     try:
-        return _Outcome(value=work(borrow))
-    except Exception as exc:
-        return _Outcome(error=exc)
+        try:
+            outcomes.append(_Outcome(value=work(borrow)))
+        except Exception as exc:
+            outcomes.append(_Outcome(error=exc))
+    finally:
+        borrow.finished.set()
+
 
 
 def _translate(exc: Exception, timeout_s: float) -> Exception:

@@ -3,8 +3,9 @@ cardinality guardrails, params and tags; plus the run -> project lookup of proje
 keys (artifact records are `storage.postgres.artifact_rows`).
 
 Owns: `MetadataStore`, whose methods each make exactly ONE `Postgres.run` call (one worker-thread
-hop, one transaction; `prepare_batch` of the common batch first tries one autocommit statement,
-see step 1), and the canonical text form of param values (`render_param_value`).
+hop, one transaction; `prepare_batch` of the common batch first goes through one grouped
+autocommit statement, see step 1), and the canonical text form of param values
+(`render_param_value`).
 It implements the `RunMetadata` port (`mlrun.server.ports.run_metadata`) of the ingest use-case.
 
 Must not import: trio or asyncio, the HTTP/gRPC edges, ClickHouse or artifact storage. It may
@@ -20,12 +21,25 @@ The batch protocol:
    metric and step). Concurrent identical submissions serialise on the ledger's primary key: the
    first claims ("new"), the others wait for it to commit and then see its row ("retry" or
    "duplicate"), never an error.
-   The common batch (a batch_id, no params or tags, only metric names the run already has) is
-   claimed by ONE autocommit statement (`_CLAIM_KNOWN_SQL`: run check, known-name count and
-   ledger insert; 1 PostgreSQL round trip instead of BEGIN + claim + COMMIT's 3). It inserts
-   only when the full transaction would have written nothing but the ledger row, so effect and
-   answer are the same; when it does not claim (a new name, or the ledger already holds the
-   batch: retry, duplicate, conflict) the full transaction below decides, as before.
+   The common batch (a batch_id, no params or tags) is claimed with the common batches of
+   concurrent requests in ONE autocommit statement (`_CLAIM_KNOWN_GROUP_SQL`, grouped by
+   `storage.postgres.statement_groups`: the first claim goes at once, those arriving while it
+   is in flight queue and go together next; one worker-thread hop and one round trip per group
+   instead of per batch). Per claim, in the transaction's order, it checks the run (404, 409
+   `run_finished`), inserts the ledger row only when the run knows every metric name (then the
+   transaction would have written nothing else), and otherwise reads the ledger row that was
+   there: a different hash -> 409 `batch_conflict`, 'committed' -> "duplicate". The same
+   effect and answer as the transaction, which still decides what the statement leaves: new
+   names to admit under the limits; a 'pending' row (a retry, or a copy racing its first
+   attempt's ledger mark: the transaction's later snapshot sees a mark that landed meanwhile,
+   as it did before grouping; deciding "retry" from the statement's snapshot made concurrent
+   identical submissions write twice, `test_fifty_concurrent_identical_submissions_...`); a
+   ledger row committed by another session after the statement's snapshot; a key repeated
+   within one group (after the copy the statement decided: the answers of sequential
+   arrivals); and every claim of a statement that failed with a driver error.
+   Ledger rows are inserted in (run_id, batch_id) order, the order `mark_batches_committed`
+   locks them in. Measured (`python -m bench.claims`, whole-server ingest runs): see
+   `statement_groups` and the README, "Where an ingested point's cost goes".
 2. The write path makes the points durable, then marks the row (`mark_batches_committed`,
    'pending' -> 'committed', grouped and retried by `pipelines.ledger_marker`). A crash between
    the two leaves 'pending'; the client's resend is written again (the same rows, by the
@@ -88,6 +102,10 @@ from mlrun.server.storage.postgres.run_data import (
     dedupe_tags,
     write_run_data,
 )
+from mlrun.server.storage.postgres.statement_groups import (
+    StatementGroups,
+    StatementGroupStatistics,
+)
 from mlrun.wire.error_codes import ErrorCode
 from mlrun.wire.schemas import (
     FinalStatus,
@@ -108,15 +126,28 @@ MAX_PROJECT_NAME_CHARS = 256
 MAX_DESCRIPTION_BYTES = 8192
 
 _RUN_ID_HEX_CHARS = 32
+# The claims that may queue behind the grouped statement in flight (`StatementGroups`); past
+# it a claim is executed alone. A queued claim waits two statement deadlines plus this.
+_MAX_QUEUED_CLAIMS = 1024
+_CLAIM_WAIT_SLACK_S = 1.0
 
 
 class MetadataStore:
     """The write use-cases' PostgreSQL side. Every method is one transaction, bounded by
     `timeout_s` (errors.BackendTimeout past it)."""
 
-    def __init__(self, pg: Postgres, *, timeout_s: float = 5.0) -> None:
+    def __init__(self, pg: Postgres, *, timeout_s: float = 5.0,
+                 max_queued_claims: int = _MAX_QUEUED_CLAIMS) -> None:
         self._pg = pg
         self._timeout_s = timeout_s
+        # A queued claim waits for the statement in flight, then for its own group's.
+        self._claims: StatementGroups[KnownClaim, ClaimDecision] = StatementGroups(
+            self._claim_known_group, wait_timeout_s=2 * timeout_s + _CLAIM_WAIT_SLACK_S,
+            max_queued=max_queued_claims)
+
+    def claim_statistics(self) -> StatementGroupStatistics:
+        """How the common batch's claims were grouped (statements, claims, largest group)."""
+        return self._claims.statistics()
 
     # --- projects ----------------------------------------------------------------------------
 
@@ -353,18 +384,39 @@ class MetadataStore:
             )
 
         if batch_id is not None and not param_values and not tag_values:
-            # The common batch (a retry-safe id, no params or tags, metric names the run
-            # already has): one autocommit statement claims it, 1 round trip instead of 3. It
-            # claims only when the full transaction would write nothing else, so its effect
-            # and answer are the transaction's; any other case falls through to it.
-            fast = await self._pg.run_statement(
-                lambda conn: _claim_known(conn, run_id, batch_id, payload_hash, seq, points,
-                                          first_version, sorted(names)),
-                timeout_s=self._timeout_s,
-            )
-            if fast is not None:
-                return fast
+            # The common batch (a retry-safe id, no params or tags): claimed with the claims
+            # of concurrent batches in one autocommit statement (step 1 of the module
+            # docstring); what that statement cannot decide falls through to the transaction.
+            decided = await self._claims.submit(KnownClaim(
+                run_id, batch_id, payload_hash, seq, points, first_version,
+                tuple(sorted(names))))
+            if isinstance(decided, errors.MlrunError):
+                raise decided
+            if decided is not None:
+                return decided
         return await self._pg.run(prepare, timeout_s=self._timeout_s)
+
+    async def _claim_known_group(self, claims: Sequence[KnownClaim]) -> list[ClaimDecision]:
+        """One statement for a group of claims (`StatementGroups` calls it). A key that comes
+        again within the group is left to the transaction, which then runs after the
+        statement that decided its first copy: the answers of sequential arrivals. A statement
+        that fails as a whole with a driver error leaves every claim to the transaction (one
+        bad claim must not fail the others); an outage or timeout fails them all, as it
+        would each of them alone."""
+        first: dict[tuple[str, str], int] = {}
+        for index, claim in enumerate(claims):
+            first.setdefault(claim.key, index)
+        grouped = sorted(first.values(), key=lambda index: claims[index].key)
+        try:
+            rows = await self._pg.run_statement(
+                lambda conn: _execute_claim_group(conn, [claims[i] for i in grouped]),
+                timeout_s=self._timeout_s)
+        except errors.BackendError:
+            return [None] * len(claims)
+        decisions: list[ClaimDecision] = [None] * len(claims)
+        for index, row in zip(grouped, rows, strict=True):
+            decisions[index] = _decide_claim(claims[index], row)
+        return decisions
 
     async def mark_batch_committed(self, run_id: str, batch_id: str | None) -> None:
         """The batch's points are durable: later arrivals of it are duplicates. No-op for None."""
@@ -426,50 +478,109 @@ FROM run
 """
 
 
-_CLAIM_KNOWN_SQL = """
-WITH run AS (
-    SELECT run_id, project_id, status FROM runs WHERE run_id = %(run_id)s
+# The common batch's claims of concurrent requests, grouped (`StatementGroups`): for each item
+# (sorted by run and batch id, the ledger's lock order) the run's status, the claim (only for a
+# running run that knows every one of the batch's metric names), and the ledger row that was
+# there before (this statement's snapshot) when it did not claim.
+_CLAIM_KNOWN_GROUP_SQL = """
+WITH item AS (
+    SELECT * FROM unnest(%(run_ids)s::text[], %(batch_ids)s::text[], %(hashes)s::bytea[],
+        %(seqs)s::bigint[], %(points)s::integer[], %(first_versions)s::bigint[],
+        %(name_counts)s::integer[]) WITH ORDINALITY
+        AS i(run_id, batch_id, hash, seq, points, first_version, name_count, ord)
 ), known AS (
-    SELECT count(*) AS n FROM run_metric_names m, run
-    WHERE m.run_id = run.run_id AND m.name = ANY(%(names)s::text[])
+    SELECT n.ord, count(*) AS n
+    FROM unnest(%(name_items)s::bigint[], %(names)s::text[]) AS n(ord, name)
+    JOIN item i ON i.ord = n.ord
+    JOIN run_metric_names m ON m.run_id = i.run_id AND m.name = n.name
+    GROUP BY n.ord
+), fit AS (
+    SELECT i.*, r.status, coalesce(k.n, 0) = i.name_count AS all_known
+    FROM item i LEFT JOIN runs r ON r.run_id = i.run_id LEFT JOIN known k ON k.ord = i.ord
 ), claim AS (
     INSERT INTO ingest_batches (run_id, batch_id, payload_hash, seq, points, state,
         first_version)
-    SELECT run.run_id, %(batch_id)s::text, %(hash)s::bytea, %(seq)s::bigint,
-        %(points)s::integer, 'pending', %(first_version)s::bigint
-    FROM run, known
-    WHERE run.status = 'running' AND known.n = cardinality(%(names)s::text[])
+    SELECT run_id, batch_id, hash, seq, points, 'pending', first_version
+    FROM fit WHERE status = 'running' AND all_known
+    ORDER BY ord
     ON CONFLICT (run_id, batch_id) DO NOTHING
-    RETURNING 1
+    RETURNING run_id, batch_id
 )
-SELECT run.status, EXISTS (SELECT FROM claim) FROM run
+SELECT f.status, c.run_id IS NOT NULL, b.payload_hash, b.state
+FROM fit f
+LEFT JOIN claim c ON c.run_id = f.run_id AND c.batch_id = f.batch_id
+LEFT JOIN ingest_batches b ON b.run_id = f.run_id AND b.batch_id = f.batch_id
+ORDER BY f.ord
 """
 
 
-def _claim_known(
-    conn: psycopg.Connection[Any], run_id: str, batch_id: str, payload_hash: bytes,
-    seq: int | None, points: int, first_version: int, names: list[str],
-) -> BatchPreparation | None:
-    """One statement: claim a batch whose metric names (distinct, sorted) the run already has.
-    None when it did not claim (new names, or the ledger already holds the batch): the caller
-    then runs the full transaction, which decides that case."""
-    try:
-        row = conn.execute(
-            _CLAIM_KNOWN_SQL,
-            {"run_id": run_id, "batch_id": batch_id, "hash": payload_hash, "seq": seq,
-             "points": points, "first_version": first_version, "names": names},
-        ).fetchone()
-    except psycopg.errors.ForeignKeyViolation:
-        raise run_not_found(run_id) from None
-    if row is None:
-        raise run_not_found(run_id)
-    status, claimed = row
+@dataclass(frozen=True, slots=True)
+class KnownClaim:
+    """The ledger claim of a common batch (a batch_id, no params or tags)."""
+
+    run_id: str
+    batch_id: str
+    payload_hash: bytes
+    seq: int | None
+    points: int
+    first_version: int
+    names: tuple[str, ...]  # distinct and sorted
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.run_id, self.batch_id
+
+
+# What the grouped statement decided for one claim: the batch's answer, the error it gets
+# (raised by `prepare_batch`), or None: undecided, the full transaction decides.
+ClaimDecision = BatchPreparation | errors.MlrunError | None
+
+
+def _execute_claim_group(
+    conn: psycopg.Connection[Any], claims: Sequence[KnownClaim]
+) -> list[tuple[Any, ...]]:
+    """One statement for claims with distinct keys, sorted by key; one row per claim, in order."""
+    name_items = [i for i, claim in enumerate(claims, start=1) for _ in claim.names]
+    params = {
+        "run_ids": [c.run_id for c in claims],
+        "batch_ids": [c.batch_id for c in claims],
+        "hashes": [c.payload_hash for c in claims],
+        "seqs": [c.seq for c in claims],
+        "points": [c.points for c in claims],
+        "first_versions": [c.first_version for c in claims],
+        "name_counts": [len(c.names) for c in claims],
+        "name_items": name_items,
+        "names": [name for c in claims for name in c.names],
+    }
+    return conn.execute(_CLAIM_KNOWN_GROUP_SQL, params).fetchall()
+
+
+def _decide_claim(claim: KnownClaim, row: tuple[Any, ...]) -> ClaimDecision:
+    """The answer the full transaction would give (same checks, same order), where one
+    statement can tell; None where it leaves the batch to the transaction (new metric names to
+    admit under the limits, a ledger row still 'pending', or one committed by someone else
+    after this statement's snapshot was taken)."""
+    status, claimed, stored_hash, state = row
+    if status is None:
+        return run_not_found(claim.run_id)
     if status != "running":
-        raise _run_finished(run_id, status)
-    if not claimed:
+        return _run_finished(claim.run_id, status)
+    names = frozenset(claim.names)
+    if claimed:
+        return BatchPreparation(outcome="new", admitted_metric_names=names, warnings=[],
+                                first_version=claim.first_version)
+    if stored_hash is None:
         return None
-    return BatchPreparation(outcome="new", admitted_metric_names=frozenset(names),
-                            warnings=[], first_version=first_version)
+    if bytes(stored_hash) != claim.payload_hash:
+        return _batch_conflict(claim.batch_id)
+    if state == "committed":
+        return BatchPreparation(outcome="duplicate", admitted_metric_names=frozenset(),
+                                warnings=[], first_version=claim.first_version)
+    # 'pending': a retry, or a copy racing its first attempt's ledger mark (the write path
+    # marks from its writer, a moment after the points are durable). The transaction decides,
+    # as before: its later snapshot sees a mark that landed meanwhile, so such a copy is
+    # answered "duplicate" instead of being written again.
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -550,11 +661,7 @@ def _compare_claim(
         return "retry", None
     stored_hash, state, stored_first_version = row
     if bytes(stored_hash) != payload_hash:
-        raise errors.Conflict(
-            f"batch {batch_id!r} was already received with a different payload",
-            code=ErrorCode.BATCH_CONFLICT,
-            field="batch_id",
-        )
+        raise _batch_conflict(batch_id)
     return ("duplicate" if state == "committed" else "retry"), stored_first_version
 
 
@@ -564,6 +671,11 @@ def _compare_claim(
 def run_not_found(run_id: str) -> errors.NotFound:
     return errors.NotFound(f"run {run_id!r} not found",
                            code=ErrorCode.RUN_NOT_FOUND, field="run_id")
+
+
+def _batch_conflict(batch_id: str) -> errors.Conflict:
+    return errors.Conflict(f"batch {batch_id!r} was already received with a different payload",
+                           code=ErrorCode.BATCH_CONFLICT, field="batch_id")
 
 
 def _run_finished(run_id: str, status: str) -> errors.Conflict:

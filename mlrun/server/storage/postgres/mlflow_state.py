@@ -2,7 +2,10 @@
 side tables of sql/postgres/0006_mlflow.sql (mlflow_experiments, mlflow_experiment_tags,
 mlflow_runs, mlflow_run_inputs, mlflow_step0_origins), next to the projects and runs they extend.
 
-Every method is one `Postgres.run` call (one transaction, bounded by `timeout_s`). Keys and
+Every method is one `Postgres.run` call (one transaction, bounded by `timeout_s`); the reads
+of a single SELECT (`experiments`, `run_extras`, `inputs`, `origins_of`, on every MLflow run and
+experiment read) are one `Postgres.run_statement` call instead (autocommit: one round trip, no
+BEGIN/COMMIT, same deadline). Keys and
 values are checked against the columns' limits before any SQL (400 `value_too_long` naming the
 field), so a constraint violation never becomes a 500.
 
@@ -77,7 +80,7 @@ class MlflowStateStore:
                                      creation_time_ms=r[3], last_update_time_ms=r[4],
                                      tags=dict(r[5])) for r in rows]
 
-        return await self._pg.run(select, timeout_s=self._timeout_s)
+        return await self._pg.run_statement(select, timeout_s=self._timeout_s)
 
     async def touch_experiment(self, project_id: int, *,
                                lifecycle_stage: LifecycleStage | None = None,
@@ -155,7 +158,7 @@ class MlflowStateStore:
             return {r[0]: RunExtras(project_id=r[1], start_time_ms=r[2], end_time_ms=r[3],
                                     user_id=r[4], lifecycle_stage=r[5]) for r in rows}
 
-        return await self._pg.run(select, timeout_s=self._timeout_s)
+        return await self._pg.run_statement(select, timeout_s=self._timeout_s)
 
     async def update_run(self, run_id: str, *, end_time_ms: int | None = None,
                          name: str | None = None,
@@ -221,7 +224,7 @@ class MlflowStateStore:
                 found.setdefault(run_id, []).append(DatasetInput(dataset=dataset, tags=tags))
             return found
 
-        return await self._pg.run(select, timeout_s=self._timeout_s)
+        return await self._pg.run_statement(select, timeout_s=self._timeout_s)
 
     async def step0_origins(self, run_id: str, claim: Mapping[str, int]) -> Step0Origins:
         names = sorted(claim)
@@ -259,4 +262,4 @@ class MlflowStateStore:
                 found.setdefault(run_id, Step0Origins(start_ms, {})).first_ms[name] = first_ms
             return found
 
-        return await self._pg.run(select, timeout_s=self._timeout_s)
+        return await self._pg.run_statement(select, timeout_s=self._timeout_s)

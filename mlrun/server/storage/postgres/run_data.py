@@ -19,16 +19,15 @@ from mlrun.server import errors
 from mlrun.server.ports.run_metadata import CardinalityLimits
 from mlrun.wire.error_codes import ErrorCode
 from mlrun.wire.schemas import (
+    MAX_VALUE_BYTES,
     IngestWarning,
     ScalarValue,
 )
 
-# Column limits of sql/postgres/0001_initial.sql, in UTF-8 bytes (the CHECKs use octet_length,
-# kept below btree's index-entry limit). The wire schema counts characters, which can be more.
+# Column limits of sql/postgres/0001_initial.sql and 0017_long_values.sql, in UTF-8 bytes (the
+# CHECKs use octet_length; keys stay below btree's index-entry limit, values are indexed by
+# their md5). The wire schema counts characters, which can be more.
 MAX_KEY_BYTES = 256
-
-
-MAX_VALUE_BYTES = 2048
 
 
 # After the run row is locked: the run's counts and known names, seen by a fresh snapshot.

@@ -108,19 +108,21 @@ def _where(run_filter: RunFilter, project_id: int | None) -> tuple[list[str], li
                 "EXISTS (SELECT 1 FROM run_tags t WHERE t.run_id = r.run_id AND t.key = %s)")
             args.append(tag.key)
         else:
-            clauses.append("EXISTS (SELECT 1 FROM run_tags t"
-                           " WHERE t.run_id = r.run_id AND t.key = %s AND t.value = %s)")
-            args.extend((tag.key, tag.value))
+            # md5 first: the (key, md5(value)) index (0019) finds candidates for any length.
+            clauses.append("EXISTS (SELECT 1 FROM run_tags t WHERE t.run_id = r.run_id"
+                           " AND t.key = %s AND md5(t.value) = md5(%s) AND t.value = %s)")
+            args.extend((tag.key, tag.value, tag.value))
     for param in run_filter.params:
-        if param.op in ("=", "!="):
-            comparison = "q.value = %s" if param.op == "=" else "q.value <> %s"
-            value: Any = param.text
+        values: tuple[Any, ...]
+        if param.op == "=":
+            comparison, values = "md5(q.value) = md5(%s) AND q.value = %s", (param.text,) * 2
+        elif param.op == "!=":
+            comparison, values = "q.value <> %s", (param.text,)
         else:
-            comparison = f"{NUMERIC_VALUE} {param.op} %s"
-            value = param.number
+            comparison, values = f"{NUMERIC_VALUE} {param.op} %s", (param.number,)
         clauses.append("EXISTS (SELECT 1 FROM run_params q"
                        f" WHERE q.run_id = r.run_id AND q.key = %s AND {comparison})")
-        args.extend((param.key, value))
+        args.extend((param.key, *values))
     if run_filter.text is not None:
         clauses.append("(strpos(lower(r.name), lower(%s)) > 0"
                        " OR strpos(lower(r.run_id), lower(%s)) > 0)")

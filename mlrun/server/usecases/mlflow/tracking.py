@@ -117,11 +117,10 @@ def _check_key(key: str, field: str) -> str:
 
 
 def _check_value(value: str, field: str, limit: int) -> str:
-    # MLflow allows 6000 (params) / 8000 (tags); run params/tags stay in indexed PostgreSQL
-    # columns whose btree entries cannot hold that, so the edge answers MLflow's error at ours.
-    # Checked here in UTF-8 bytes, as the columns' CHECK constraints count them (no 5xx).
-    if len(value) > limit // 4 and len(value.encode()) > limit:
-        raise InvalidInput(f"{field}: longer than {limit} bytes (UTF-8)",
+    # MLflow's own caps in characters (6000 params / 8000 tags); the columns hold them in any
+    # UTF-8 (MAX_VALUE_BYTES), so a value within the cap is never refused further in.
+    if len(value) > limit:
+        raise InvalidInput(f"{field}: longer than {limit} characters",
                            code=ErrorCode.VALUE_TOO_LONG, field=field)
     return value
 
@@ -134,6 +133,10 @@ def _view_type(text: str, field: str) -> ViewType:
 
 def _visible(stage: str, view: ViewType) -> bool:
     return view == "ALL" or (stage == "active") == (view == "ACTIVE_ONLY")
+
+
+# A run page's MLflow side rows: extras, dataset inputs and step-0 origins, by run id.
+_SideRows = tuple[dict[str, RunExtras], dict[str, list[DatasetInput]], dict[str, Step0Origins]]
 
 
 def experiment_id_of(record: ExperimentRecord) -> str:
@@ -312,20 +315,34 @@ class MlflowTracking:
 
     async def get_run(self, principal: Principal, run_id: str) -> m.Run:
         principal.require("read")
-        record, summaries = await both(lambda: self._run_record(principal, run_id),
-                                       lambda: self._metrics.summaries([run_id]))
-        rendered = await self._render_runs([record], summaries)
+        ids = [run_id]
+        # Everything that needs only the run id at once: one round trip of latency for the
+        # run, its metric summaries and its MLflow side rows; then only its experiment.
+        (record, summaries), side = await both(
+            lambda: both(lambda: self._run_record(principal, run_id),
+                         lambda: self._metrics.summaries(ids, with_counts=False)),
+            lambda: self._side_rows(ids))
+        rendered = await self._assemble([record], summaries, side)
         if not rendered:
             raise NotFound(f"run {run_id!r} does not exist", code=ErrorCode.RUN_NOT_FOUND,
                            field="run_id")
         return rendered[0]
 
-    async def _render_runs(self, records: Sequence[RunRecord],
-                           summaries: Sequence[SummaryRow]) -> list[m.Run]:
-        ids = [r.run_id for r in records]
+    async def _side_rows(self, ids: Sequence[str]) -> _SideRows:
+        """The MLflow side rows of runs `ids` (extras, dataset inputs, step-0 origins)."""
         (extras, inputs), origins = await both(
             lambda: both(lambda: self._state.run_extras(ids), lambda: self._state.inputs(ids)),
             lambda: self._state.origins_of(ids))
+        return extras, inputs, origins
+
+    async def _render_runs(self, records: Sequence[RunRecord],
+                           summaries: Sequence[SummaryRow]) -> list[m.Run]:
+        side = await self._side_rows([r.run_id for r in records])
+        return await self._assemble(records, summaries, side)
+
+    async def _assemble(self, records: Sequence[RunRecord], summaries: Sequence[SummaryRow],
+                        side: _SideRows) -> list[m.Run]:
+        extras, inputs, origins = side
         latest: dict[str, list[m.MetricOut]] = {}
         for s in summaries:
             step = 0 if s.name in (origins.get(s.run_id) or _NO_ORIGINS).first_ms \
@@ -431,7 +448,7 @@ class MlflowTracking:
             return m.SearchRunsResponse()
         (records, summaries), extras = await both(
             lambda: both(lambda: self._runs.by_ids(ids),
-                         lambda: self._metrics.summaries(ids)),
+                         lambda: self._metrics.summaries(ids, with_counts=False)),
             lambda: self._state.run_extras(ids))
         metrics: dict[str, dict[str, float]] = {}
         for s in summaries:
