@@ -57,7 +57,11 @@ def test_a_real_sample_has_gauges_then_rates(tmp_path: Path) -> None:
     assert first["memory.process_rss_bytes"] > 1 << 20
     assert 0 <= first["disk.used_percent"] <= 100
     assert "cpu.percent" not in first  # a rate needs two samples
-    sum(i * i for i in range(200_000))  # some CPU work between the samples
+    # CPU work between the samples: 50 ms of it, whatever the machine's speed, so that the
+    # process's CPU counters (kept in 10 ms clock ticks) move (a fixed loop could fit in a tick).
+    started = time.process_time()
+    while time.process_time() - started < 0.05:
+        sum(i * i for i in range(10_000))
     time.sleep(0.05)
     second = monitor.sample()
     assert 0 <= second["cpu.percent"] <= 100
