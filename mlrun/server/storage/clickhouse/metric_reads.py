@@ -473,6 +473,9 @@ _MAX_CACHED_BUCKETS: Final = 50_000
 
 def _bucket_count(series: BucketedSeries) -> int:
     return len(series.lttb.slots) if series.lttb is not None else len(series.buckets)
+
+
+# (series, method, dedup, plan, rows ever written): what a kept bucketing is valid for.
 _BucketingKey = tuple[SeriesRef, Method, bool, BucketPlan | BlockPlan, int]
 
 
